@@ -1,0 +1,18 @@
+"""Shared test helpers: the parity tolerance every model part is held to."""
+
+import pytest
+import torch
+
+
+def assert_parity(ours: torch.Tensor, reference: torch.Tensor, rel: float = 1e-5) -> None:
+    """Max abs difference <= rel * max(1, max |reference|) (the issue's float32 parity bar)."""
+    assert ours.shape == reference.shape, f"shape {tuple(ours.shape)} != reference {tuple(reference.shape)}"
+    bound = rel * max(1.0, reference.abs().max().item())
+    err = (ours.float() - reference.float()).abs().max().item()
+    assert err <= bound, f"max abs error {err:.3e} exceeds {bound:.3e}"
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+    yield
