@@ -1,0 +1,151 @@
+"""CLIP text transformer: the prompt encoder of Stable Diffusion.
+
+One class covers both variants through `TextEncoderConfig`:
+- SD1: OpenAI CLIP ViT-L/14 text tower (QuickGELU, 12 layers, width 768).
+- SD2: OpenCLIP ViT-H/14 text tower (GELU, width 1024). SD2 conditions on the penultimate block, so
+  only the first 23 of its 24 blocks are kept (as diffusers' converted SD2 text encoder does).
+
+Either way the conditioning is `final_layer_norm(output of the last layer run)`. Parameter names give
+`state_dict()` keys identical to transformers' `CLIPTextModel` (without a `text_model.` prefix).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..configs import TextEncoderConfig
+from ..errors import ArchitectureError, InvalidInputError
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's sigmoid approximation of GELU: x * sigmoid(1.702 x)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+
+
+class CLIPTextEmbeddings(nn.Module):
+    """Token embedding plus a learned absolute position embedding."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.position_embedding = nn.Embedding(config.max_length, config.width)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (L,)
+        return self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, L, W)
+
+
+class CLIPAttention(nn.Module):
+    """Causal multi-head self-attention (each token sees itself and the tokens before it)."""
+
+    def __init__(self, width: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, length, width = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, length, self.num_heads, -1).transpose(1, 2)  # (B, H, L, W/H)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, L, W/H)
+        return self.out_proj(out.transpose(1, 2).reshape(b, length, width))  # (B, L, W)
+
+
+class CLIPMLP(nn.Module):
+    """Two-layer feed-forward network: width -> mlp_width -> width."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.activation = _ACTIVATIONS[config.activation]
+        self.fc1 = nn.Linear(config.width, config.mlp_width)
+        self.fc2 = nn.Linear(config.mlp_width, config.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(x)))  # (B, L, mlp_width) -> (B, L, W)
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.self_attn = CLIPAttention(config.width, config.num_heads)
+        self.layer_norm2 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.mlp = CLIPMLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    """The stack of transformer blocks."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_layers))
+
+    def forward(self, x: torch.Tensor, num_layers: int) -> torch.Tensor:
+        """Run only the first `num_layers` blocks (the rest would be thrown away)."""
+        for layer in self.layers[:num_layers]:
+            x = layer(x)
+        return x
+
+
+class CLIPTextEncoder(nn.Module):
+    """CLIP text transformer mapping token ids (B, L) to the UNet's context (B, L, width).
+
+    `forward(input_ids, clip_skip=1)`: clip_skip follows A1111's "Clip skip": 1 uses the last kept
+    layer, 2 the layer before it, and so on; the final LayerNorm is applied in every case.
+    """
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        if config.activation not in _ACTIVATIONS:
+            raise ArchitectureError(
+                f"text encoder: unknown activation {config.activation!r}; expected one of {sorted(_ACTIVATIONS)}"
+            )
+        if config.width % config.num_heads:
+            raise ArchitectureError(
+                f"text encoder: width {config.width} is not divisible by num_heads {config.num_heads}"
+            )
+        self.config = config
+        self.embeddings = CLIPTextEmbeddings(config)
+        self.encoder = CLIPEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        self._check_inputs(input_ids, clip_skip)
+        x = self.embeddings(input_ids)  # (B, L, W)
+        x = self.encoder(x, num_layers=self.config.num_layers - clip_skip + 1)  # (B, L, W)
+        return self.final_layer_norm(x)
+
+    def _check_inputs(self, input_ids: torch.Tensor, clip_skip: int) -> None:
+        cfg = self.config
+        if not isinstance(clip_skip, int) or not 1 <= clip_skip <= cfg.num_layers:
+            raise InvalidInputError(
+                f"clip_skip must be an integer from 1 to {cfg.num_layers} (1 = last layer), got {clip_skip!r}"
+            )
+        integer = isinstance(input_ids, torch.Tensor) and input_ids.dtype in (torch.long, torch.int)
+        if not integer or input_ids.ndim != 2:
+            raise InvalidInputError("input_ids must be an int64 or int32 tensor of shape (batch, length)")
+        length = input_ids.shape[1]
+        if not 1 <= length <= cfg.max_length:
+            raise InvalidInputError(
+                f"input_ids have {length} tokens; the text encoder takes 1 to {cfg.max_length} "
+                "(split longer prompts into chunks first)"
+            )
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size):
+            raise InvalidInputError(f"input_ids must lie in [0, {cfg.vocab_size}) (the CLIP vocabulary)")
