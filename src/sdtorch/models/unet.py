@@ -1,0 +1,265 @@
+"""The denoising UNet of Stable Diffusion 1.x / 2.x (Rombach et al. 2022), driven by `UNetConfig`.
+
+    x (B,Cin,H,W) -> conv_in -> down levels: ResBlocks [+ SpatialTransformers], stride-2 conv ──skips──┐
+                                  mid: ResBlock, SpatialTransformer, ResBlock                          │
+    (B,Cout,H,W) <- conv_out <- up levels: [concat skip, ResBlock [+ transformer]]..., 2x upsample <───┘
+
+Every ResBlock receives the timestep embedding; every SpatialTransformer attends to the text context.
+Module names reproduce diffusers' `UNet2DConditionModel` state-dict keys exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..configs import UNetConfig
+from ..errors import InvalidInputError
+from .attention import SpatialTransformer
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps (Vaswani et al. 2017, sec. 3.5; DDPM's time encoding), cos first.
+
+    t: (B,) float or int timesteps -> (B, dim) float32, [cos(t*f_i), sin(t*f_i)] with
+    f_i = max_period**(-i / (dim/2)), i = 0 .. dim/2-1.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None, :]  # (B,) -> (B, half)
+    emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (B, 2*half)
+    return F.pad(emb, (0, dim % 2))  # (B, dim)
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal timestep features followed by Linear-SiLU-Linear."""
+
+    def __init__(self, in_dim: int, embed_dim: int):
+        super().__init__()
+        self.in_dim = in_dim
+        self.linear_1 = nn.Linear(in_dim, embed_dim)
+        self.linear_2 = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t: (B,) -> (B, embed_dim) in the dtype of the weights."""
+        emb = timestep_embedding(t, self.in_dim).to(self.linear_1.weight.dtype)  # (B, in_dim)
+        return self.linear_2(F.silu(self.linear_1(emb)))
+
+
+class ResBlock(nn.Module):
+    """Two GroupNorm-SiLU-conv3x3 stages with the timestep embedding added in between, plus a residual
+    (a 1x1 conv `conv_shortcut` when the channel count changes)."""
+
+    def __init__(self, in_channels: int, out_channels: int, time_dim: int, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.time_emb_proj = nn.Linear(time_dim, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.conv_shortcut = None
+        if in_channels != out_channels:
+            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """x: (B, Cin, H, W), emb: (B, time_dim) -> (B, Cout, H, W)."""
+        h = self.conv1(F.silu(self.norm1(x)))  # (B,Cin,H,W) -> (B,Cout,H,W)
+        h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]  # (B,Cout) -> (B,Cout,1,1), broadcast
+        h = self.conv2(F.silu(self.norm2(h)))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class Downsample(nn.Module):
+    """Halve the resolution with a stride-2 3x3 conv (padding 1)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)  # (B,C,H,W) -> (B,C,H/2,W/2)
+
+
+class Upsample(nn.Module):
+    """Double the resolution: nearest-neighbour 2x, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B,C,H,W) -> (B,C,2H,2W)
+
+
+def _transformer(channels: int, heads: int, config: UNetConfig) -> SpatialTransformer:
+    return SpatialTransformer(
+        channels, heads, config.context_dim,
+        depth=config.transformer_depth, use_linear_proj=config.use_linear_proj, norm_groups=config.norm_groups,
+    )
+
+
+class DownBlock(nn.Module):
+    """One down level: `layers_per_block` ResBlocks (each followed by a SpatialTransformer on attention
+    levels), then an optional Downsample. Every stage's output is kept as a skip for the up path."""
+
+    def __init__(self, in_channels: int, out_channels: int, level: int, config: UNetConfig, downsample: bool):
+        super().__init__()
+        time_dim, groups, eps = config.time_embed_dim, config.norm_groups, config.norm_eps
+        self.resnets = nn.ModuleList(
+            ResBlock(in_channels if j == 0 else out_channels, out_channels, time_dim, groups, eps)
+            for j in range(config.layers_per_block)
+        )
+        self.attentions = (
+            nn.ModuleList(_transformer(out_channels, config.num_heads[level], config) for _ in self.resnets)
+            if config.attention_levels[level]
+            else None
+        )
+        self.downsamplers = nn.ModuleList([Downsample(out_channels)]) if downsample else None
+
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Runs the level, appending each stage's output to `skips`."""
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(x, emb)
+            if self.attentions is not None:
+                x = self.attentions[j](x, context)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)  # (B,C,H,W) -> (B,C,H/2,W/2)
+            skips.append(x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """The lowest resolution: ResBlock, SpatialTransformer, ResBlock."""
+
+    def __init__(self, channels: int, config: UNetConfig):
+        super().__init__()
+        time_dim, groups, eps = config.time_embed_dim, config.norm_groups, config.norm_eps
+        self.resnets = nn.ModuleList(ResBlock(channels, channels, time_dim, groups, eps) for _ in range(2))
+        self.attentions = nn.ModuleList([_transformer(channels, config.num_heads[-1], config)])
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x, emb)
+        x = self.attentions[0](x, context)
+        return self.resnets[1](x, emb)
+
+
+class UpBlock(nn.Module):
+    """One up level: `layers_per_block + 1` ResBlocks, each fed the running features concatenated with one
+    skip (taken last-in first-out), a SpatialTransformer after each on attention levels, then an optional
+    Upsample."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, skip_channels: list[int], level: int, config: UNetConfig,
+        upsample: bool,
+    ):
+        super().__init__()
+        time_dim, groups, eps = config.time_embed_dim, config.norm_groups, config.norm_eps
+        self.resnets = nn.ModuleList(
+            ResBlock((in_channels if j == 0 else out_channels) + skip, out_channels, time_dim, groups, eps)
+            for j, skip in enumerate(skip_channels)
+        )
+        self.attentions = (
+            nn.ModuleList(_transformer(out_channels, config.num_heads[level], config) for _ in self.resnets)
+            if config.attention_levels[level]
+            else None
+        )
+        self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
+
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Runs the level, consuming its skips from the end of `skips`."""
+        for j, resnet in enumerate(self.resnets):
+            x = torch.cat([x, skips.pop()], dim=1)  # (B,C,H,W) + (B,Cskip,H,W) -> (B,C+Cskip,H,W)
+            x = resnet(x, emb)
+            if self.attentions is not None:
+                x = self.attentions[j](x, context)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)  # (B,C,H,W) -> (B,C,2H,2W)
+        return x
+
+
+class UNet(nn.Module):
+    """Predicts the noise (or v) in a latent, given the timestep and the text context.
+
+    `state_dict()` keys equal those of diffusers' `UNet2DConditionModel` built from `config.to_diffusers()`.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        channels = config.block_channels
+        levels = len(channels)
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
+        self.time_embedding = TimeEmbedding(channels[0], config.time_embed_dim)
+
+        skip_channels = [channels[0]]  # channels of every skip the down path will produce, in order
+        self.down_blocks = nn.ModuleList()
+        prev = channels[0]
+        for level, ch in enumerate(channels):
+            downsample = level < levels - 1
+            self.down_blocks.append(DownBlock(prev, ch, level, config, downsample))
+            skip_channels += [ch] * (config.layers_per_block + int(downsample))
+            prev = ch
+
+        self.mid_block = MidBlock(prev, config)
+
+        self.up_blocks = nn.ModuleList()
+        for level in reversed(range(levels)):
+            ch = channels[level]
+            skips = [skip_channels.pop() for _ in range(config.layers_per_block + 1)]
+            self.up_blocks.append(UpBlock(prev, ch, skips, level, config, upsample=level > 0))
+            prev = ch
+
+        self.conv_norm_out = nn.GroupNorm(config.norm_groups, channels[0], eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(channels[0], config.out_channels, kernel_size=3, padding=1)
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Latent height and width must be multiples of this."""
+        return 2 ** (len(self.config.block_channels) - 1)
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> None:
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise InvalidInputError(
+                f"UNet input must be (B, {cfg.in_channels}, H, W) latents; got shape {tuple(x.shape)}"
+            )
+        f = self.downsampling_factor
+        if x.shape[2] % f or x.shape[3] % f:
+            raise InvalidInputError(
+                f"UNet latent height and width must be multiples of {f}; got {x.shape[2]}x{x.shape[3]}"
+            )
+        if t.ndim != 1 or t.shape[0] != x.shape[0]:
+            raise InvalidInputError(
+                f"timesteps must be a scalar or of shape ({x.shape[0]},); got shape {tuple(t.shape)}"
+            )
+        if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.context_dim:
+            raise InvalidInputError(
+                f"context must be (B={x.shape[0]}, L, {cfg.context_dim}); got shape {tuple(context.shape)}"
+            )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_channels, H, W) latents, t: (B,) timesteps (a scalar is broadcast), context: (B, L,
+        context_dim) -> (B, out_channels, H, W)."""
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0 or t.shape == (1,):
+            t = t.reshape(1).expand(x.shape[0])  # () -> (B,)
+        self._check_inputs(x, t, context)
+
+        emb = self.time_embedding(t)  # (B,) -> (B, time_embed_dim)
+        h = self.conv_in(x)  # (B,Cin,H,W) -> (B,C0,H,W)
+        skips = [h]
+        for block in self.down_blocks:
+            h = block(h, emb, context, skips)
+        h = self.mid_block(h, emb, context)
+        for block in self.up_blocks:
+            h = block(h, emb, context, skips)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B,C0,H,W) -> (B,Cout,H,W)
