@@ -1,0 +1,269 @@
+"""Key mapping between the original single-file layout (CompVis / Stability) and sdtorch's names.
+
+sdtorch names its parameters as diffusers (UNet, VAE) and transformers 5 (`CLIPTextModel`, without
+the `text_model.` prefix) do. Each model part gets one rename table, built from its config by a few
+rules: `{original module path: sdtorch module path}`. A key is renamed by the longest dotted prefix
+found in the table; the rest of the key is kept. Two tensors change shape on the way:
+- VAE mid-block attention `q, k, v, proj_out` are 1x1 convs `[C, C, 1, 1]` in the original and
+  Linear `[C, C]` in sdtorch;
+- OpenCLIP (SD2) fuses q, k, v into `attn.in_proj_weight` `[3C, C]`; sdtorch keeps them apart.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor
+
+from ..configs import ModelConfig, UNetConfig, VAEConfig
+from ..errors import ArchitectureError
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIXES = {"sd1": "cond_stage_model.transformer.text_model.", "sd2": "cond_stage_model.model."}
+
+# Tensors a single file may carry that sdtorch does not keep: CLIP position ids, the DDPM schedule
+# buffers (sdtorch recomputes the schedule), EMA copies (names without dots), OpenCLIP's
+# contrastive head and vision tower.
+_IGNORED = re.compile(
+    r"(^|\.)position_ids$"
+    r"|^(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_\w+|log_one_minus_\w+|posterior_\w+)$"
+    r"|^model_ema\."
+    r"|^cond_stage_model\.model\.(logit_scale$|text_projection$|visual\.)"
+)
+_OPENCLIP_BLOCK = re.compile(r"^cond_stage_model\.model\.transformer\.resblocks\.(\d+)\.")
+
+# Inner names of blocks that differ between the layouts: {original: sdtorch}.
+_UNET_RESNET = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+_VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
+_VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_OPENCLIP_LAYER = {"ln_1": "layer_norm1", "attn": "self_attn", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1",
+                   "mlp.c_proj": "mlp.fc2"}
+
+_VAE_ATTENTION_WEIGHT = re.compile(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+_FUSED_QKV = re.compile(r"^(.*\.attn)\.in_proj_(weight|bias)$")
+_SPLIT_QKV = re.compile(r"^(.*\.attn)\.([qkv])_proj\.(weight|bias)$")
+
+
+def _block(table: dict[str, str], original: str, ours: str, inner: dict[str, str]) -> None:
+    """Add the renames of one block whose children are renamed by `inner`."""
+    for a, b in inner.items():
+        table[f"{original}.{a}"] = f"{ours}.{b}"
+
+
+def unet_table(cfg: UNetConfig) -> dict[str, str]:
+    """UNet: original `input_blocks`/`middle_block`/`output_blocks` -> diffusers-style block paths."""
+    t = {
+        "time_embed.0": "time_embedding.linear_1",
+        "time_embed.2": "time_embedding.linear_2",
+        "input_blocks.0.0": "conv_in",
+        "middle_block.1": "mid_block.attentions.0",
+        "out.0": "conv_norm_out",
+        "out.2": "conv_out",
+    }
+    _block(t, "middle_block.0", "mid_block.resnets.0", _UNET_RESNET)
+    _block(t, "middle_block.2", "mid_block.resnets.1", _UNET_RESNET)
+    levels, per = len(cfg.block_channels), cfg.layers_per_block
+    for level, attention in enumerate(cfg.attention_levels):
+        # input_blocks: conv_in, then per level `per` ResBlocks (+ SpatialTransformer) and a downsampler
+        for j in range(per):
+            k = 1 + level * (per + 1) + j
+            _block(t, f"input_blocks.{k}.0", f"down_blocks.{level}.resnets.{j}", _UNET_RESNET)
+            if attention:
+                t[f"input_blocks.{k}.1"] = f"down_blocks.{level}.attentions.{j}"
+        if level < levels - 1:
+            t[f"input_blocks.{(level + 1) * (per + 1)}.0.op"] = f"down_blocks.{level}.downsamplers.0.conv"
+        # output_blocks run from the lowest resolution, as diffusers' up_blocks do; one more ResBlock a level
+        up = levels - 1 - level
+        for j in range(per + 1):
+            k = up * (per + 1) + j
+            _block(t, f"output_blocks.{k}.0", f"up_blocks.{up}.resnets.{j}", _UNET_RESNET)
+            if attention:
+                t[f"output_blocks.{k}.1"] = f"up_blocks.{up}.attentions.{j}"
+        if level > 0:  # the upsampler follows the level's last ResBlock (and its transformer, if any)
+            last = f"output_blocks.{up * (per + 1) + per}"
+            t[f"{last}.{2 if attention else 1}.conv"] = f"up_blocks.{up}.upsamplers.0.conv"
+    return t
+
+
+def vae_table(cfg: VAEConfig) -> dict[str, str]:
+    """VAE: original `encoder.down`/`decoder.up` (i=0 highest resolution in both) -> diffusers-style paths."""
+    t = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"}
+    for side in ("encoder", "decoder"):
+        t[f"{side}.conv_in"] = f"{side}.conv_in"
+        t[f"{side}.conv_out"] = f"{side}.conv_out"
+        t[f"{side}.norm_out"] = f"{side}.conv_norm_out"
+        _block(t, f"{side}.mid.block_1", f"{side}.mid_block.resnets.0", _VAE_RESNET)
+        _block(t, f"{side}.mid.attn_1", f"{side}.mid_block.attentions.0", _VAE_ATTENTION)
+        _block(t, f"{side}.mid.block_2", f"{side}.mid_block.resnets.1", _VAE_RESNET)
+    levels, per = len(cfg.block_channels), cfg.layers_per_block
+    for i in range(levels):
+        for j in range(per):
+            _block(t, f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", _VAE_RESNET)
+        if i < levels - 1:
+            t[f"encoder.down.{i}.downsample.conv"] = f"encoder.down_blocks.{i}.downsamplers.0.conv"
+        up = levels - 1 - i  # diffusers' decoder up_blocks start at the lowest resolution
+        for j in range(per + 1):
+            _block(t, f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}", _VAE_RESNET)
+        if i > 0:
+            t[f"decoder.up.{i}.upsample.conv"] = f"decoder.up_blocks.{up}.upsamplers.0.conv"
+    return t
+
+
+def text_encoder_table(config: ModelConfig) -> dict[str, str]:
+    """Text encoder: SD1 is already in transformers' layout; SD2 renames OpenCLIP's modules."""
+    layers = config.text_encoder.num_layers
+    if config.family == "sd1":
+        t = {name: name for name in ("embeddings.token_embedding", "embeddings.position_embedding", "final_layer_norm")}
+        t.update({f"encoder.layers.{i}": f"encoder.layers.{i}" for i in range(layers)})
+        return t
+    t = {
+        "token_embedding": "embeddings.token_embedding",
+        "positional_embedding": "embeddings.position_embedding.weight",  # a bare Parameter in OpenCLIP
+        "ln_final": "final_layer_norm",
+    }
+    for i in range(layers):
+        _block(t, f"transformer.resblocks.{i}", f"encoder.layers.{i}", _OPENCLIP_LAYER)
+    return t
+
+
+def _part_tables(config: ModelConfig) -> dict[str, tuple[str, dict[str, str]]]:
+    """{part: (original prefix, rename table)} for the config's family."""
+    if config.family not in TEXT_PREFIXES:
+        raise ArchitectureError(f"unknown model family {config.family!r}: expected one of {sorted(TEXT_PREFIXES)}")
+    return {
+        "unet": (UNET_PREFIX, unet_table(config.unet)),
+        "vae": (VAE_PREFIX, vae_table(config.vae)),
+        "text_encoder": (TEXT_PREFIXES[config.family], text_encoder_table(config)),
+    }
+
+
+def _rename(key: str, table: dict[str, str]) -> str | None:
+    """Rename `key` by the longest dotted prefix that `table` knows; None when none matches."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        head = table.get(".".join(parts[:n]))
+        if head is not None:
+            return ".".join([head, *parts[n:]])
+    return None
+
+
+def canonical_key(key: str) -> str:
+    """Some old SD1 files store CLIP without `text_model.` (older transformers); give such keys today's name."""
+    old = "cond_stage_model.transformer."
+    if key.startswith(old) and not key.startswith(TEXT_PREFIXES["sd1"]):
+        return TEXT_PREFIXES["sd1"] + key[len(old):]
+    return key
+
+
+def _is_ignored(key: str, config: ModelConfig) -> bool:
+    block = _OPENCLIP_BLOCK.match(key)
+    if config.family == "sd2" and block and int(block[1]) >= config.text_encoder.num_layers:
+        return True  # SD2 conditions on the penultimate OpenCLIP block: the last one is never used
+    return bool(_IGNORED.search(key))
+
+
+def _unfuse_qkv(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for key, tensor in sd.items():
+        fused = _FUSED_QKV.match(key)
+        if fused:
+            # [3C, ...] -> 3 x [C, ...]; cloned so the three do not share storage (safetensors refuses to save that)
+            for name, chunk in zip("qkv", tensor.chunk(3)):
+                out[f"{fused[1]}.{name}_proj.{fused[2]}"] = chunk.clone()
+        else:
+            out[key] = tensor
+    return out
+
+
+def _fuse_qkv(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    out, groups = {}, {}
+    for key, tensor in sd.items():
+        split = _SPLIT_QKV.match(key)
+        if split:
+            groups.setdefault(f"{split[1]}.in_proj_{split[3]}", {})[split[2]] = tensor
+        else:
+            out[key] = tensor
+    for key, qkv in groups.items():
+        if len(qkv) != 3:
+            raise ArchitectureError(f"text encoder: {key} needs q, k and v projections, got only {sorted(qkv)}")
+        out[key] = torch.cat([qkv["q"], qkv["k"], qkv["v"]])  # 3 x [C, ...] -> [3C, ...]
+    return out
+
+
+def _first(keys: list[str], n: int = 10) -> str:
+    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def original_to_parts(
+    sd: dict[str, Tensor], config: ModelConfig
+) -> tuple[dict[str, dict[str, Tensor]], list[str]]:
+    """Split an original single-file state dict into sdtorch-named `{"unet", "vae", "text_encoder"}` dicts.
+
+    Returns the parts and the keys skipped on purpose (position ids, DDPM buffers, EMA copies,
+    OpenCLIP's projection/vision tower and last block). Any other key that fits no rule raises
+    ArchitectureError. Missing keys are left for the strict load to report.
+    """
+    tables = _part_tables(config)
+    raw: dict[str, dict[str, Tensor]] = {part: {} for part in tables}
+    ignored, unexpected = [], []
+    for key, tensor in sd.items():
+        key = canonical_key(key)
+        if _is_ignored(key, config):
+            ignored.append(key)
+            continue
+        part = next((p for p, (prefix, _) in tables.items() if key.startswith(prefix)), None)
+        if part is None:
+            unexpected.append(key)
+        else:
+            raw[part][key[len(tables[part][0]):]] = tensor
+    if config.family == "sd2":
+        raw["text_encoder"] = _unfuse_qkv(raw["text_encoder"])
+
+    parts: dict[str, dict[str, Tensor]] = {}
+    for part, (prefix, table) in tables.items():
+        parts[part] = {}
+        for key, tensor in raw[part].items():
+            name = _rename(key, table)
+            if name is None:
+                unexpected.append(prefix + key)
+            else:
+                parts[part][name] = tensor
+    if unexpected:
+        count = len(unexpected)
+        raise ArchitectureError(f"{count} tensor(s) fit no part of a {config.kind} model: {_first(unexpected)}")
+    for key, tensor in parts["vae"].items():
+        if _VAE_ATTENTION_WEIGHT.search(key) and tensor.ndim > 2:
+            parts["vae"][key] = tensor.flatten(1)  # 1x1 conv [C, C, 1, 1] -> Linear [C, C]
+    return parts, ignored
+
+
+def parts_to_original(parts: dict[str, dict[str, Tensor]], config: ModelConfig) -> dict[str, Tensor]:
+    """The exact inverse of `original_to_parts` for the tensors sdtorch keeps (SD2: only the kept blocks)."""
+    out: dict[str, Tensor] = {}
+    unknown = []
+    for part, (prefix, table) in _part_tables(config).items():
+        inverse = {ours: original for original, ours in table.items()}
+        renamed = {}
+        for key, tensor in parts.get(part, {}).items():
+            name = _rename(key, inverse)
+            if name is None:
+                unknown.append(f"{part}: {key}")
+                continue
+            if part == "vae" and _VAE_ATTENTION_WEIGHT.search(key) and tensor.ndim == 2:
+                tensor = tensor[:, :, None, None]  # Linear [C, C] -> 1x1 conv [C, C, 1, 1]
+            renamed[name] = tensor
+        if part == "text_encoder" and config.family == "sd2":
+            renamed = _fuse_qkv(renamed)
+        out.update({prefix + key: tensor for key, tensor in renamed.items()})
+    if unknown:
+        raise ArchitectureError(f"{len(unknown)} tensor(s) have no name in the original layout: {_first(unknown)}")
+    return out
