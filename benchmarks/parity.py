@@ -58,7 +58,7 @@ def run_family(config: ModelConfig, size: int) -> None:
     compare("text encoder", lambda: text(ids), lambda: ref_text(ids).last_hidden_state)
     if config.family == "sd1":
         compare("text encoder, skip 2", lambda: text(ids, clip_skip=2),
-                lambda: ref_text.text_model.final_layer_norm(ref_text(ids, output_hidden_states=True).hidden_states[-2]))
+                lambda: ref_text.final_layer_norm(ref_text(ids, output_hidden_states=True).hidden_states[-2]))
     with torch.no_grad():
         context = ref_text(ids).last_hidden_state
     del ref_text, text

@@ -129,7 +129,9 @@ def read_pickle_checkpoint(path: str | os.PathLike) -> dict:
     """`torch.load(weights_only=True)`; anything that would build an object or run code is refused."""
     path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        # a file object, not the path: torch.load would judge a path by its extension (".safetensors")
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsafeCheckpointError(

@@ -137,7 +137,7 @@ def _load_diffusers_folder(
     scheduler = _read_json(scheduler_file) if scheduler_file.is_file() else {}
     origin = "user" if prediction_type else "file"
     config = ModelConfig(
-        family="sd2" if unet_cfg.context_dim == 1024 else "sd1",
+        family="sd2" if text_cfg.activation == "gelu" else "sd1",  # OpenCLIP (SD2) uses GELU, OpenAI CLIP QuickGELU
         prediction_type=prediction_type or scheduler.get("prediction_type", "epsilon"),
         unet=unet_cfg,
         vae=vae_cfg,

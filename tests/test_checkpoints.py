@@ -1,0 +1,303 @@
+"""Loading and saving whole models: single files, diffusers folders, round trips, and bad input."""
+
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_parity
+from safetensors.torch import load_file
+
+import sdtorch
+from sdtorch.checkpoints.keymaps import parts_to_original
+from sdtorch.configs import TINY_SD1, TINY_SD2, ModelConfig
+from sdtorch.errors import ArchitectureError, CheckpointError, MissingKeysError, UnsafeCheckpointError
+from sdtorch.pipeline import Pipeline
+
+
+def random_original_state(config: ModelConfig) -> dict[str, torch.Tensor]:
+    """An original-layout state dict with random weights, as a user's downloaded file would hold."""
+    from sdtorch.checkpoints.loading import MODEL_CLASSES
+
+    part_configs = {"unet": config.unet, "vae": config.vae, "text_encoder": config.text_encoder}
+    parts = {}
+    for name, cls in MODEL_CLASSES.items():
+        model = cls(part_configs[name])
+        parts[name] = {k: torch.randn_like(v) * 0.05 for k, v in model.state_dict().items()}
+    return parts_to_original(parts, config)
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def original_file(request, tmp_path_factory) -> tuple[Path, ModelConfig, dict, list[str]]:
+    """A tiny original-layout single file (no sdtorch metadata), its config, and the tensors sdtorch keeps.
+
+    The file also holds what real files carry and sdtorch skips: DDPM buffers, position ids, and for
+    SD2 OpenCLIP's last resblock (SD2 conditions on the penultimate one) and text projection.
+    """
+    from safetensors.torch import save_file
+
+    config = TINY_SD1 if request.param == "sd1" else TINY_SD2
+    torch.manual_seed(1)
+    state = random_original_state(config)
+    if request.param == "sd1":
+        extra = {"alphas_cumprod": torch.rand(1000),
+                 "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
+    else:
+        n = config.text_encoder.num_layers
+        extra = {k.replace(f"resblocks.{n - 1}.", f"resblocks.{n}."): torch.randn_like(v)
+                 for k, v in state.items() if f"transformer.resblocks.{n - 1}." in k}
+        extra |= {"betas": torch.rand(1000), "cond_stage_model.model.text_projection": torch.randn(128, 128)}
+    path = tmp_path_factory.mktemp(request.param) / "model.safetensors"
+    save_file({**state, **extra}, str(path))
+    return path, config, state, sorted(extra)
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def pipe_tensors(pipe: Pipeline) -> dict[str, torch.Tensor]:
+    return parts_to_original({n: m.state_dict() for n, m in pipe.modules.items()}, pipe.config)
+
+
+def test_single_file_detects_kind_and_reports_ignored(original_file):
+    path, config, _, extra = original_file
+    pipe = sdtorch.load(path)
+    assert pipe.config == config
+    assert pipe.report.prediction_type_origin == "detected"
+    assert pipe.config.prediction_type == ("epsilon" if config.family == "sd1" else "v_prediction")
+    assert sorted(pipe.report.ignored_keys) == extra  # skipped on purpose, and said so
+    assert pipe.dtype == torch.float32
+    assert sdtorch.load(path, prediction_type="epsilon").config.prediction_type == "epsilon"
+
+
+def test_round_trip_single_file_diffusers_single_file(original_file, tmp_path):
+    path, config, state = original_file[:3]
+    first = sdtorch.load(path)
+    folder = sdtorch.save(first, tmp_path / "diffusers", format="diffusers")
+    second = sdtorch.load(folder)
+    assert second.config == config
+    single = sdtorch.save(second, tmp_path / "again.safetensors", format="single_file")
+    assert_same_tensors(load_file(str(single)), state)
+    third = sdtorch.load(single)
+    assert third.report.prediction_type_origin == "file"
+    assert_same_tensors(pipe_tensors(third), state)
+
+
+def test_diffusers_save_pretrained_folder_loads_and_matches(tmp_path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    config = TINY_SD1
+    torch.manual_seed(3)
+    unet = UNet2DConditionModel(**{k: v for k, v in config.unet.to_diffusers().items() if k != "_class_name"})
+    vae = AutoencoderKL(**{k: v for k, v in config.vae.to_diffusers().items() if k != "_class_name"})
+    text = CLIPTextModel(CLIPTextConfig(**config.text_encoder.to_diffusers()))
+    unet.save_pretrained(tmp_path / "m" / "unet")
+    vae.save_pretrained(tmp_path / "m" / "vae")
+    text.save_pretrained(tmp_path / "m" / "text_encoder")
+    from sdtorch.models.tokenizer import CLIPTokenizer
+
+    CLIPTokenizer.default().save(tmp_path / "m" / "tokenizer")
+    HFTokenizer.from_pretrained(tmp_path / "m" / "tokenizer")  # transformers reads the folder too
+
+    pipe = sdtorch.load(tmp_path / "m")
+    assert pipe.config.unet == config.unet and pipe.config.vae == config.vae
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 7, config.unet.context_dim)
+    with torch.no_grad():
+        assert_parity(pipe.unet(x, t, ctx), unet(x, t, ctx).sample)
+        img = torch.rand(1, 3, 32, 32) * 2 - 1
+        assert_parity(pipe.vae.decode(pipe.vae.encode(img).mean), vae.decode(vae.encode(img).latent_dist.mean).sample)
+        ids = pipe.tokenizer(["a red circle"])
+        assert_parity(pipe.text_encoder(ids), text(ids).last_hidden_state)
+
+
+def test_diffusers_loads_what_sdtorch_saves(original_file, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    path, config, _ = original_file[:3]
+    pipe = sdtorch.load(path)
+    folder = sdtorch.save(pipe, tmp_path / "d", format="diffusers")
+    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    assert ref.scheduler.config.prediction_type == config.prediction_type
+    for name, module in pipe.modules.items():
+        theirs = getattr(ref, name).state_dict()
+        ours = module.state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    prompt = "a photograph of an astronaut, riding a horse!!"
+    theirs = ref.tokenizer(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    assert torch.equal(pipe.tokenizer([prompt]), theirs.input_ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_load_in_half_precision(original_file, dtype):
+    path, _, state = original_file[:3]
+    pipe = sdtorch.load(path, dtype=dtype)
+    assert {p.dtype for m in pipe.modules.values() for p in m.parameters()} == {dtype}
+    ours = pipe_tensors(pipe)
+    assert all(torch.equal(ours[k], state[k].to(dtype)) for k in state)
+
+
+def test_meta_load_reads_shapes_only(original_file):
+    path, config, _ = original_file[:3]
+    pipe = sdtorch.load(path, device="meta")
+    assert pipe.config == config and str(pipe.device) == "meta"
+
+
+# ---- format by content, not by extension -------------------------------------------------------
+
+def test_safetensors_named_ckpt_and_ckpt_named_safetensors(original_file, tmp_path):
+    path, config, state = original_file[:3]
+    renamed = tmp_path / "model.ckpt"
+    renamed.write_bytes(path.read_bytes())
+    assert_same_tensors(pipe_tensors(sdtorch.load(renamed)), state)
+
+    pickled = tmp_path / "model.safetensors"
+    torch.save({"state_dict": load_file(str(path)), "global_step": 1234}, pickled)
+    assert_same_tensors(pipe_tensors(sdtorch.load(pickled)), state)
+
+
+def test_legacy_non_zip_pickle_checkpoint(original_file, tmp_path):
+    path, _, state = original_file[:3]
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save({"state_dict": load_file(str(path))}, legacy, _use_new_zipfile_serialization=False)
+    assert_same_tensors(pipe_tensors(sdtorch.load(legacy)), state)
+
+
+class _Payload:
+    """Unpickling this would run `open(marker, "w")`: proof of code execution."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_malicious_ckpt_is_refused_and_never_runs(tmp_path, zip_format):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _Payload(str(marker))}, evil,
+               _use_new_zipfile_serialization=zip_format)
+    proof = tmp_path / "proof"
+    pickle.loads(pickle.dumps(_Payload(str(proof))))  # a plain unpickler does run it
+    assert proof.exists() and not marker.exists()
+    with pytest.raises(UnsafeCheckpointError, match="refused"):
+        sdtorch.load(evil)
+    assert not marker.exists()
+
+
+def test_raw_pickle_payload_is_refused(tmp_path):
+    marker = tmp_path / "pwned2"
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps(_Payload(str(marker)), protocol=2))
+    with pytest.raises(UnsafeCheckpointError):
+        sdtorch.load(evil)
+    assert not marker.exists()
+
+
+# ---- bad input: clear sdtorch errors ------------------------------------------------------------
+
+def test_missing_path(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        sdtorch.load(tmp_path / "nope.safetensors")
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "readme.txt").write_text("hi")
+    with pytest.raises(CheckpointError, match="not a diffusers"):
+        sdtorch.load(tmp_path / "stuff")
+
+
+def test_truncated_safetensors(original_file, tmp_path):
+    path, _, _ = original_file[:3]
+    data = path.read_bytes()
+    for cut in (4, 8 + 10, len(data) // 2, len(data) - 1):
+        bad = tmp_path / f"cut{cut}.safetensors"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError):
+            sdtorch.load(bad)
+
+
+def test_not_a_checkpoint(tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"hello world, definitely not tensors")
+    with pytest.raises(CheckpointError, match="neither a safetensors"):
+        sdtorch.load(junk)
+    corrupt_header = tmp_path / "header.safetensors"
+    corrupt_header.write_bytes(struct.pack("<Q", 5) + b"{oops" + b"\0" * 10)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        sdtorch.load(corrupt_header)
+
+
+def test_unknown_architecture_says_what_was_found(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"encoder.layer.0.weight": torch.zeros(2, 2), "classifier.bias": torch.zeros(2)},
+              str(tmp_path / "bert.safetensors"))
+    with pytest.raises(ArchitectureError, match="encoder|classifier"):
+        sdtorch.load(tmp_path / "bert.safetensors")
+
+
+def test_missing_keys_are_named(original_file, tmp_path):
+    from safetensors.torch import save_file
+
+    path, config, state = original_file[:3]
+    victim = "first_stage_model.decoder.mid.block_1.conv2.weight"
+    save_file({k: v for k, v in state.items() if k != victim}, str(tmp_path / "m.safetensors"))
+    with pytest.raises(MissingKeysError, match=r"vae: .*1 tensor.*decoder\.mid_block\.resnets\.0\.conv2\.weight"):
+        sdtorch.load(tmp_path / "m.safetensors")
+    victim = "model.diffusion_model.out.2.weight"  # one the architecture is read from
+    save_file({k: v for k, v in state.items() if k != victim}, str(tmp_path / "m.safetensors"))
+    with pytest.raises(ArchitectureError, match=r"out\.2\.weight"):
+        sdtorch.load(tmp_path / "m.safetensors")
+
+
+def test_bad_prediction_type_and_format(original_file, tmp_path):
+    path, _, _ = original_file[:3]
+    with pytest.raises(sdtorch.errors.InvalidInputError):
+        sdtorch.load(path, prediction_type="x0-ish")
+    pipe = sdtorch.load(path)
+    with pytest.raises(sdtorch.errors.InvalidInputError):
+        sdtorch.save(pipe, tmp_path / "x", format="onnx")
+
+
+def test_failed_save_leaves_destination_untouched(original_file, tmp_path, monkeypatch):
+    path, _, _ = original_file[:3]
+    pipe = sdtorch.load(path)
+    dst = tmp_path / "keep.safetensors"
+    dst.write_bytes(b"previous contents")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    with pytest.raises(CheckpointError, match="No space left"):
+        sdtorch.save(pipe, dst, format="single_file")
+    assert dst.read_bytes() == b"previous contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.safetensors"]
+    with pytest.raises(CheckpointError, match="No space left"):
+        sdtorch.save(pipe, tmp_path / "folder", format="diffusers")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.safetensors"]
+
+
+def test_cli_info_and_convert(original_file, tmp_path, capsys):
+    from sdtorch.cli import main
+
+    path, config, state = original_file[:3]
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"kind:            {config.kind}" in out and "prediction type" in out and "parameters:" in out
+    assert main(["convert", str(path), str(tmp_path / "d"), "--to", "diffusers"]) == 0
+    assert json.loads((tmp_path / "d" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    assert main(["convert", str(tmp_path / "d"), str(tmp_path / "s.safetensors"), "--to", "single-file"]) == 0
+    assert_same_tensors(pipe_tensors(sdtorch.load(tmp_path / "s.safetensors")), state)
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "no such file" in capsys.readouterr().err
