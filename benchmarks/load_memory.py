@@ -4,7 +4,7 @@
 
 Writes a full-size original-layout checkpoint with random float16 weights (once, in --workdir), then
 loads it with `sdtorch.load` in a fresh process per dtype and prints the peak resident memory the load
-added (ru_maxrss after, minus the process's peak before), its ratio to the model's size in the target
+added (the peak RSS during the load, VmHWM, minus the RSS before it), its ratio to the model's size in the target
 dtype (the goal: below 1.3x, i.e. no float32 detour and no second copy), and the load time.
 """
 
@@ -19,17 +19,24 @@ from pathlib import Path
 import torch
 
 CHILD = r"""
-import json, resource, sys, time, torch, sdtorch
-path, dtype = sys.argv[1], getattr(torch, sys.argv[2])
+import json, sys, time, torch, sdtorch
 from sdtorch.models.tokenizer import CLIPTokenizer
+
+def status(field):  # bytes, from /proc/self/status (VmRSS: now, VmHWM: peak since the last reset)
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+path, dtype = sys.argv[1], getattr(torch, sys.argv[2])
 CLIPTokenizer.default()  # the vocabulary is not model weights: build it before measuring
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS
 start = time.perf_counter()
 pipe = sdtorch.load(path, dtype=dtype)
 seconds = time.perf_counter() - start
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 size = sum(p.numel() * p.element_size() for m in pipe.modules.values() for p in m.parameters())
-print(json.dumps({"before": before, "after": after, "model_bytes": size, "seconds": seconds}))
+print(json.dumps({"before": before, "after": peak, "model_bytes": size, "seconds": seconds}))
 """
 
 

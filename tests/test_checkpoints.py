@@ -301,3 +301,29 @@ def test_cli_info_and_convert(original_file, tmp_path, capsys):
     assert_same_tensors(pipe_tensors(sdtorch.load(tmp_path / "s.safetensors")), state)
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_hub_id_fetches_only_needed_files_and_offline_fails_clearly(original_file, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    path, config, state = original_file[:3]
+    folder = sdtorch.save(sdtorch.load(path), tmp_path / "snapshot", format="diffusers")
+    asked = {}
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        asked.update(repo_id=repo_id, allow_patterns=allow_patterns)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    pipe = sdtorch.load("someone/tiny-model")
+    assert asked["repo_id"] == "someone/tiny-model"
+    assert "unet/diffusion_pytorch_model.safetensors" in asked["allow_patterns"]
+    assert not any(p.endswith((".bin", ".ckpt")) or p == "*" for p in asked["allow_patterns"])
+    assert_same_tensors(pipe_tensors(pipe), state)
+
+    def offline(repo_id, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline and not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(CheckpointError, match="could not fetch 'someone/tiny-model'.*local"):
+        sdtorch.load("someone/tiny-model")
