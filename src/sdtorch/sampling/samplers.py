@@ -1,0 +1,165 @@
+"""The sampler registry (A1111 names, ComfyUI aliases, the legacy "DPM++ 2M Karras" form) and `sample()`.
+
+    x = sample(denoiser, noise, sampler="DPM++ 2M", schedule="Karras", steps=20, context=ctx, ...)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import InvalidInputError
+from . import dpmpp, k_samplers, timestep_samplers
+from .common import Callback
+from .denoiser import Denoiser
+from .schedules import SamplingSchedule, sampling_schedule
+
+SamplerFn = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    """One sampler: its A1111 name, function, other names, and how its sigma list is built."""
+
+    name: str
+    function: SamplerFn
+    aliases: tuple[str, ...]
+    default_schedule: str = "automatic"  # A1111 v1.9+ defaults
+    discard_penultimate_sigma: bool = False  # DPM2, DPM2 a, DPM++ 3M SDE (as A1111 does)
+    build_schedule: Callable[..., SamplingSchedule] = sampling_schedule  # diffusers' grid for this sampler
+    variance_preserving: bool = False  # starts from pure VP noise: x_T = noise * sqrt(1 + sigma_max^2)
+
+
+SAMPLERS: tuple[SamplerInfo, ...] = (
+    SamplerInfo("DPM++ 2M", dpmpp.sample_dpmpp_2m, ("dpmpp_2m", "k_dpmpp_2m"), "karras",
+                build_schedule=dpmpp.multistep_schedule, variance_preserving=True),
+    SamplerInfo("DPM++ SDE", dpmpp.sample_dpmpp_sde, ("dpmpp_sde", "k_dpmpp_sde"), "karras"),
+    SamplerInfo("DPM++ 2M SDE", dpmpp.sample_dpmpp_2m_sde, ("dpmpp_2m_sde", "k_dpmpp_2m_sde"), "exponential",
+                build_schedule=dpmpp.multistep_schedule, variance_preserving=True),
+    SamplerInfo("DPM++ 3M SDE", dpmpp.sample_dpmpp_3m_sde, ("dpmpp_3m_sde", "k_dpmpp_3m_sde"), "exponential",
+                discard_penultimate_sigma=True),
+    SamplerInfo("DPM++ 2S a", dpmpp.sample_dpmpp_2s_ancestral, ("dpmpp_2s_ancestral", "k_dpmpp_2s_a"), "karras"),
+    SamplerInfo("Euler a", k_samplers.sample_euler_ancestral, ("euler_ancestral", "k_euler_a")),
+    SamplerInfo("Euler", k_samplers.sample_euler, ("euler", "k_euler")),
+    SamplerInfo("LMS", k_samplers.sample_lms, ("lms", "k_lms")),
+    SamplerInfo("Heun", k_samplers.sample_heun, ("heun", "k_heun")),
+    SamplerInfo("DPM2", k_samplers.sample_dpm_2, ("dpm_2", "k_dpm_2"), "karras", discard_penultimate_sigma=True),
+    SamplerInfo("DPM2 a", k_samplers.sample_dpm_2_ancestral, ("dpm_2_ancestral", "k_dpm_2_a"), "karras",
+                discard_penultimate_sigma=True),
+    SamplerInfo("DDIM", timestep_samplers.sample_ddim, ("ddim",),
+                build_schedule=timestep_samplers.ddim_schedule, variance_preserving=True),
+    SamplerInfo("PLMS", timestep_samplers.sample_plms, ("plms", "pndm"),
+                build_schedule=timestep_samplers.ddim_schedule, variance_preserving=True),
+    SamplerInfo("UniPC", timestep_samplers.sample_unipc, ("uni_pc", "unipc"),
+                build_schedule=timestep_samplers.unipc_schedule, variance_preserving=True),
+    SamplerInfo("DDPM", timestep_samplers.sample_ddpm, ("ddpm",),
+                build_schedule=timestep_samplers.ddpm_schedule, variance_preserving=True),
+    SamplerInfo("LCM", timestep_samplers.sample_lcm, ("lcm",),
+                build_schedule=timestep_samplers.lcm_schedule, variance_preserving=True),
+)
+SCHEDULE_NAMES = {  # A1111 label / ComfyUI name -> sdtorch schedule kind
+    "automatic": "automatic", "auto": "automatic", "normal": "automatic",
+    "karras": "karras", "exponential": "exponential",
+    "uniform": "uniform", "sgm uniform": "trailing", "sgm_uniform": "trailing", "simple": "trailing",
+}
+
+
+def _key(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").split())
+
+
+_BY_NAME = {_key(n): info for info in SAMPLERS for n in (info.name, *info.aliases)}
+
+
+def sampler_names() -> list[str]:
+    return [info.name for info in SAMPLERS]
+
+
+def resolve(sampler: str, schedule: str | None = None) -> tuple[SamplerInfo, str]:
+    """(sampler, schedule kind) for a user's names; accepts "DPM++ 2M Karras" with the schedule appended."""
+    key = _key(sampler)
+    info = _BY_NAME.get(key)
+    if info is None:  # legacy combined form: cut a known schedule name off the end
+        for label in sorted(SCHEDULE_NAMES, key=len, reverse=True):
+            if key.endswith(" " + label) and key[: -len(label) - 1] in _BY_NAME:
+                info = _BY_NAME[key[: -len(label) - 1]]
+                schedule = schedule or label
+                break
+    if info is None:
+        raise InvalidInputError(f"unknown sampler {sampler!r}; valid names: {', '.join(sampler_names())}")
+    if schedule is None:
+        return info, info.default_schedule
+    kind = SCHEDULE_NAMES.get(_key(schedule))
+    if kind is None:
+        valid = ", ".join(["Automatic", "Karras", "Exponential", "Uniform", "SGM Uniform"])
+        raise InvalidInputError(f"unknown schedule {schedule!r}; valid names: {valid}")
+    return info, kind
+
+
+class _Conditioned:
+    """The denoiser with its conditioning fixed: model(x, sigma) -> x0, as samplers expect."""
+
+    def __init__(self, denoiser: Denoiser, kwargs: dict):
+        self.denoiser, self.kwargs = denoiser, kwargs
+        self.prediction_type = denoiser.prediction_type  # PLMS combines raw model outputs, as diffusers does
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        return self.denoiser(x, sigma, **self.kwargs)
+
+    def timestep(self, sigma: Tensor) -> Tensor:
+        return self.denoiser.timestep(torch.as_tensor(sigma, dtype=torch.float64).reshape(-1))
+
+
+def sample(
+    denoiser: Denoiser,
+    noise: Tensor,
+    *,
+    sampler: str = "DPM++ 2M",
+    schedule: str | None = None,
+    steps: int = 20,
+    spacing: str = "leading",
+    context: Tensor,
+    uncond_context: Tensor | None = None,
+    guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
+    extra_channels: Tensor | None = None,
+    init_latents: Tensor | None = None,
+    strength: float = 1.0,
+    eta: float | None = None,
+    s_noise: float = 1.0,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Run a sampler from noise (txt2img) or from `init_latents` part-way (img2img, `strength` in (0, 1]).
+
+    Each sampler walks the timestep grid its diffusers scheduler uses, from diffusers' starting scale, so
+    a seed gives diffusers' latents. Returns the variance-preserving latent diffusers would return
+    (x / sqrt(1 + sigma_last^2)). As in diffusers, img2img runs the last int(steps * strength) steps.
+    """
+    info, kind = resolve(sampler, schedule)
+    if eta is not None and eta < 0:
+        raise InvalidInputError(f"eta must be >= 0, not {eta}")
+    if not 0 < strength <= 1:
+        raise InvalidInputError(f"strength must be in (0, 1], not {strength}")
+    spacing, kind = (kind, "automatic") if kind == "trailing" else (spacing, kind)
+    grid = info.build_schedule(denoiser.schedule, steps + info.discard_penultimate_sigma, kind, spacing)
+    if info.discard_penultimate_sigma:
+        grid = SamplingSchedule(torch.cat([grid.sigmas[:-2], grid.sigmas[-1:]]), grid.timesteps[:-1])
+    start = steps - int(steps * strength) if init_latents is not None else 0
+    if start >= steps:
+        raise InvalidInputError(f"strength {strength} with {steps} steps runs no step; raise either")
+    sigmas = grid.sigmas[start:]
+    denoiser.use_timesteps_of(grid)
+    if init_latents is not None:  # img2img: the clean latents noised to the starting sigma
+        x = init_latents + noise * sigmas[0].to(noise.dtype)
+    else:  # diffusers' starting scale: VP noise for VP solvers and for the leading-spaced default grid
+        vp = info.variance_preserving or (kind == "automatic" and spacing == "leading")
+        x = noise * (((1 + sigmas[0] ** 2).sqrt() if vp else sigmas[0]).to(noise.dtype))  # (B,4,h,w)
+    model = _Conditioned(denoiser, dict(context=context, uncond_context=uncond_context, guidance_scale=guidance_scale,
+                                        guidance_rescale=guidance_rescale, extra_channels=extra_channels))
+    x = info.function(model, x, sigmas, generator=generator, callback=callback, eta=eta, s_noise=s_noise)
+    denoiser.use_timesteps_of(None)
+    return x / (1 + sigmas[-1].to(x.dtype) ** 2).sqrt()
