@@ -16,3 +16,12 @@ def assert_parity(ours: torch.Tensor, reference: torch.Tensor, rel: float = 1e-5
 def _seeded():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: intra-op threads cost more than they give (and thrash on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -51,13 +51,7 @@ def reference_scheduler(steps, kind, spacing, prediction_type, algorithm_type):
     return scheduler
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny UNet is far faster on one thread than on two threads contending on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -60,13 +60,7 @@ def mixture() -> GaussianMixture:
     return GaussianMixture(means, torch.tensor([0.4, 0.6, 0.5]), torch.tensor([0.5, 0.3, 0.2]))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The model is a few tiny ops per call: extra threads only add contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

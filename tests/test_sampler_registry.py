@@ -14,6 +14,9 @@ A1111_NAMES = ["DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE", "DPM++ 2
                "DPM2", "DPM2 a", "DDIM", "PLMS", "UniPC", "DDPM", "LCM"]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def denoiser():
     torch.manual_seed(0)

@@ -40,13 +40,13 @@ CASES = [
 ]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def unet():
     torch.manual_seed(0)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: threads cost more than they give
-    yield UNet(TINY_SD1.unet).eval()
-    torch.set_num_threads(previous)
+    return UNet(TINY_SD1.unet).eval()
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

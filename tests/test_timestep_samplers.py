@@ -115,13 +115,7 @@ class Model:
         return self.denoiser.timestep(torch.as_tensor(sigma, dtype=torch.float64).reshape(-1))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """1x4x8x8 tensors gain nothing from intra-op threads, which only contend on shared CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

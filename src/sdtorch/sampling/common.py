@@ -9,6 +9,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from ..errors import InvalidInputError
+
 
 class DenoiseFn(Protocol):
     """D(x, sigma) -> x0 for x = x0 + sigma * eps; `timestep(sigma)` is the UNet timestep (LCM needs it)."""
@@ -55,3 +57,12 @@ def ancestral_step(sigma_from: Tensor, sigma_to: Tensor, eta: float = 1.0) -> tu
 def to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
     """dx/dsigma of the probability-flow ODE (Karras et al. 2022, eq. 4 with s(t) = 1)."""
     return (x - denoised) / sigma
+
+
+def check_eta(eta: float | None, default: float) -> float:
+    """The sampler's eta: `default` when None; negative values are refused."""
+    if eta is None:
+        return default
+    if eta < 0:
+        raise InvalidInputError(f"eta must be >= 0, not {eta}")
+    return float(eta)

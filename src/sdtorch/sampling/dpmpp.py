@@ -24,8 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..errors import InvalidInputError
-from .common import Callback, DenoiseFn, ancestral_step, randn_like, report
+from .common import Callback, DenoiseFn, ancestral_step, check_eta, randn_like, report
 from .schedules import DiscreteSchedule, SamplingSchedule, sampling_schedule
 
 
@@ -82,7 +81,7 @@ def sample_dpmpp_2m_sde(
     generator (its last draw, on the step to 0, is multiplied by zero). k-diffusion draws from a Brownian
     tree instead: the same distribution, a different realisation.
     """
-    eta = _check_eta(eta)
+    eta = check_eta(eta, default=1.0)
     sig = sigmas.tolist()
     n = len(sig) - 1
     old_denoised = None
@@ -123,7 +122,7 @@ def sample_dpmpp_3m_sde(
     the second difference d2 approximates h^2 D''/2, whose exact weight is -2 phi_3, not -phi_3. With
     -phi_3 a step's local error is O(h^3) and the method only second order; with -2 phi_3 it is O(h^4).
     """
-    eta = _check_eta(eta)
+    eta = check_eta(eta, default=1.0)
     sig = sigmas.tolist()
     n = len(sig) - 1
     history: list[tuple[Tensor, float]] = []  # (denoised, lambda) of earlier steps, newest first
@@ -169,7 +168,7 @@ def sample_dpmpp_2s_ancestral(
     (two model calls), then noise of std sigma_up (`common.ancestral_step`). eta defaults to 1;
     eta = 0 is the deterministic DPM-Solver++(2S). Noise: `randn_like(x, generator)` once a step.
     """
-    eta = _check_eta(eta)
+    eta = check_eta(eta, default=1.0)
     sig = sigmas.tolist()
     n = len(sig) - 1
     for i in range(n):
@@ -209,7 +208,7 @@ def sample_dpmpp_sde(
     distribution is the same; the realisation is not, and unlike a Brownian tree it is not shared
     between runs with different step counts (a seed does not give a similar image at 20 and 30 steps).
     """
-    eta = _check_eta(eta)
+    eta = check_eta(eta, default=1.0)
     sig = sigmas.tolist()
     n = len(sig) - 1
     for i in range(n):
@@ -287,11 +286,3 @@ def _brownian_increments(
     z_rest = randn_like(x, generator)  # over [sigma_next, sigma_mid], independent of it
     z_whole = (math.sqrt(first) * z_first + math.sqrt(rest) * z_rest) / math.sqrt(first + rest)
     return z_first, z_whole
-
-
-def _check_eta(eta: float | None) -> float:
-    if eta is None:
-        return 1.0
-    if eta < 0:
-        raise InvalidInputError(f"eta must be >= 0, not {eta}")
-    return float(eta)

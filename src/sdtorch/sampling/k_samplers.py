@@ -15,8 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..errors import InvalidInputError
-from .common import Callback, DenoiseFn, ancestral_step, randn_like, report, to_d
+from .common import Callback, DenoiseFn, ancestral_step, check_eta, randn_like, report, to_d
 
 LMS_ORDER = 4  # derivatives LMS interpolates (k-diffusion's and diffusers' default)
 
@@ -57,7 +56,7 @@ def sample_euler_ancestral(
     """Euler ancestral (k-diffusion `sample_euler_ancestral`): an Euler step to sigma_down, then fresh noise of
     std sigma_up, so that sigma_down^2 + sigma_up^2 = sigma_{i+1}^2; eta = 1 (the default) is the ancestral
     sampling of DDPM (Ho et al. 2020, Algorithm 2) written in sigma space."""
-    eta = _check_eta(eta)
+    eta = check_eta(eta, default=1.0)
     sig = sigmas.tolist()
     n = len(sig) - 1
     for i in range(n):
@@ -189,7 +188,7 @@ def sample_dpm_2_ancestral(
 ) -> Tensor:
     """DPM2 ancestral: a DPM-Solver-2 step to sigma_down, then noise of std sigma_up (k-diffusion
     `sample_dpm_2_ancestral`). eta defaults to 1; a step to sigma_down = 0 is Euler and adds no noise."""
-    eta = _check_eta(eta)
+    eta = check_eta(eta, default=1.0)
     sig = sigmas.tolist()
     n = len(sig) - 1
     for i in range(n):
@@ -210,11 +209,3 @@ def _dpm_2_step(model: DenoiseFn, x: Tensor, sigma: float, sigma_to: float, d: T
     x_mid = x + d * (sigma_mid - sigma)
     d_mid = to_d(x_mid, sigma_mid, model(x_mid, like.new_tensor(sigma_mid)))
     return x + d_mid * (sigma_to - sigma)
-
-
-def _check_eta(eta: float | None) -> float:
-    if eta is None:
-        return 1.0
-    if eta < 0:
-        raise InvalidInputError(f"eta must be >= 0, not {eta}")
-    return float(eta)

@@ -107,6 +107,12 @@ class SamplingSchedule:
         return len(self.timesteps)
 
 
+def check_steps(schedule: DiscreteSchedule, steps: int) -> None:
+    """Refuse step counts outside 1..T (T = the training schedule's length)."""
+    if not isinstance(steps, int) or not 1 <= steps <= schedule.num_train_timesteps:
+        raise InvalidInputError(f"steps must be an integer in 1..{schedule.num_train_timesteps}, not {steps!r}")
+
+
 def sampling_schedule(
     schedule: DiscreteSchedule,
     steps: int,
@@ -121,8 +127,7 @@ def sampling_schedule(
     karras / exponential: over the model's whole sigma range (as A1111 and k-diffusion), timesteps by
         log-sigma interpolation.
     """
-    if not isinstance(steps, int) or not 1 <= steps <= schedule.num_train_timesteps:
-        raise InvalidInputError(f"steps must be an integer in 1..{schedule.num_train_timesteps}, not {steps!r}")
+    check_steps(schedule, steps)
     if kind == "uniform":
         kind, spacing = "automatic", "linspace"
     if kind == "automatic":

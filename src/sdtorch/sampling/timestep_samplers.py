@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidInputError
-from .common import Callback, DenoiseFn, ancestral_step, randn_like, report
-from .schedules import DiscreteSchedule, SamplingSchedule, sampling_schedule
+from .common import Callback, DenoiseFn, ancestral_step, check_eta, randn_like, report
+from .schedules import DiscreteSchedule, SamplingSchedule, check_steps, sampling_schedule
 
 # Adams-Bashforth weights of PLMS (PNDM eq. 12 and its lower-order warm-up), newest prediction first
 ADAMS_BASHFORTH = {
@@ -60,7 +60,7 @@ def sample_ddim(
     (k-diffusion's ancestral step; eta = 0 is Euler's method in sigma). z is drawn from `generator`
     on every step with sigma_up > 0, as DDIMScheduler draws it; `s_noise` scales it.
     """
-    eta = _check_eta(eta, default=0.0)
+    eta = check_eta(eta, default=0.0)
     n = len(sigmas) - 1
     for i in range(n):
         denoised = model(x, sigmas[i])
@@ -85,7 +85,7 @@ def sample_ddpm(
     (diffusers' "fixed_small"). That posterior is exactly DDIM's eq. 12 with eta = 1 (Song et al. 2020,
     sec. 4.1), so this is `sample_ddim` with eta defaulting to 1. The last step, to sigma = 0, adds no noise.
     """
-    eta = _check_eta(eta, default=1.0)
+    eta = check_eta(eta, default=1.0)
     return sample_ddim(model, x, sigmas, generator=generator, callback=callback, eta=eta, s_noise=s_noise)
 
 
@@ -245,7 +245,7 @@ def unipc_schedule(
     if kind == "uniform":
         kind, spacing = "automatic", "linspace"
     if kind == "automatic":
-        _check_steps(schedule, steps)
+        check_steps(schedule, steps)
         spaced = schedule.timesteps(steps if spacing == "trailing" else steps + 1, spacing, steps_offset)
         timesteps = spaced.round()[:steps]  # (n,)
         return SamplingSchedule(torch.cat([schedule.t_to_sigma(timesteps), timesteps.new_zeros(1)]), timesteps)
@@ -279,23 +279,10 @@ def lcm_schedule(
 def _integer_grid(
     schedule: DiscreteSchedule, steps: int, spacing: str, steps_offset: int, final_sigma: float
 ) -> SamplingSchedule:
-    _check_steps(schedule, steps)
+    check_steps(schedule, steps)
     timesteps = schedule.timesteps(steps, spacing, steps_offset).round()  # (n,) integers, as diffusers casts them
     final = torch.tensor([final_sigma], dtype=torch.float64)
     return SamplingSchedule(torch.cat([schedule.t_to_sigma(timesteps), final]), timesteps)
-
-
-def _check_steps(schedule: DiscreteSchedule, steps: int) -> None:
-    if not isinstance(steps, int) or not 1 <= steps <= schedule.num_train_timesteps:
-        raise InvalidInputError(f"steps must be an integer in 1..{schedule.num_train_timesteps}, not {steps!r}")
-
-
-def _check_eta(eta: float | None, default: float) -> float:
-    if eta is None:
-        return default
-    if eta < 0:
-        raise InvalidInputError(f"eta must be >= 0, not {eta}")
-    return float(eta)
 
 
 def _ddim_step(
