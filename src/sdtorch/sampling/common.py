@@ -13,7 +13,10 @@ from ..errors import InvalidInputError
 
 
 class DenoiseFn(Protocol):
-    """D(x, sigma) -> x0 for x = x0 + sigma * eps; `timestep(sigma)` is the UNet timestep (LCM needs it)."""
+    """D(x, sigma) -> x0 for x = x0 + sigma * eps; `timestep(sigma)` is the UNet timestep (LCM needs it).
+
+    A model may also define `step_input(i, x) -> x`, applied to x at the start of every step i (see below).
+    """
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor: ...
 
@@ -37,6 +40,13 @@ Callback = Callable[[Step], None]
 def report(callback: Callback | None, index: int, total: int, sigma: Tensor, x: Tensor, denoised: Tensor) -> None:
     if callback is not None:
         callback(Step(index, total, float(sigma), x, denoised))
+
+
+def step_input(model: DenoiseFn, i: int, x: Tensor) -> Tensor:
+    """x as step i starts from: the model's `step_input` hook may replace it (inpainting with an ordinary
+    model puts the area outside the mask back on the noised original, as diffusers does after each step)."""
+    hook = getattr(model, "step_input", None)
+    return x if hook is None else hook(i, x)
 
 
 def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:

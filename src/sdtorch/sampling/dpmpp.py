@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from .common import Callback, DenoiseFn, ancestral_step, check_eta, randn_like, report
+from .common import Callback, DenoiseFn, ancestral_step, check_eta, randn_like, report, step_input
 from .schedules import DiscreteSchedule, SamplingSchedule, sampling_schedule
 
 
@@ -49,6 +49,7 @@ def sample_dpmpp_2m(
     n = len(sig) - 1
     old_denoised = None
     for i in range(n):
+        x = step_input(model, i, x)
         denoised = model(x, sigmas[i])
         report(callback, i, n, sigmas[i], x, denoised)
         if sig[i + 1] == 0:
@@ -86,6 +87,7 @@ def sample_dpmpp_2m_sde(
     n = len(sig) - 1
     old_denoised = None
     for i in range(n):
+        x = step_input(model, i, x)
         denoised = model(x, sigmas[i])
         report(callback, i, n, sigmas[i], x, denoised)
         if sig[i + 1] == 0:
@@ -127,6 +129,7 @@ def sample_dpmpp_3m_sde(
     n = len(sig) - 1
     history: list[tuple[Tensor, float]] = []  # (denoised, lambda) of earlier steps, newest first
     for i in range(n):
+        x = step_input(model, i, x)
         denoised = model(x, sigmas[i])
         report(callback, i, n, sigmas[i], x, denoised)
         if sig[i + 1] == 0:
@@ -172,6 +175,7 @@ def sample_dpmpp_2s_ancestral(
     sig = sigmas.tolist()
     n = len(sig) - 1
     for i in range(n):
+        x = step_input(model, i, x)
         denoised = model(x, sigmas[i])
         report(callback, i, n, sigmas[i], x, denoised)
         sigma_down, sigma_up = (float(s) for s in ancestral_step(sigmas[i], sigmas[i + 1], eta))
@@ -212,6 +216,7 @@ def sample_dpmpp_sde(
     sig = sigmas.tolist()
     n = len(sig) - 1
     for i in range(n):
+        x = step_input(model, i, x)
         denoised = model(x, sigmas[i])
         report(callback, i, n, sigmas[i], x, denoised)
         if sig[i + 1] == 0:

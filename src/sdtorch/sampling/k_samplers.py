@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from .common import Callback, DenoiseFn, ancestral_step, check_eta, randn_like, report, to_d
+from .common import Callback, DenoiseFn, ancestral_step, check_eta, randn_like, report, step_input, to_d
 
 LMS_ORDER = 4  # derivatives LMS interpolates (k-diffusion's and diffusers' default)
 
@@ -37,6 +37,7 @@ def sample_euler(
     sig = sigmas.tolist()
     n = len(sig) - 1
     for i in range(n):
+        x = step_input(model, i, x)
         denoised = model(x, sigmas[i])
         report(callback, i, n, sigmas[i], x, denoised)
         x = x + to_d(x, sig[i], denoised) * (sig[i + 1] - sig[i])
@@ -60,6 +61,7 @@ def sample_euler_ancestral(
     sig = sigmas.tolist()
     n = len(sig) - 1
     for i in range(n):
+        x = step_input(model, i, x)
         denoised = model(x, sigmas[i])
         report(callback, i, n, sigmas[i], x, denoised)
         sigma_down, sigma_up = (float(s) for s in ancestral_step(sigmas[i], sigmas[i + 1], eta))
@@ -87,6 +89,7 @@ def sample_heun(
     sig = sigmas.tolist()
     n = len(sig) - 1
     for i in range(n):
+        x = step_input(model, i, x)
         denoised = model(x, sigmas[i])
         report(callback, i, n, sigmas[i], x, denoised)
         d = to_d(x, sig[i], denoised)
@@ -120,6 +123,7 @@ def sample_lms(
     n = len(sig) - 1
     ds: list[Tensor] = []  # derivatives, newest last
     for i in range(n):
+        x = step_input(model, i, x)
         denoised = model(x, sigmas[i])
         report(callback, i, n, sigmas[i], x, denoised)
         ds = [*ds[-(LMS_ORDER - 1):], to_d(x, sig[i], denoised)]
@@ -170,6 +174,7 @@ def sample_dpm_2(
     sig = sigmas.tolist()
     n = len(sig) - 1
     for i in range(n):
+        x = step_input(model, i, x)
         denoised = model(x, sigmas[i])
         report(callback, i, n, sigmas[i], x, denoised)
         x = _dpm_2_step(model, x, sig[i], sig[i + 1], to_d(x, sig[i], denoised), sigmas)
@@ -192,6 +197,7 @@ def sample_dpm_2_ancestral(
     sig = sigmas.tolist()
     n = len(sig) - 1
     for i in range(n):
+        x = step_input(model, i, x)
         denoised = model(x, sigmas[i])
         report(callback, i, n, sigmas[i], x, denoised)
         sigma_down, sigma_up = (float(s) for s in ancestral_step(sigmas[i], sigmas[i + 1], eta))

@@ -113,6 +113,21 @@ class _Conditioned:
         return self.denoiser.timestep(torch.as_tensor(sigma, dtype=torch.float64).reshape(-1))
 
 
+class _Inpainting(_Conditioned):
+    """Also keeps the area outside the mask on the noised original at every step after the first, as
+    diffusers' inpainting pipeline does for ordinary (4-channel) models."""
+
+    def __init__(self, denoiser: Denoiser, kwargs: dict, sigmas: Tensor, keep: Tensor, mask: Tensor, noise: Tensor):
+        super().__init__(denoiser, kwargs)
+        self.sigmas, self.keep, self.mask, self.noise = sigmas, keep, mask, noise
+
+    def step_input(self, i: int, x: Tensor) -> Tensor:
+        if i == 0:
+            return x
+        original = self.keep + self.noise * self.sigmas[i].to(x.dtype)  # (B,4,h,w) at this step's sigma
+        return (1 - self.mask) * original + self.mask * x
+
+
 def sample(
     denoiser: Denoiser,
     noise: Tensor,
@@ -128,6 +143,8 @@ def sample(
     extra_channels: Tensor | None = None,
     init_latents: Tensor | None = None,
     strength: float = 1.0,
+    keep_latents: Tensor | None = None,
+    keep_mask: Tensor | None = None,
     eta: float | None = None,
     s_noise: float = 1.0,
     generator: torch.Generator | None = None,
@@ -138,6 +155,9 @@ def sample(
     Each sampler walks the timestep grid its diffusers scheduler uses, from diffusers' starting scale, so
     a seed gives diffusers' latents. Returns the variance-preserving latent diffusers would return
     (x / sqrt(1 + sigma_last^2)). As in diffusers, img2img runs the last int(steps * strength) steps.
+
+    Inpainting with an ordinary model: `keep_latents` (B,4,h,w) are held outside `keep_mask` (B,1,h,w),
+    1 = repaint, re-noised with `noise` to each step's sigma.
     """
     info, kind = resolve(sampler, schedule)
     if eta is not None and eta < 0:
@@ -158,8 +178,14 @@ def sample(
     else:  # diffusers' starting scale: VP noise for VP solvers and for the leading-spaced default grid
         vp = info.variance_preserving or (kind == "automatic" and spacing == "leading")
         x = noise * (((1 + sigmas[0] ** 2).sqrt() if vp else sigmas[0]).to(noise.dtype))  # (B,4,h,w)
-    model = _Conditioned(denoiser, dict(context=context, uncond_context=uncond_context, guidance_scale=guidance_scale,
-                                        guidance_rescale=guidance_rescale, extra_channels=extra_channels))
-    x = info.function(model, x, sigmas, generator=generator, callback=callback, eta=eta, s_noise=s_noise)
-    denoiser.use_timesteps_of(None)
+    kwargs = dict(context=context, uncond_context=uncond_context, guidance_scale=guidance_scale,
+                  guidance_rescale=guidance_rescale, extra_channels=extra_channels)
+    if keep_latents is not None and keep_mask is not None:
+        model = _Inpainting(denoiser, kwargs, sigmas, keep_latents, keep_mask.to(noise.dtype), noise)
+    else:
+        model = _Conditioned(denoiser, kwargs)
+    try:
+        x = info.function(model, x, sigmas, generator=generator, callback=callback, eta=eta, s_noise=s_noise)
+    finally:
+        denoiser.use_timesteps_of(None)
     return x / (1 + sigmas[-1].to(x.dtype) ** 2).sqrt()

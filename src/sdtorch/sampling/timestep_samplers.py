@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidInputError
-from .common import Callback, DenoiseFn, ancestral_step, check_eta, randn_like, report
+from .common import Callback, DenoiseFn, ancestral_step, check_eta, randn_like, report, step_input
 from .schedules import DiscreteSchedule, SamplingSchedule, check_steps, sampling_schedule
 
 # Adams-Bashforth weights of PLMS (PNDM eq. 12 and its lower-order warm-up), newest prediction first
@@ -63,6 +63,7 @@ def sample_ddim(
     eta = check_eta(eta, default=0.0)
     n = len(sigmas) - 1
     for i in range(n):
+        x = step_input(model, i, x)
         denoised = model(x, sigmas[i])
         report(callback, i, n, sigmas[i], x, denoised)
         x = _ddim_step(x, denoised, sigmas[i], sigmas[i + 1], eta, s_noise, generator)
@@ -117,6 +118,7 @@ def sample_plms(
     n = len(sig) - 1
     history: list[Tensor] = []  # raw predictions (eps or v) of the previous steps, oldest first
     for i in range(n):
+        x = step_input(model, i, x)
         denoised = model(x, sigmas[i])
         report(callback, i, n, sigmas[i], x, denoised)
         pred = _prediction(x, denoised, sig[i], v_model)
@@ -159,6 +161,7 @@ def sample_unipc(
     orders: list[int] = []
     x_before = x
     for i in range(n):
+        x = step_input(model, i, x)
         denoised = model(x, sigmas[i])
         estimates.append(denoised)
         if i > 0:  # UniC: redo step i - 1 now that its end point has an estimate
@@ -192,6 +195,7 @@ def sample_lcm(
     n = len(sig) - 1
     for i in range(n):
         c_skip, c_out = _lcm_scalings(float(model.timestep(sigmas[i : i + 1])))
+        x = step_input(model, i, x)
         denoised = c_out * model(x, sigmas[i]) + c_skip * (x / math.sqrt(1 + sig[i] ** 2))
         report(callback, i, n, sigmas[i], x, denoised)
         x = denoised
