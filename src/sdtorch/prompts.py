@@ -1,0 +1,211 @@
+"""Prompts the AUTOMATIC1111 way: emphasis weights, 75-token chunks, BREAK, clip skip.
+
+A prompt becomes the UNet's context in three steps, each giving what A1111 gives:
+
+1. `parse_prompt_attention` splits the text into runs of equal weight: `(word)` multiplies by 1.1,
+   `[word]` divides by 1.1, `(word:1.3)` multiplies by 1.3; brackets nest and multiply;
+   `\\(` `\\)` `\\[` `\\]` `\\\\` are literal characters; brackets left open still count up to the end of the
+   text; closers with no opener are literal text. `BREAK` (a separate word) becomes a ("BREAK", -1) item.
+2. `tokenize_prompt` tokenizes each run on its own and packs the tokens into chunks of 75, each
+   wrapped as [BOS] + 75 + [EOS] = 77 ids with one weight per id. A chunk that fills up moves the
+   words after its last comma to the next chunk when that comma lies within the last 20 tokens.
+3. `encode_prompts` encodes every chunk of every prompt in one text-encoder call, scales each
+   token's vector by its weight, restores each chunk's original mean, and concatenates a prompt's
+   chunks along the token axis: (B, 77 * chunks, D).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import InvalidInputError
+from .models.tokenizer import CLIPTokenizer
+
+CHUNK_LENGTH = 75  # prompt tokens per chunk; BOS and EOS make it 77
+COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack
+ROUND_MULTIPLIER = 1.1
+SQUARE_MULTIPLIER = 1 / 1.1
+BREAK_WEIGHT = -1.0
+
+# One match per lexical piece, tried in this order (the order decides what a piece means).
+_ATTENTION = re.compile(
+    r"""
+    \\[()\[\]\\]                  # escaped bracket or backslash: the literal character
+    | \\                          # any other backslash: dropped
+    | \( | \[                     # openers
+    | :\s*([+-]?[.\d]+)\s*\)      # ":1.3)" closes a round bracket with an explicit weight
+    | \) | \]                     # closers
+    | [^\\()\[\]:]+               # plain text
+    | :                           # a colon that starts no weight
+    """,
+    re.VERBOSE,
+)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+
+
+def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+    """Split an A1111 prompt into (text, weight) runs; adjacent runs of equal weight are merged.
+
+    A `BREAK` between words becomes its own ("BREAK", -1.0) item (brackets around it multiply that
+    -1 too, as in A1111). An empty prompt gives [("", 1.0)].
+
+    >>> parse_prompt_attention("an (important) word")
+    [('an ', 1.0), ('important', 1.1), (' word', 1.0)]
+    """
+    if not isinstance(text, str):
+        raise InvalidInputError(f"a prompt must be a string, got {type(text).__name__}")
+    runs: list[list] = []  # [text, weight], weights multiplied in place as brackets close
+    round_open: list[int] = []  # index into `runs` where each open bracket started
+    square_open: list[int] = []
+
+    def multiply_from(start: int, multiplier: float) -> None:
+        for run in runs[start:]:
+            run[1] *= multiplier
+
+    for match in _ATTENTION.finditer(text):
+        piece, weight = match.group(0), match.group(1)
+        if piece.startswith("\\"):
+            runs.append([piece[1:], 1.0])
+        elif piece == "(":
+            round_open.append(len(runs))
+        elif piece == "[":
+            square_open.append(len(runs))
+        elif weight is not None and round_open:
+            try:
+                value = float(weight)
+            except ValueError:
+                raise InvalidInputError(f"prompt: {piece!r} is not a valid emphasis weight") from None
+            multiply_from(round_open.pop(), value)
+        elif piece == ")" and round_open:
+            multiply_from(round_open.pop(), ROUND_MULTIPLIER)
+        elif piece == "]" and square_open:
+            multiply_from(square_open.pop(), SQUARE_MULTIPLIER)
+        else:  # plain text, or a bracket/weight with nothing to close
+            for i, part in enumerate(_BREAK.split(piece)):
+                if i:
+                    runs.append(["BREAK", BREAK_WEIGHT])
+                runs.append([part, 1.0])
+
+    for start in round_open:  # unclosed brackets reach to the end of the text
+        multiply_from(start, ROUND_MULTIPLIER)
+    for start in square_open:
+        multiply_from(start, SQUARE_MULTIPLIER)
+
+    merged: list[list] = []
+    for run in runs or [["", 1.0]]:
+        if merged and merged[-1][1] == run[1]:
+            merged[-1][0] += run[0]
+        else:
+            merged.append(run)
+    return [(t, w) for t, w in merged]
+
+
+@dataclass
+class PromptChunk:
+    """One text-encoder input: 77 token ids (BOS, 75 prompt or padding ids, EOS) and a weight per id."""
+
+    tokens: list[int] = field(default_factory=list)
+    multipliers: list[float] = field(default_factory=list)
+
+
+def tokenize_prompt(
+    tokenizer: CLIPTokenizer, text: str, comma_backtrack: int = COMMA_BACKTRACK
+) -> list[PromptChunk]:
+    """Tokenize a prompt into 77-token chunks with per-token weights, as A1111's `tokenize_line`.
+
+    When a chunk holds 75 tokens and the next token is not a comma, the tokens after the chunk's
+    last comma move to the next chunk if that comma is among the chunk's last `comma_backtrack`
+    tokens (0 turns this off). BREAK closes the current chunk, even an empty one. An empty prompt
+    gives one chunk. Where the tokenizer's pad id differs from EOS (SD2), every id after a chunk's
+    first EOS becomes the pad id.
+    """
+    comma = tokenizer.encode(",")
+    comma_id = comma[0] if len(comma) == 1 else None
+    chunks: list[PromptChunk] = []
+    tokens: list[int] = []  # the open chunk, without BOS/EOS
+    weights: list[float] = []
+    last_comma = -1  # index in `tokens` of the open chunk's last comma
+
+    def close_chunk() -> None:
+        nonlocal tokens, weights, last_comma
+        chunks.append(_wrap(tokenizer, tokens, weights))
+        tokens, weights, last_comma = [], [], -1
+
+    for text_run, weight in parse_prompt_attention(text):
+        if text_run == "BREAK" and weight == BREAK_WEIGHT:
+            close_chunk()
+            continue
+        for token in tokenizer.encode(text_run):
+            if token == comma_id:
+                last_comma = len(tokens)
+            elif (
+                comma_backtrack
+                and len(tokens) == CHUNK_LENGTH
+                and last_comma != -1
+                and len(tokens) - last_comma <= comma_backtrack
+            ):
+                cut = last_comma + 1
+                moved, moved_weights = tokens[cut:], weights[cut:]
+                tokens, weights = tokens[:cut], weights[:cut]
+                close_chunk()
+                tokens, weights = moved, moved_weights
+            if len(tokens) == CHUNK_LENGTH:
+                close_chunk()
+            tokens.append(token)
+            weights.append(weight)
+
+    if tokens or not chunks:
+        close_chunk()
+    return chunks
+
+
+def _wrap(tokenizer: CLIPTokenizer, tokens: list[int], weights: list[float]) -> PromptChunk:
+    """[BOS] + tokens padded with EOS to 75 + [EOS]; SD2 tokenizers pad after the first EOS instead."""
+    padding = CHUNK_LENGTH - len(tokens)
+    ids = [tokenizer.bos_token_id, *tokens, *[tokenizer.eos_token_id] * padding, tokenizer.eos_token_id]  # 77
+    if tokenizer.pad_token_id != tokenizer.eos_token_id:
+        first_eos = ids.index(tokenizer.eos_token_id)
+        ids[first_eos + 1 :] = [tokenizer.pad_token_id] * (len(ids) - first_eos - 1)
+    return PromptChunk(tokens=ids, multipliers=[1.0, *weights, *[1.0] * padding, 1.0])
+
+
+def encode_prompts(
+    tokenizer: CLIPTokenizer, text_encoder: nn.Module, prompts: list[str], clip_skip: int = 1
+) -> torch.Tensor:
+    """Encode A1111-style prompts into the UNet's context (B, 77 * k, D).
+
+    All chunks of all prompts go through `text_encoder(ids, clip_skip=clip_skip)` in one call.
+    Each chunk's output is scaled token by token by its weights, then multiplied by
+    (mean before) / (mean after), both means over the chunk's whole (77, D) output: A1111 takes the
+    mean over the batch it encodes, which holds one prompt (its prompt-editing variants aside).
+    k is the largest chunk count among `prompts`; shorter prompts are padded with the encoding of an
+    empty chunk. Prompts of at most 75 tokens with no emphasis give exactly
+    `text_encoder(tokenizer(prompts), clip_skip)`.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise InvalidInputError("prompts must be a non-empty list of strings")
+    per_prompt = [tokenize_prompt(tokenizer, p) for p in prompts]
+    k = max(len(chunks) for chunks in per_prompt)
+    empty = tokenize_prompt(tokenizer, "")[0]
+    chunks = [c for cs in per_prompt for c in cs + [empty] * (k - len(cs))]  # prompt-major, B * k
+
+    device = _device_of(text_encoder)
+    ids = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=device)  # (B*k, 77)
+    z = text_encoder(ids, clip_skip=clip_skip)  # (B*k, 77, D)
+    weights = torch.tensor([c.multipliers for c in chunks], dtype=z.dtype, device=z.device)  # (B*k, 77)
+    original_mean = z.mean(dim=(1, 2), keepdim=True)  # (B*k, 1, 1)
+    z = z * weights.unsqueeze(-1)  # (B*k, 77, D)
+    z = z * (original_mean / z.mean(dim=(1, 2), keepdim=True))
+    return z.reshape(len(prompts), k * z.shape[1], z.shape[2])  # (B, 77*k, D)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    """Where the module's weights live (CPU for a module without parameters)."""
+    param = next(module.parameters(), None) if isinstance(module, nn.Module) else None
+    return param.device if param is not None else torch.device("cpu")
