@@ -1,0 +1,297 @@
+"""The AUTOMATIC1111 "parameters" text: write it, parse it, and carry it inside image files.
+
+The text has the prompt (any number of lines), an optional "Negative prompt: ..." line, and one last
+line of `Key: value` pairs:
+
+    a cat in a hat
+    Negative prompt: blurry
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, Version: v1.10.1
+
+Writing follows A1111's `create_infotext` (key order, which keys are left out, JSON-quoting of values
+that hold `,` `:` or a newline); reading follows its `parse_generation_parameters` (the last line counts
+as the parameter line only when its regex finds at least 3 pairs; "Sampler: DPM++ 2M Karras" from
+before v1.9 names the schedule inside the sampler). PNG files keep the text in a tEXt/iTXt chunk named
+"parameters"; A1111's JPEG and WEBP files keep it in the EXIF UserComment, which is read here too.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from .checkpoints.io import atomic_write
+from .errors import InvalidInputError
+
+# A1111's parameter-line regex (modules/infotext_utils.py), byte for byte: readers everywhere use it
+PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
+KEY_RE = re.compile(r"\w[\w \-/]*[\w\-/]")  # a key the parameter regex reads back whole
+NEGATIVE_PREFIX = "Negative prompt:"
+
+# A1111's schedulers (modules/sd_schedulers.py): name -> label; the label is what infotexts hold
+SCHEDULE_LABELS = {
+    "automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "exponential": "Exponential",
+    "polyexponential": "Polyexponential", "sgm_uniform": "SGM Uniform", "kl_optimal": "KL Optimal",
+    "align_your_steps": "Align Your Steps", "simple": "Simple", "normal": "Normal", "ddim": "DDIM", "beta": "Beta",
+}
+_SCHEDULE_SPELLINGS = {  # every spelling A1111 cuts off the end of a legacy sampler name
+    **SCHEDULE_LABELS, **{label: label for label in SCHEDULE_LABELS.values()}, "SGMUniform": "SGM Uniform"
+}
+
+# Keys A1111 writes at fixed places before its free-form extra parameters, and those it writes after them
+_HEAD_KEYS = (
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Image CFG scale", "Seed", "Face restoration", "Size",
+    "Model hash", "Model", "FP8 weight", "Cache FP16 weight for LoRA", "VAE hash", "VAE", "Variation seed",
+    "Variation seed strength", "Seed resize from", "Denoising strength", "Conditional mask weight", "Clip skip",
+    "ENSD", "Token merging ratio", "Token merging ratio hr", "Init image hash", "RNG", "Tiling",
+)
+_TAIL_KEYS = ("Version", "User")
+
+
+@dataclass
+class GenerationParams:
+    """Everything an infotext says about how an image was made.
+
+    `denoising_strength` is A1111's "Denoising strength": the img2img strength, or, in a txt2img run with
+    the hires fix, the strength of the second pass (A1111 writes both under that one key).
+    `schedule` holds A1111's label ("Automatic", "Karras", "Exponential", "Uniform", "SGM Uniform", ...).
+    `extra` keeps every other key of the text, as strings, in the order read.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler: str = "DPM++ 2M"
+    schedule: str = "Karras"
+    cfg_scale: float = 7.0
+    seed: int = -1
+    width: int = 512
+    height: int = 512
+    model_hash: str | None = None
+    model_name: str | None = None
+    denoising_strength: float | None = None
+    clip_skip: int = 1
+    hires_upscale: float | None = None
+    hires_steps: int | None = None
+    hires_upscaler: str | None = None
+    mask_blur: int | None = None
+    eta: float | None = None
+    version: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+# (field, infotext key, type); "Size" stands for width and height together
+_FIELDS = (
+    ("steps", "Steps", int), ("sampler", "Sampler", str), ("schedule", "Schedule type", str),
+    ("cfg_scale", "CFG scale", float), ("seed", "Seed", int), ("model_hash", "Model hash", str),
+    ("model_name", "Model", str), ("denoising_strength", "Denoising strength", float),
+    ("clip_skip", "Clip skip", int), ("hires_upscale", "Hires upscale", float), ("hires_steps", "Hires steps", int),
+    ("hires_upscaler", "Hires upscaler", str), ("mask_blur", "Mask blur", int), ("eta", "Eta", float),
+    ("version", "Version", str),
+)
+
+
+def schedule_label(name: str) -> str:
+    """A1111's label for a schedule name in any spelling ("karras", "sgm_uniform" -> "Karras", "SGM Uniform")."""
+    key = "_".join(name.lower().replace("_", " ").split())
+    return SCHEDULE_LABELS.get("sgm_uniform" if key == "sgmuniform" else key, name)
+
+
+def _text(value: object) -> str:
+    """A value as A1111 prints it, except that whole floats lose their ".0" (CFG scale 7, Hires upscale 2)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _quote(value: str) -> str:
+    """JSON-quote what the parameter regex would cut or mangle (A1111 quotes `,` `:` and newlines)."""
+    if any(c in value for c in ",:\n") or value.startswith('"') or value != value.strip():
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _position(key: str) -> tuple[int, int]:
+    """Sort key giving A1111's order: fixed keys first, extra parameters in their own order, Version last."""
+    if key in _HEAD_KEYS:
+        return 0, _HEAD_KEYS.index(key)
+    if key in _TAIL_KEYS:
+        return 2, _TAIL_KEYS.index(key)
+    return 1, 0
+
+
+def format_infotext(params: GenerationParams) -> str:
+    """The A1111 "parameters" text for `params` (what A1111 shows under an image and stores in its PNG)."""
+    values: dict[str, object] = {key: getattr(params, name) for name, key, _ in _FIELDS}
+    values["Size"] = f"{params.width}x{params.height}"
+    values["Schedule type"] = schedule_label(params.schedule) if params.schedule else None
+    if params.clip_skip <= 1:
+        values["Clip skip"] = None  # A1111 writes it only when it is not the default
+    for key, value in params.extra.items():
+        if key in values:
+            raise InvalidInputError(f"infotext extra key {key!r} repeats a GenerationParams field; set the field")
+        if not KEY_RE.fullmatch(key):
+            raise InvalidInputError(f"infotext key {key!r} cannot be read back: use letters, digits, spaces, - or /")
+        values[key] = value
+    written = {key: _text(value) for key, value in values.items() if value is not None and _text(value) != ""}
+    line = ", ".join(f"{key}: {_quote(written[key])}" for key in sorted(written, key=_position))
+    negative = f"\n{NEGATIVE_PREFIX} {params.negative_prompt}" if params.negative_prompt else ""
+    return f"{params.prompt}{negative}\n{line}".strip()
+
+
+def _append_line(text: str, line: str) -> str:
+    return line if text == "" else f"{text}\n{line}"
+
+
+def _convert(key: str, value: str, kind: type) -> object:
+    try:
+        return kind(value)
+    except ValueError:
+        raise InvalidInputError(f"infotext: {key} {value!r} is not a valid {kind.__name__}") from None
+
+
+def split_legacy_sampler(sampler: str) -> tuple[str, str | None]:
+    """("DPM++ 2M", "Karras") for the pre-v1.9 "DPM++ 2M Karras"; (sampler, None) when no schedule is named."""
+    for spelling in sorted(_SCHEDULE_SPELLINGS, key=len, reverse=True):  # "SGM Uniform" before "Uniform"
+        if sampler.endswith(" " + spelling) and sampler[: -len(spelling) - 1].strip():
+            return sampler[: -len(spelling) - 1], _SCHEDULE_SPELLINGS[spelling]
+    return sampler, None
+
+
+def parse_infotext(text: str) -> GenerationParams:
+    """Read an A1111 "parameters" text, by A1111's rules.
+
+    Keys this class has no field for go to `extra`; a missing "Clip skip" means 1, a missing
+    "Schedule type" means "Automatic" unless the sampler name carries one (the legacy form).
+    A value that should be a number and is not raises InvalidInputError.
+    """
+    if not isinstance(text, str):
+        raise InvalidInputError(f"infotext must be a string, not {type(text).__name__}")
+    *lines, last = text.strip().split("\n")
+    pairs = PARAM_RE.findall(last)
+    if len(pairs) < 3:  # not a parameter line: it belongs to the prompt
+        lines.append(last)
+        pairs = []
+    prompt = negative = ""
+    in_negative = False
+    for line in lines:
+        line = line.strip()
+        if line.startswith(NEGATIVE_PREFIX):
+            in_negative = True
+            line = line[len(NEGATIVE_PREFIX):].strip()
+        if in_negative:
+            negative = _append_line(negative, line)
+        else:
+            prompt = _append_line(prompt, line)
+
+    values = {key: _unquote(raw) for key, raw in pairs if raw}  # A1111 drops keys with empty values
+    params = GenerationParams(prompt=prompt, negative_prompt=negative)
+    names_schedule = "Schedule type" in values
+    for name, key, kind in _FIELDS:
+        if key in values:
+            setattr(params, name, _convert(key, values.pop(key), kind))
+    if "Size" in values:
+        size = values.pop("Size")
+        match = SIZE_RE.match(size)
+        if match is None:
+            raise InvalidInputError(f"infotext: Size {size!r} is not WIDTHxHEIGHT")
+        params.width, params.height = int(match.group(1)), int(match.group(2))
+    if names_schedule:
+        params.schedule = schedule_label(params.schedule)
+    else:
+        params.sampler, legacy = split_legacy_sampler(params.sampler)
+        params.schedule = legacy or "Automatic"
+    params.extra = values
+    return params
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, infotext: str) -> Path:
+    """Write `image` as a PNG holding `infotext` in its "parameters" chunk; atomically (temp file + rename).
+
+    Latin-1 text goes in a tEXt chunk, anything else in an iTXt chunk (UTF-8), as A1111's Pillow does.
+    A failed write leaves no temp file behind and `path` untouched.
+    """
+    if not isinstance(image, Image.Image):
+        raise InvalidInputError(f"save_png needs a PIL image, not {type(image).__name__}")
+    path = Path(path)
+    chunks = PngImagePlugin.PngInfo()
+    if infotext:
+        chunks.add_text("parameters", infotext)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=chunks))
+    return path
+
+
+_USER_COMMENT_ENCODINGS = {b"ASCII\0\0\0": "ascii", b"JIS\0\0\0\0\0": "shift_jis", b"\0" * 8: "utf-8"}
+
+
+def _decode_user_comment(raw: bytes) -> str:
+    """EXIF UserComment: an 8-byte character-code prefix, then the text."""
+    prefix, body = raw[:8], raw[8:]
+    if prefix == b"UNICODE\0":
+        if body[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            return body.decode("utf-16", errors="replace")
+        # piexif (A1111) writes big-endian; some tools write little-endian. Mostly-ASCII text puts its
+        # zero bytes first in big-endian.
+        big = body[0::2].count(0) >= body[1::2].count(0)
+        return body.decode("utf-16-be" if big else "utf-16-le", errors="replace")
+    if prefix in _USER_COMMENT_ENCODINGS:
+        return body.decode(_USER_COMMENT_ENCODINGS[prefix], errors="replace").rstrip("\0")
+    return raw.decode("utf-8", errors="ignore")  # no known prefix: A1111 reads the bytes as UTF-8
+
+
+def _exif_user_comment(image: Image.Image) -> str | None:
+    try:
+        raw = image.getexif().get_ifd(0x8769).get(0x9286)  # Exif IFD -> UserComment
+    except (OSError, ValueError, SyntaxError, struct.error):
+        return None  # unreadable EXIF: no infotext there
+    if isinstance(raw, str):
+        return raw
+    return _decode_user_comment(raw) if raw else None
+
+
+def _infotext_of(image: Image.Image) -> str | None:
+    text = image.info.get("parameters")
+    if text is None and isinstance(image, PngImagePlugin.PngImageFile):
+        text = image.text.get("parameters")  # also finds text chunks written after the pixel data
+    if text is None:
+        text = _exif_user_comment(image)
+    return str(text) if text else None
+
+
+def read_infotext(source: str | os.PathLike | bytes | IO[bytes] | Image.Image) -> str | None:
+    """The "parameters" text of an image (a path, encoded bytes, a binary file or an opened PIL image).
+
+    Reads the PNG "parameters" chunk, else the EXIF UserComment (A1111's JPEG/WEBP files). None when
+    the image has neither; InvalidInputError when the source is not a readable image.
+    """
+    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the image data"
+    try:
+        if isinstance(source, Image.Image):
+            return _infotext_of(source)
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            return _infotext_of(image)
+    except FileNotFoundError:
+        raise InvalidInputError(f"cannot read {name}: no such file") from None
+    except IsADirectoryError:
+        raise InvalidInputError(f"cannot read {name}: it is a folder, not an image") from None
+    except UnidentifiedImageError:
+        raise InvalidInputError(f"cannot read {name}: not an image file Pillow recognises") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise InvalidInputError(f"cannot read {name}: corrupt or truncated image ({e})") from None
