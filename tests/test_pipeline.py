@@ -1,0 +1,199 @@
+"""The pipeline against diffusers' pipelines with identical weights, and its seeds, infotext and errors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sdtorch
+from sdtorch.configs import TINY_SD1, ModelConfig, UNetConfig
+from sdtorch.errors import InvalidInputError
+from sdtorch.infotext import parse_infotext
+from sdtorch.models.tokenizer import CLIPTokenizer
+from sdtorch.pipeline import Pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SIZE = 32  # image side; the tiny VAE downsamples by 2, so latents are 16x16
+PROMPT, NEGATIVE = "a red circle in the top left", "blurry"
+
+# sdtorch (sampler, schedule) -> diffusers scheduler class and the config that reproduces it
+SCHEDULERS = {
+    ("DDIM", "Automatic"): ("DDIMScheduler", {}),
+    ("Euler", "Automatic"): ("EulerDiscreteScheduler", {}),
+    ("DPM++ 2M", "Karras"): ("DPMSolverMultistepScheduler",
+                             dict(use_karras_sigmas=True, algorithm_type="dpmsolver++", final_sigmas_type="zero")),
+    ("UniPC", "Automatic"): ("UniPCMultistepScheduler", {}),
+}
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = ((x - y) ** 2).mean()
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def random_pipeline(config: ModelConfig, seed: int) -> Pipeline:
+    """A tiny sdtorch model with random weights (norms and biases perturbed too)."""
+    from sdtorch.models.clip import CLIPTextEncoder
+    from sdtorch.models.unet import UNet
+    from sdtorch.models.vae import AutoencoderKL
+
+    torch.manual_seed(seed)
+    parts = [CLIPTextEncoder(config.text_encoder), UNet(config.unet), AutoencoderKL(config.vae)]
+    with torch.no_grad():
+        for module in parts:
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    text, unet, vae = (m.eval() for m in parts)
+    pad = "<|endoftext|>" if config.text_encoder.pad_token_id == 49407 else "!"
+    return Pipeline(CLIPTokenizer.default(pad_token=pad), text, unet, vae, config)
+
+
+def build_models(kind: str, folder) -> tuple[Pipeline, object]:
+    """(sdtorch pipeline, diffusers folder) for the same tiny random weights."""
+    config = TINY_SD1
+    if kind == "sd1-inpaint":
+        config = config.replace(unet=UNetConfig(**{**TINY_SD1.unet.__dict__, "in_channels": 9}))
+    sdtorch.save(random_pipeline(config, seed=11), folder, format="diffusers")
+    return sdtorch.load(folder), folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return build_models("sd1", tmp_path_factory.mktemp("sd1") / "model")
+
+
+@pytest.fixture(scope="module")
+def inpainting_model(tmp_path_factory):
+    return build_models("sd1-inpaint", tmp_path_factory.mktemp("sd1-inpaint") / "model")
+
+
+@pytest.fixture(params=["ordinary", "9-channel"])
+def both_kinds(request, models, inpainting_model):
+    return models if request.param == "ordinary" else inpainting_model
+
+
+def diffusers_pipe(folder, kind: str, sampler: str, schedule: str):
+    import diffusers
+
+    cls = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
+           "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]
+    pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    name, extra = SCHEDULERS[(sampler, schedule)]
+    config = {**pipe.scheduler.config, "timestep_spacing": "leading", "steps_offset": 1, **extra}
+    pipe.scheduler = getattr(diffusers, name).from_config(config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_image(seed: int = 5) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+
+
+def make_mask() -> Image.Image:
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[8:24, 4:20] = 255
+    return Image.fromarray(mask)
+
+
+@pytest.mark.parametrize(("sampler", "schedule"), list(SCHEDULERS))
+def test_txt2img_matches_diffusers(models, sampler, schedule):
+    pipe, folder = models
+    ref = diffusers_pipe(folder, "txt2img", sampler, schedule)
+    theirs = ref(PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=10,
+                 guidance_scale=7.5, generator=torch.Generator().manual_seed(0)).images[0]
+    ours = pipe(PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=10, guidance_scale=7.5,
+                sampler=sampler, schedule=schedule, generator=torch.Generator().manual_seed(0))[0]
+    assert psnr(ours, theirs) >= 50
+
+
+@pytest.mark.parametrize(("sampler", "schedule"), list(SCHEDULERS))
+def test_img2img_matches_diffusers(models, sampler, schedule):
+    pipe, folder = models
+    ref = diffusers_pipe(folder, "img2img", sampler, schedule)
+    image = make_image()
+    theirs = ref(PROMPT, image=image, strength=0.6, negative_prompt=NEGATIVE, num_inference_steps=10,
+                 guidance_scale=7.5, generator=torch.Generator().manual_seed(1)).images[0]
+    ours = pipe(PROMPT, image=image, strength=0.6, negative_prompt=NEGATIVE, num_inference_steps=10,
+                guidance_scale=7.5, sampler=sampler, schedule=schedule, generator=torch.Generator().manual_seed(1))[0]
+    assert psnr(ours, theirs) >= 50
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+@pytest.mark.parametrize(("sampler", "schedule"), list(SCHEDULERS))
+def test_inpainting_matches_diffusers_for_both_model_kinds(both_kinds, sampler, schedule, strength):
+    pipe, folder = both_kinds
+    ref = diffusers_pipe(folder, "inpaint", sampler, schedule)
+    image, mask = make_image(6), make_mask()
+    theirs = ref(PROMPT, image=image, mask_image=mask, strength=strength, height=SIZE, width=SIZE,
+                 negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=7.5,
+                 generator=torch.Generator().manual_seed(2)).images[0]
+    ours = pipe(PROMPT, image=image, mask_image=mask, strength=strength, negative_prompt=NEGATIVE,
+                num_inference_steps=10, guidance_scale=7.5, sampler=sampler, schedule=schedule,
+                generator=torch.Generator().manual_seed(2), mask_blur=0, mask_overlay=False)[0]
+    assert psnr(ours, theirs) >= 50
+
+
+# ---- seeds -------------------------------------------------------------------------------------
+
+def test_same_seed_same_image_and_batch_uses_seed_plus_i(models):
+    pipe, _ = models
+    kw = dict(height=SIZE, width=SIZE, num_inference_steps=6, sampler="Euler", schedule="Automatic")
+    a = pipe(PROMPT, seed=42, **kw)[0]
+    b = pipe(PROMPT, seed=42, **kw)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    batch = pipe(PROMPT, seed=42, num_images_per_prompt=3, **kw)
+    assert [img.info["seed"] for img in batch] == [42, 43, 44]
+    second = pipe(PROMPT, seed=43, **kw)[0]
+    assert psnr(batch[1], second) >= 50  # batch image 1 is the seed-43 image (up to batched float rounding)
+    assert psnr(batch[0], batch[1]) < 30
+
+
+def test_random_seed_is_reported(models):
+    pipe, _ = models
+    img = pipe(PROMPT, seed=-1, height=SIZE, width=SIZE, num_inference_steps=4, sampler="Euler")[0]
+    params = parse_infotext(img.info["parameters"])
+    assert params.seed == img.info["seed"] >= 0
+    again = pipe(PROMPT, seed=params.seed, height=SIZE, width=SIZE, num_inference_steps=4, sampler="Euler")[0]
+    assert np.array_equal(np.asarray(img), np.asarray(again))
+
+
+def test_infotext_describes_the_image(models):
+    pipe, _ = models
+    img = pipe(PROMPT, negative_prompt=NEGATIVE, seed=7, height=SIZE, width=SIZE, num_inference_steps=5,
+               guidance_scale=6.5, sampler="DPM++ 2M", schedule="Karras", clip_skip=2)[0]
+    params = parse_infotext(img.info["parameters"])
+    assert (params.prompt, params.negative_prompt, params.steps, params.sampler, params.schedule) == (
+        PROMPT, NEGATIVE, 5, "DPM++ 2M", "Karras")
+    assert (params.cfg_scale, params.seed, params.width, params.height, params.clip_skip) == (6.5, 7, SIZE, SIZE, 2)
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+def test_inpainting_model_without_mask_is_refused(inpainting_model):
+    pipe, _ = inpainting_model
+    with pytest.raises(InvalidInputError, match="inpainting model"):
+        pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=2, sampler="Euler")
+
+
+def test_bad_input_gets_clear_errors(models, tmp_path):
+    pipe, _ = models
+    kw = dict(num_inference_steps=2, sampler="Euler")
+    with pytest.raises(InvalidInputError, match="multiple of 8"):
+        pipe(PROMPT, height=SIZE + 4, width=SIZE, **kw)
+    with pytest.raises(InvalidInputError, match="strength"):
+        pipe(PROMPT, image=make_image(), strength=1.5, **kw)
+    with pytest.raises(InvalidInputError, match="guidance"):
+        pipe(PROMPT, guidance_scale=-2, height=SIZE, width=SIZE, **kw)
+    bad = tmp_path / "not-an-image.png"
+    bad.write_text("hello")
+    with pytest.raises(InvalidInputError, match="not-an-image"):
+        pipe(PROMPT, image=bad, **kw)
+    with pytest.raises(InvalidInputError, match="mask"):
+        pipe(PROMPT, image=make_image(), mask_image=Image.new("L", (SIZE * 2, SIZE)), **kw)
+    with pytest.raises(InvalidInputError, match="sampler"):
+        pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=2, sampler="Euler z")
