@@ -35,7 +35,7 @@ VARIED_SD2 = VARIED_SD1.replace(
     prediction_type="v_prediction",
     unet=dataclasses.replace(
         VARIED_SD1.unet, block_channels=(64, 128, 128), attention_levels=(False, True, True), num_heads=(1, 2, 2),
-        use_linear_proj=True, in_channels=9,
+        use_linear_proj=True, in_channels=9, sample_size=96,
     ),
     text_encoder=dataclasses.replace(VARIED_SD1.text_encoder, activation="gelu", pad_token_id=0),
 )
@@ -213,7 +213,8 @@ def test_infer_config_reads_the_architecture_from_shapes(name):
 def test_infer_config_prediction_type_override():
     sd, _ = full_file("tiny-sd2")
     assert infer_config(sd).prediction_type == "v_prediction"
-    assert infer_config(sd, "epsilon") == TINY_SD2.replace(prediction_type="epsilon")
+    eps_unet = dataclasses.replace(TINY_SD2.unet, sample_size=64)  # SD2's epsilon models are the 512 px ones
+    assert infer_config(sd, "epsilon") == TINY_SD2.replace(prediction_type="epsilon", unet=eps_unet)
     sd1, _ = full_file("tiny-sd1")
     assert infer_config(sd1, "v_prediction").prediction_type == "v_prediction"
     with pytest.raises(InvalidInputError, match="prediction_type"):

@@ -183,7 +183,7 @@ def test_inpainting_model_without_mask_is_refused(inpainting_model):
 def test_bad_input_gets_clear_errors(models, tmp_path):
     pipe, _ = models
     kw = dict(num_inference_steps=2, sampler="Euler")
-    with pytest.raises(InvalidInputError, match="multiple of 8"):
+    with pytest.raises(InvalidInputError, match="multiples of 8"):
         pipe(PROMPT, height=SIZE + 4, width=SIZE, **kw)
     with pytest.raises(InvalidInputError, match="strength"):
         pipe(PROMPT, image=make_image(), strength=1.5, **kw)

@@ -34,6 +34,7 @@ class UNetConfig:
     transformer_depth: int = 1
     norm_groups: int = 32
     norm_eps: float = 1e-5
+    sample_size: int = 64  # native latent side (64 -> 512 px; SD2's 768 px v-models: 96)
 
     def __post_init__(self) -> None:
         n = len(self.block_channels)
@@ -71,6 +72,7 @@ class UNetConfig:
             "center_input_sample": False,
             "downsample_padding": 1,
             "mid_block_scale_factor": 1,
+            "sample_size": self.sample_size,
         }
 
     @classmethod
@@ -100,6 +102,7 @@ class UNetConfig:
             transformer_depth=depth,
             norm_groups=cfg.get("norm_num_groups", 32),
             norm_eps=cfg.get("norm_eps", 1e-5),
+            sample_size=cfg.get("sample_size") or 64,
         )
 
 
@@ -257,13 +260,13 @@ SD1 = ModelConfig()
 SD2 = ModelConfig(
     family="sd2",
     prediction_type="v_prediction",
-    unet=UNetConfig(num_heads=(5, 10, 20, 20), context_dim=1024, use_linear_proj=True),  # head dim 64
+    unet=UNetConfig(num_heads=(5, 10, 20, 20), context_dim=1024, use_linear_proj=True, sample_size=96),  # head dim 64
     text_encoder=TextEncoderConfig(
         width=1024, num_layers=23, num_heads=16, mlp_width=4096, activation="gelu", pad_token_id=0,
         projection_dim=1024,
     ),
 )
-SD2_BASE = SD2.replace(prediction_type="epsilon")  # the 512px SD2 models predict noise
+SD2_BASE = SD2.replace(prediction_type="epsilon", unet=dataclasses.replace(SD2.unet, sample_size=64))  # 512px, eps
 
 # Tiny shapes for tests: the same code paths as SD, small enough for a 2-core CPU. They follow SD's
 # conventions (8 UNet heads with conv proj; head dim 64 with linear proj and in CLIP; 32 norm groups),
@@ -279,7 +282,8 @@ TINY_SD1 = ModelConfig(
 TINY_SD2 = TINY_SD1.replace(
     family="sd2",
     prediction_type="v_prediction",
-    unet=dataclasses.replace(TINY_SD1.unet, block_channels=(64, 128), num_heads=(1, 2), use_linear_proj=True),
+    unet=dataclasses.replace(TINY_SD1.unet, block_channels=(64, 128), num_heads=(1, 2), use_linear_proj=True,
+                             sample_size=96),
     text_encoder=dataclasses.replace(TINY_SD1.text_encoder, activation="gelu", pad_token_id=0),
 )
 

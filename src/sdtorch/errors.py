@@ -32,3 +32,7 @@ class MissingKeysError(ArchitectureError):
 
 class InvalidInputError(SdtorchError, ValueError):
     """An argument is out of range or malformed (size, prompt, sampler name, ...)."""
+
+
+class NonFiniteError(SdtorchError):
+    """A model produced NaN or inf (float16 overflow that float32 did not cure, broken weights, diverged sampling)."""

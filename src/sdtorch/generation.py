@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from .decoding import decode_latents, pil_to_tensor, to_pil
+from .decoding import decode_latents
 from .errors import InvalidInputError
 from .images import (
-    check_size, crop_region, expand_to_aspect, load_image, load_mask, mask_to_latent, masked_image, paste_back,
-    resize_image,
+    check_size, crop_for_inpaint, crop_region, expand_to_aspect, image_to_tensor, load_image, load_mask,
+    mask_to_latent, masked_image, paste_back, resize_image, tensor_to_images,
 )
 from .infotext import GenerationParams, format_infotext
 from .prompts import encode_prompts
@@ -196,7 +196,7 @@ def _decode(pipe: Pipeline, latents: Tensor, options: dict) -> list[Image.Image]
     pixels, warnings = decode_latents(vae, z, tiled=options.get("tiled_decode"))
     for message in warnings:
         options.setdefault("warnings", []).append(message)
-    return to_pil(pixels.float().cpu())
+    return tensor_to_images(pixels.float().cpu())
 
 
 def _with_infotext(pipe: Pipeline, request: Request, images: list[Image.Image], options: dict) -> list[Image.Image]:

@@ -77,8 +77,8 @@ class Pipeline:
 
     @property
     def default_size(self) -> int:
-        """The model's native image side: 768 for SD2's v-prediction models, else 512."""
-        return 768 if self.config.family == "sd2" and self.config.prediction_type == "v_prediction" else 512
+        """The model's native image side in pixels (512 for SD1, 768 for SD2's v-models)."""
+        return self.config.unet.sample_size * self.vae_scale_factor
 
     @cached_property
     def model_hash(self) -> str | None:

@@ -8,6 +8,7 @@ caller says otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 from torch import Tensor
@@ -177,9 +178,12 @@ def infer_config(sd: dict[str, Tensor], prediction_type: str | None = None) -> M
             f"UNet cross-attention expects {unet.context_dim}-wide text context but the {family} text encoder "
             f"is {text.width} wide: the parts do not belong together"
         )
+    prediction_type = prediction_type or ("epsilon" if family == "sd1" else "v_prediction")
+    if family == "sd2" and prediction_type == "v_prediction":
+        unet = dataclasses.replace(unet, sample_size=96)  # SD2's v-models are the 768 px ones
     return ModelConfig(
         family=family,
-        prediction_type=prediction_type or ("epsilon" if family == "sd1" else "v_prediction"),
+        prediction_type=prediction_type,
         unet=unet,
         vae=_vae_config(_sub(sd, VAE_PREFIX)),
         text_encoder=text,

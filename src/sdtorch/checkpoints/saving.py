@@ -117,6 +117,7 @@ def _scheduler_config(pipe: Pipeline) -> dict:
         "beta_schedule": schedule.beta_schedule,
         "num_train_timesteps": schedule.num_train_timesteps,
         "prediction_type": pipe.config.prediction_type,
+        "clip_sample": False,
         "set_alpha_to_one": False,
         "skip_prk_steps": True,
         "steps_offset": 1,

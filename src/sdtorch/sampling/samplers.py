@@ -188,4 +188,7 @@ def sample(
         x = info.function(model, x, sigmas, generator=generator, callback=callback, eta=eta, s_noise=s_noise)
     finally:
         denoiser.use_timesteps_of(None)
-    return x / (1 + sigmas[-1].to(x.dtype) ** 2).sqrt()
+    x = x / (1 + sigmas[-1].to(x.dtype) ** 2).sqrt()
+    if isinstance(model, _Inpainting):  # the final latent keeps the clean original outside the mask
+        x = (1 - model.mask) * keep_latents + model.mask * x
+    return x
