@@ -197,3 +197,49 @@ def test_bad_input_gets_clear_errors(models, tmp_path):
         pipe(PROMPT, image=make_image(), mask_image=Image.new("L", (SIZE * 2, SIZE)), **kw)
     with pytest.raises(InvalidInputError, match="sampler"):
         pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=2, sampler="Euler z")
+
+
+# ---- hires fix, only-masked inpainting, the command line -----------------------------------------
+
+def test_hires_fix_generates_at_the_target_size(models):
+    pipe, _ = models
+    seen = []
+    img = pipe(PROMPT, seed=3, height=SIZE, width=SIZE, num_inference_steps=4, sampler="Euler", callback=seen.append,
+               enable_hr=True, hr_scale=1.5, hr_second_pass_steps=4, hr_denoising_strength=0.5)[0]
+    assert img.size == (48, 48)
+    assert len(seen) == 4 + 2  # the base pass, then int(4 * 0.5) steps at the target size
+    params = parse_infotext(img.info["parameters"])
+    assert (params.hires_upscale, params.hires_steps, params.hires_upscaler, params.denoising_strength) == (
+        1.5, 4, "Latent", 0.5)
+
+
+def test_inpaint_only_masked_keeps_everything_outside_the_padded_region(models):
+    pipe, _ = models
+    image = make_image(8).resize((64, 64))
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (40, 40, 52, 52))
+    out = pipe(PROMPT, image=image, mask_image=mask, width=SIZE, height=SIZE, num_inference_steps=4, sampler="Euler",
+               seed=1, inpaint_full_res=True, inpaint_full_res_padding=4, mask_blur=2)[0]
+    assert out.size == (64, 64)
+    before, after = np.asarray(image), np.asarray(out)
+    assert np.array_equal(before[:32], after[:32]) and np.array_equal(before[:, :32], after[:, :32])
+    assert not np.array_equal(before[40:52, 40:52], after[40:52, 40:52])
+
+
+def test_cli_generate_from_and_info(models, tmp_path, capsys):
+    from sdtorch.cli import main
+
+    _, folder = models
+    first = tmp_path / "first.png"
+    args = ["generate", "a (blue:1.2) star", "--model", str(folder), "--steps", "4", "--seed", "9",
+            "--width", str(SIZE), "--height", str(SIZE), "--sampler", "DPM++ 2M", "--out", str(first)]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip() == str(first)
+    assert main(["info", str(first)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("a (blue:1.2) star\n") and "Seed: 9" in text and "Steps: 4" in text
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from", str(first), "--model", str(folder), "--out", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    assert main(["generate", "x", "--model", str(folder), "--width", "30", "--out", str(tmp_path)]) == 2
+    assert "multiples of 8" in capsys.readouterr().err
