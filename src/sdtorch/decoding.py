@@ -172,7 +172,7 @@ def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
     if images.ndim != 4 or images.shape[1] != 3:
         raise InvalidInputError(f"to_pil expects images shaped (batch, 3, height, width); got {tuple(images.shape)}")
     unit = (images.detach() * 0.5 + 0.5).clamp(0, 1)  # [0, 1], still in the decoder's dtype
-    pixels = (unit.cpu().permute(0, 2, 3, 1).float() * 255).to(torch.uint8)
+    pixels = (unit.cpu().permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8)  # (B, H, W, 3)
     return [PIL.Image.fromarray(p.numpy()) for p in pixels]
 
 
