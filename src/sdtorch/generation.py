@@ -25,7 +25,7 @@ from .images import (
     check_size, crop_for_inpaint, crop_region, expand_to_aspect, image_to_tensor, load_image, load_mask,
     mask_to_latent, masked_image, paste_back, resize_image, tensor_to_images,
 )
-from .infotext import GenerationParams, format_infotext
+from .infotext import GenerationParams, format_infotext, schedule_label
 from .prompts import encode_prompts
 from .sampling.common import Callback
 from .sampling.denoiser import Denoiser
@@ -36,8 +36,6 @@ if TYPE_CHECKING:
     from .pipeline import Pipeline
 
 MAX_SEED = 2**32 - 1
-SCHEDULE_LABELS = {"automatic": "Automatic", "karras": "Karras", "exponential": "Exponential",
-                   "uniform": "Uniform", "trailing": "SGM Uniform"}
 HIRES_UPSCALERS = ("Latent", "Latent (nearest)", "Lanczos")
 
 
@@ -200,18 +198,23 @@ def _decode(pipe: Pipeline, latents: Tensor, options: dict) -> list[Image.Image]
 
 
 def _with_infotext(pipe: Pipeline, request: Request, images: list[Image.Image], options: dict) -> list[Image.Image]:
+    """Attach A1111's "parameters" text and the seed to each image."""
+    hires = bool(options.get("enable_hr"))
+    if request.image is not None:
+        strength = request.strength
+    else:
+        strength = options.get("hr_denoising_strength", 0.7) if hires else None
     for i, img in enumerate(images):
         params = GenerationParams(
             prompt=request.prompts[i], negative_prompt=request.negative_prompts[i], steps=request.steps,
-            sampler=request.sampler, schedule=SCHEDULE_LABELS.get(request.schedule, request.schedule),
+            sampler=request.sampler,
+            schedule=schedule_label("sgm_uniform" if request.schedule == "trailing" else request.schedule),
             cfg_scale=request.guidance_scale, seed=request.seeds[i], width=request.width, height=request.height,
-            model_hash=pipe.model_hash, model_name=pipe.model_name,
-            denoising_strength=request.strength if request.image is not None else
-            (options.get("hr_denoising_strength", 0.7) if options.get("enable_hr") else None),
+            model_hash=pipe.model_hash, model_name=pipe.model_name, denoising_strength=strength,
             clip_skip=request.clip_skip, eta=request.eta,
-            hires_upscale=options.get("hr_scale") if options.get("enable_hr") else None,
-            hires_steps=options.get("hr_second_pass_steps") if options.get("enable_hr") else None,
-            hires_upscaler=options.get("hr_upscaler", "Latent") if options.get("enable_hr") else None,
+            hires_upscale=options.get("hr_scale") if hires else None,
+            hires_steps=options.get("hr_second_pass_steps") if hires else None,
+            hires_upscaler=options.get("hr_upscaler", "Latent") if hires else None,
             mask_blur=options.get("mask_blur") if request.mask is not None else None,
             version=f"sdtorch {_version()}",
         )
