@@ -13,7 +13,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from sdtorch import decoding
 from sdtorch.configs import TINY_SD1, VAEConfig
-from sdtorch.decoding import decode_latents, decode_tiled, latent_preview, pil_to_tensor, to_pil
+from sdtorch.decoding import decode_latents, decode_tiled, latent_preview
+from sdtorch.images import image_to_tensor, tensor_to_images
 from sdtorch.errors import InvalidInputError, NonFiniteError
 from sdtorch.models.vae import AutoencoderKL
 
@@ -318,25 +319,25 @@ def test_latent_preview_is_a1111_cheap_approximation():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_to_pil_matches_diffusers_postprocess(dtype):
+def test_tensor_to_images_matches_diffusers_postprocess(dtype):
     images = torch.randn(2, 3, 16, 24) * 0.8
     images[0, :, 0, :] = (2 * (torch.arange(24) + 0.5) / 255 - 1)[None]  # exactly half-way between two levels
     images = images.to(dtype)
-    ours = to_pil(images)
+    ours = tensor_to_images(images)
     theirs = VaeImageProcessor(vae_scale_factor=8).postprocess(images, output_type="pil")
     assert len(ours) == 2
     for a, b in zip(ours, theirs):
         assert a.mode == "RGB" and np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_pil_to_tensor_matches_diffusers_preprocess_and_round_trips():
+def test_image_to_tensor_matches_diffusers_preprocess_and_round_trips():
     pixels = np.random.default_rng(0).integers(0, 256, size=(16, 24, 3), dtype=np.uint8)
     image = PIL.Image.fromarray(pixels)
-    ours = pil_to_tensor(image, torch.float32)
+    ours = image_to_tensor(image).to(torch.float32)
     theirs = VaeImageProcessor(vae_scale_factor=8).preprocess(image)
     assert ours.shape == (1, 3, 16, 24) and torch.equal(ours, theirs)
-    assert np.array_equal(np.asarray(to_pil(ours)[0]), pixels)
-    assert np.array_equal(np.asarray(to_pil(pil_to_tensor(image, torch.float16))[0]), pixels)
+    assert np.array_equal(np.asarray(tensor_to_images(ours)[0]), pixels)
+    assert np.array_equal(np.asarray(tensor_to_images(image_to_tensor(image).to(torch.float16))[0]), pixels)
     rgba = PIL.Image.fromarray(np.dstack([pixels, np.full((16, 24), 7, np.uint8)]))
-    assert torch.equal(pil_to_tensor(rgba.convert("RGBA"), torch.float32), ours)  # alpha dropped
-    assert pil_to_tensor(image, torch.bfloat16).dtype == torch.bfloat16
+    assert torch.equal(image_to_tensor(rgba.convert("RGBA")).to(torch.float32), ours)  # alpha dropped
+    assert image_to_tensor(image).to(torch.bfloat16).dtype == torch.bfloat16

@@ -3,7 +3,6 @@
     decode_latents(vae, latents / scaling_factor) -> (images in [-1, 1], warnings)   the pipeline's entry
     decode_tiled(vae, latents)                    -> images, decoded tile by tile in bounded memory
     latent_preview(latents)                       -> PIL previews by a fixed 4 -> 3 linear map (no VAE)
-    to_pil(images) / pil_to_tensor(image)         -> the [-1, 1] <-> uint8 conversions diffusers uses
 
 Tiling is not exact, for two reasons. Each 3x3 conv near a tile border sees zero padding instead of the
 neighbouring latent: SD's decoder sees 18 latent pixels around each one, and the damage fades below 1e-2
@@ -18,7 +17,6 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
 import PIL.Image
 import torch
 
@@ -163,22 +161,3 @@ def latent_preview(latents: torch.Tensor) -> list[PIL.Image.Image]:
     rgb = torch.einsum("bchw,cr->bhwr", latents.detach().float().cpu(), LATENT_RGB)  # (B, h, w, 3) in [-1, 1]
     pixels = ((rgb * 0.5 + 0.5).clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
     return [PIL.Image.fromarray(p.numpy()) for p in pixels]
-
-
-def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
-    """Images (B, 3, H, W) in [-1, 1] -> RGB PIL images, rounded exactly as diffusers' VaeImageProcessor does:
-    (x / 2 + 0.5).clamp(0, 1) in the tensor's dtype, then float32 * 255, round half to even, uint8."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise InvalidInputError(f"to_pil expects images shaped (batch, 3, height, width); got {tuple(images.shape)}")
-    unit = (images.detach() * 0.5 + 0.5).clamp(0, 1)  # [0, 1], still in the decoder's dtype
-    pixels = (unit.cpu().permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8)  # (B, H, W, 3)
-    return [PIL.Image.fromarray(p.numpy()) for p in pixels]
-
-
-def pil_to_tensor(
-    image: PIL.Image.Image, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """A PIL image -> (1, 3, H, W) in [-1, 1] (alpha dropped), as diffusers' VaeImageProcessor.preprocess
-    computes it: uint8 / 255 in float32, then 2x - 1, then cast to `dtype`."""
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)  # (H, W, 3) in [0, 1]
-    return (2.0 * pixels - 1.0).permute(2, 0, 1)[None].to(device=device, dtype=dtype)  # (1, 3, H, W)

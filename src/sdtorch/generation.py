@@ -11,6 +11,7 @@ follows diffusers' pipelines, so the same generator gives diffusers' image.
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -191,10 +192,11 @@ def _hires_pass(
 def _decode(pipe: Pipeline, latents: Tensor, options: dict) -> list[Image.Image]:
     vae = pipe.vae
     z = (latents / vae.scaling_factor).to(next(vae.parameters()).device)
-    pixels, warnings = decode_latents(vae, z, tiled=options.get("tiled_decode"))
-    for message in warnings:
+    pixels, messages = decode_latents(vae, z, tiled=options.get("tiled_decode"))
+    for message in messages:
+        warnings.warn(message, stacklevel=3)
         options.setdefault("warnings", []).append(message)
-    return tensor_to_images(pixels.float().cpu())
+    return tensor_to_images(pixels)
 
 
 def _with_infotext(pipe: Pipeline, request: Request, images: list[Image.Image], options: dict) -> list[Image.Image]:
