@@ -67,8 +67,9 @@ def generate(pipe: Pipeline, request: Request, callback: Callback | None, option
     unet_dtype = next(pipe.unet.parameters()).dtype
     device = next(pipe.unet.parameters()).device
 
-    def unet(x: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        return pipe.unet(x.to(unet_dtype), t.to(device), context.to(unet_dtype)).float()
+    def unet(x: Tensor, t: Tensor, context: Tensor) -> Tensor:  # sampler math stays float32 where x lives
+        out = pipe.unet(x.to(device, unet_dtype), t.to(device), context.to(device, unet_dtype))
+        return out.to(x.device, torch.float32)
 
     denoiser = Denoiser(unet, DiscreteSchedule(pipe.config.schedule), pipe.config.prediction_type)
     with torch.inference_mode():
@@ -123,7 +124,7 @@ def _sample(
     batch, f = len(request.prompts), pipe.vae_scale_factor
     shape = (batch, pipe.config.vae.latent_channels, request.height // f, request.width // f)
     generator = _sampler_generator(request)
-    common = dict(sampler=request.sampler, schedule=request.schedule, steps=request.steps, context=cond.to(torch.float32),
+    common = dict(sampler=request.sampler, schedule=request.schedule, steps=request.steps, context=cond,
                   uncond_context=uncond, guidance_scale=request.guidance_scale,
                   guidance_rescale=request.guidance_rescale, eta=request.eta, generator=generator, callback=callback)
     if request.image is None:
