@@ -20,9 +20,9 @@ import random
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import PIL.Image
 import torch
-from PIL import ImageDraw
 
 from ..errors import InvalidInputError
 from ..images import image_to_tensor
@@ -55,7 +55,8 @@ SPLITS = ("train", "held_out", "all")
 MIN_CONTRAST = 100.0  # least RGB distance between an object and its background
 EXTENT = {"small": 0.25, "large": 0.5}  # side of a shape's bounding box, as a fraction of the image width
 MARGIN = 1 / 32  # free border kept between a shape and the image edge, as a fraction of the width
-SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: anti-aliased edges
+SUPERSAMPLE = 4  # coverage samples per pixel along each axis (anti-aliasing)
+STAR_INNER_RADIUS = 0.45  # of the outer radius: a little fatter than a regular pentagram (0.38), clearer when small
 
 
 @dataclass(frozen=True)
@@ -112,30 +113,42 @@ def sample_attributes(rng: random.Random, split: str = "train") -> Attributes:
 # ----------------------------------------------------------------------------- drawing
 
 
-def _outline(shape: str) -> list[tuple[float, float]]:
-    """Polygon of a shape in unit coordinates: centred on (0, 0), bounding box [-1, 1]^2 (y points down)."""
-    if shape == "circle":
-        return [(math.cos(2 * math.pi * k / 128), math.sin(2 * math.pi * k / 128)) for k in range(128)]
+def _polygon(shape: str) -> list[tuple[float, float]]:
+    """Outline of a polygonal shape in unit coordinates: centred on (0, 0), bounding box [-1, 1]^2 (y down)."""
     if shape == "square":
         return [(-1, -1), (1, -1), (1, 1), (-1, 1)]
     if shape == "triangle":  # apex up, base along the bottom
         return [(0, -1), (1, 1), (-1, 1)]
     if shape == "diamond":
         return [(0, -1), (1, 0), (0, 1), (-1, 0)]
-    if shape == "cross":  # a plus sign with arms a third of the extent thick
+    if shape == "cross":  # a plus sign whose arms are a third of the extent thick
         t = 1 / 3
-        return [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t), (t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t)]
-    if shape == "star":  # five points, one up; uniformly scaled so its bounding box is centred and fits
-        inner = 0.45
-        points = [
-            ((1.0 if k % 2 == 0 else inner) * math.sin(math.pi * k / 5), -(1.0 if k % 2 == 0 else inner) * math.cos(math.pi * k / 5))
-            for k in range(10)
+        return [
+            (-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t),  # top arm, right arm (clockwise)
+            (t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t),  # bottom arm, left arm
         ]
-        xs, ys = [p[0] for p in points], [p[1] for p in points]
+    if shape == "star":  # five points, one up; scaled uniformly so that its bounding box is centred and fits
+        radii = [1.0 if k % 2 == 0 else STAR_INNER_RADIUS for k in range(10)]
+        points = [(r * math.sin(math.pi * k / 5), -r * math.cos(math.pi * k / 5)) for k, r in enumerate(radii)]
+        xs, ys = [x for x, _ in points], [y for _, y in points]
         mid_x, mid_y = (max(xs) + min(xs)) / 2, (max(ys) + min(ys)) / 2
         scale = 2 / max(max(xs) - min(xs), max(ys) - min(ys))
         return [((x - mid_x) * scale, (y - mid_y) * scale) for x, y in points]
     raise InvalidInputError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Which points (u, v) in unit coordinates (broadcast against each other) the shape covers."""
+    if shape == "circle":
+        return u * u + v * v < 1.0
+    inside = np.zeros(np.broadcast_shapes(u.shape, v.shape), dtype=bool)
+    polygon = _polygon(shape)
+    for (u0, v0), (u1, v1) in zip(polygon, polygon[1:] + polygon[:1]):  # even-odd rule: count edge crossings
+        if v0 == v1:
+            continue  # a horizontal edge crosses no horizontal ray
+        spans = (v0 <= v) != (v1 <= v)  # the edge spans this row
+        inside ^= spans & (u < u0 + (v - v0) * (u1 - u0) / (v1 - v0))  # ...left of the point's ray to +u
+    return inside
 
 
 def shape_box(attrs: Attributes) -> tuple[float, float, float]:
@@ -151,14 +164,22 @@ def shape_box(attrs: Attributes) -> tuple[float, float, float]:
 
 
 def render(attrs: Attributes, size: int = 64) -> PIL.Image.Image:
-    """Draw the picture `attrs` describe: a size x size RGB image, anti-aliased by 4x supersampling."""
-    big = size * SUPERSAMPLE
-    image = PIL.Image.new("RGB", (big, big), BACKGROUNDS[attrs.background])
+    """Draw the picture `attrs` describe: a size x size RGB image.
+
+    Anti-aliased by supersampling: each pixel's coverage is the share of a SUPERSAMPLE x SUPERSAMPLE grid
+    of points inside it that the shape covers (a box filter over a 4x render), and the pixel blends the
+    background and object colours by that share. The shape is sampled exactly at those points; PIL's
+    polygon fill would snap vertices to whole pixels and fill its closing edges (a pixel too wide).
+    """
     cx, cy, side = shape_box(attrs)
-    half = side / 2 * big  # supersampled pixels from the centre to the bounding box's edge
-    polygon = [(cx * big + x * half, cy * big + y * half) for x, y in _outline(attrs.shape)]
-    ImageDraw.Draw(image).polygon(polygon, fill=COLOURS[attrs.colour])
-    return image.reduce(SUPERSAMPLE)  # box filter: each pixel is the mean of its 4x4 block
+    samples = (np.arange(size * SUPERSAMPLE) + 0.5) / (size * SUPERSAMPLE)  # (S,) sample coordinates / width
+    u = (samples[None, :] - cx) / (side / 2)  # (1, S) unit coordinates across
+    v = (samples[:, None] - cy) / (side / 2)  # (S, 1) unit coordinates down
+    covered = _inside(attrs.shape, u, v)  # (S, S) bool
+    coverage = covered.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))[..., None]  # (size, size, 1)
+    background, colour = np.array(BACKGROUNDS[attrs.background], float), np.array(COLOURS[attrs.colour], float)
+    pixels = background + coverage * (colour - background)  # (size, size, 3)
+    return PIL.Image.fromarray(np.rint(pixels).astype(np.uint8), "RGB")
 
 
 # ----------------------------------------------------------------------------- captions
@@ -173,20 +194,34 @@ _SHAPE_WORDS = {
     "star": ("star",),
     "cross": ("cross", "cross", "cross", "plus sign"),
 }
-_BACKGROUND_WORDS = {"white": ("white",), "gray": ("gray", "gray", "grey"), "black": ("black",), "light blue": ("light blue",)}
+_BACKGROUND_WORDS = {
+    "white": ("white",),
+    "gray": ("gray", "gray", "grey"),
+    "black": ("black",),
+    "light blue": ("light blue",),
+}
 _VERTICAL = {"top": ("top", "top", "upper"), "bottom": ("bottom", "bottom", "lower")}
-_EDGE_PHRASES = {  # (with a preposition, bare)
-    "top": (("at the top", "at the top center", "at the top centre", "in the top middle", "near the top"), ("top", "top center", "top middle")),
+_EDGE_PHRASES = {  # position -> (phrases with a preposition, bare phrases)
+    "top": (
+        ("at the top", "near the top", "at the top center", "at the top centre", "in the top middle"),
+        ("top", "top center", "top middle"),
+    ),
     "bottom": (
-        ("at the bottom", "at the bottom center", "at the bottom centre", "in the bottom middle", "near the bottom"),
+        ("at the bottom", "near the bottom", "at the bottom center", "at the bottom centre", "in the bottom middle"),
         ("bottom", "bottom center", "bottom middle"),
     ),
-    "left": (("on the left", "on the left side", "at the left", "in the middle left", "near the left edge"), ("left", "middle left", "left side")),
+    "left": (
+        ("on the left", "on the left side", "at the left", "in the middle left", "near the left edge"),
+        ("left", "middle left", "left side"),
+    ),
     "right": (
         ("on the right", "on the right side", "at the right", "in the middle right", "near the right edge"),
         ("right", "middle right", "right side"),
     ),
-    "center": (("in the center", "in the centre", "in the middle", "at the center"), ("center", "centre", "middle")),
+    "center": (
+        ("in the center", "in the centre", "in the middle", "at the center"),
+        ("center", "centre", "middle"),
+    ),
 }
 _TEMPLATES = (
     "{a_obj} {where}{on_bg}",
@@ -224,7 +259,8 @@ def caption(attrs: Attributes, rng: random.Random) -> str:
     size, colour, shape = rng.choice(_SIZE_WORDS[attrs.size]), attrs.colour, rng.choice(_SHAPE_WORDS[attrs.shape])
     show_background = rng.random() >= _BACKGROUND_OMITTED
     bg = rng.choice(_BACKGROUND_WORDS[attrs.background])
-    on_bg = rng.choice((f" on {bg}", f" on a {bg} background", f" against a {bg} background", f" with a {bg} background", f", {bg} background"))
+    on_bg = rng.choice((f" on {bg}", f", {bg} background", f" on a {bg} background", f" against a {bg} background",
+                        f" with a {bg} background"))
     comma_bg = rng.choice((f", on {bg}", f", {bg} background"))
     fields = dict(
         obj=f"{size} {colour} {shape}",
@@ -244,7 +280,15 @@ def caption(attrs: Attributes, rng: random.Random) -> str:
 
 # ----------------------------------------------------------------------------- parsing
 
-_SPELLINGS = {"grey": "gray", "centre": "center", "centered": "center", "centred": "center", "middle": "center", "upper": "top", "lower": "bottom"}
+_SPELLINGS = {  # word -> the word parse_prompt reads it as
+    "grey": "gray",
+    "centre": "center",
+    "centered": "center",
+    "centred": "center",
+    "middle": "center",
+    "upper": "top",
+    "lower": "bottom",
+}
 
 
 def _alternation(words: dict[str, tuple[str, ...]]) -> tuple[re.Pattern, dict[str, str]]:
@@ -258,7 +302,9 @@ _SIZE_RE = _alternation(_SIZE_WORDS)
 _SHAPE_RE = _alternation(_SHAPE_WORDS)
 _COLOUR_RE = _alternation({c: (c,) for c in COLOURS})
 _BG_NAMES = "|".join(sorted((re.escape(n) for n in BACKGROUNDS), key=len, reverse=True))
-_BACKGROUND_RE = re.compile(rf"\b(?:(?:on|against)(?: an?| the)?(?: plain)? ({_BG_NAMES})(?: background)?|({_BG_NAMES}) background)\b")
+_BACKGROUND_RE = re.compile(  # "on gray", "against a plain white background", "light blue background"
+    rf"\b(?:(?:on|against)(?: an?| the)?(?: plain)? ({_BG_NAMES})(?: background)?|({_BG_NAMES}) background)\b"
+)
 
 
 def parse_prompt(text: str) -> dict[str, str]:
@@ -292,7 +338,8 @@ def parse_prompt(text: str) -> dict[str, str]:
 
 
 def item_rng(seed: int, index: int) -> random.Random:
-    """The random stream of item `index` of the dataset seeded `seed` (str seeds hash by SHA-512: stable everywhere)."""
+    """The random stream of item `index` of the dataset seeded `seed` (a str seed is hashed by SHA-512: stable
+    across processes and platforms, unlike hash())."""
     return random.Random(f"sdtorch.shapes:{seed}:{index}")
 
 
@@ -317,7 +364,8 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for a ShapesDataset of length {self.length}")
         rng = item_rng(self.seed, index)
         attrs = sample_attributes(rng, self.split)
-        return {"image": image_to_tensor(render(attrs, self.size))[0], "caption": caption(attrs, rng), "attributes": attrs}
+        image = image_to_tensor(render(attrs, self.size))[0]  # (3, size, size) in [-1, 1]
+        return {"image": image, "caption": caption(attrs, rng), "attributes": attrs}
 
 
 def collate(items: list[dict]) -> dict:
@@ -330,7 +378,7 @@ def collate(items: list[dict]) -> dict:
 
 
 def contact_sheet(n: int, seed: int = 0, split: str = "all", size: int = 64, gap: int = 2) -> PIL.Image.Image:
-    """The pictures of the first n items of ShapesDataset(n, seed, split) tiled in a near-square grid, for looking at."""
+    """The pictures of the first n items of ShapesDataset(n, seed, split), tiled in a near-square grid to look at."""
     columns = max(1, math.ceil(math.sqrt(n)))
     rows = max(1, math.ceil(n / columns))
     sheet = PIL.Image.new("RGB", (columns * (size + gap) + gap, rows * (size + gap) + gap), (255, 0, 255))
