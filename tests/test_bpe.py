@@ -11,7 +11,8 @@ import transformers
 from sdtorch.data.shapes import SHAPES, caption, sample_attributes
 from sdtorch.errors import InvalidInputError
 from sdtorch.models.tokenizer import BOS_TOKEN, EOS_TOKEN, WORD_END, CLIPTokenizer, _bytes_to_unicode
-from sdtorch.training.bpe import _spell, _words, save_bpe, train_bpe
+from sdtorch.models.tokenizer import spell
+from sdtorch.training.bpe import _words, save_bpe, train_bpe
 
 VOCAB_SIZE = 1000
 UNSEEN = [
@@ -49,7 +50,7 @@ def folder(trained, tmp_path_factory):
 
 def _naive_merges(texts: list[str], max_merges: int, min_frequency: int) -> list[tuple[str, str]]:
     """The textbook trainer: recount every pair over all words before each merge."""
-    words = {tuple(_spell(w)): n for w, n in Counter(w for t in texts for w in _words(t)).items()}
+    words = {tuple(spell(w)): n for w, n in Counter(w for t in texts for w in _words(t)).items()}
     merges: list[tuple[str, str]] = []
     while len(merges) < max_merges:
         pairs: Counter = Counter()

@@ -239,20 +239,13 @@ class CLIPTokenizer:
             if i % 2:  # odd parts are the special tokens the split captured
                 ids.append(self._vocab[segment])
                 continue
-            segment = unicodedata.normalize("NFC", segment)
-            segment = segment.replace("Σ", "σ").lower()  # str.lower alone would write a word-final ς
-            for word in _WORDS.findall(segment):
-                if word in (BOS_TOKEN, EOS_TOKEN):
-                    for piece in _SPECIAL_PIECES.findall(word):
-                        ids.extend(self._word_ids(piece))
-                else:
-                    ids.extend(self._word_ids(word))
+            for word in pre_tokenize(segment):
+                ids.extend(self._word_ids(word))
         return ids
 
     def _bpe(self, word: str) -> tuple[int, ...]:
         """Ids of one word (cached by the caller)."""
-        symbols = list(word.encode("utf-8").decode("latin-1").translate(_bytes_to_unicode()))
-        symbols[-1] += WORD_END
+        symbols = spell(word)
         ranks = self._ranks
         while len(symbols) > 1:
             pairs = set(zip(symbols, symbols[1:]))
@@ -279,3 +272,22 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"could not read {path}: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+def pre_tokenize(segment: str) -> list[str]:
+    """The words BPE runs on in text holding no special token: NFC, lower-cased, split by CLIP's regex.
+
+    A special-token literal that appears only after lower-casing ("<|ENDOFTEXT|>") becomes its pieces.
+    """
+    segment = unicodedata.normalize("NFC", segment).replace("Σ", "σ").lower()  # str.lower alone writes a final ς
+    words: list[str] = []
+    for word in _WORDS.findall(segment):
+        words.extend(_SPECIAL_PIECES.findall(word) if word in (BOS_TOKEN, EOS_TOKEN) else [word])
+    return words
+
+
+def spell(word: str) -> list[str]:
+    """A word as CLIP's byte symbols, "</w>" on the last: "hé" -> ["h", "Ã", "©</w>"]."""
+    symbols = list(word.encode("utf-8").decode("latin-1").translate(_bytes_to_unicode()))
+    symbols[-1] += WORD_END
+    return symbols

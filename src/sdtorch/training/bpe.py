@@ -16,13 +16,12 @@ from __future__ import annotations
 import heapq
 import os
 import re
-import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
 from ..errors import InvalidInputError
 from ..models.tokenizer import BOS_TOKEN, EOS_TOKEN, WORD_END, CLIPTokenizer
-from ..models.tokenizer import _SPECIAL_PIECES, _WORDS, _bytes_to_unicode  # the tokenizer's own rules
+from ..models.tokenizer import _bytes_to_unicode, pre_tokenize, spell  # the tokenizer's own rules
 
 Pair = tuple[str, str]
 _SPECIALS = re.compile(f"{re.escape(BOS_TOKEN)}|{re.escape(EOS_TOKEN)}")
@@ -30,20 +29,7 @@ _SPECIALS = re.compile(f"{re.escape(BOS_TOKEN)}|{re.escape(EOS_TOKEN)}")
 
 def _words(text: str) -> list[str]:
     """The words `CLIPTokenizer.encode` runs BPE on (default specials; literal BOS/EOS are not words)."""
-    words: list[str] = []
-    for segment in _SPECIALS.split(text):
-        segment = unicodedata.normalize("NFC", segment).replace("Σ", "σ").lower()
-        for word in _WORDS.findall(segment):
-            # a special literal that appears only after lower-casing is encoded as its pieces
-            words.extend(_SPECIAL_PIECES.findall(word) if word in (BOS_TOKEN, EOS_TOKEN) else [word])
-    return words
-
-
-def _spell(word: str) -> list[str]:
-    """A word as CLIP's byte symbols, "</w>" on the last: "hé" -> ["h", "Ã", "©</w>"]."""
-    symbols = list(word.encode("utf-8").decode("latin-1").translate(_bytes_to_unicode()))
-    symbols[-1] += WORD_END
-    return symbols
+    return [word for segment in _SPECIALS.split(text) for word in pre_tokenize(segment)]
 
 
 def _pairs(symbols: list[str]) -> Counter[Pair]:
@@ -91,7 +77,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
         if not isinstance(text, str):
             raise InvalidInputError(f"training texts must be strings, got {type(text).__name__}")
         word_counts.update(_words(text))
-    words = [_spell(w) for w in word_counts]  # distinct words as symbol lists, merged in place below
+    words = [spell(w) for w in word_counts]  # distinct words as symbol lists, merged in place below
     freqs = list(word_counts.values())
 
     counts: Counter[Pair] = Counter()  # pair -> occurrences in the corpus
