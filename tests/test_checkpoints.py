@@ -327,3 +327,16 @@ def test_hub_id_fetches_only_needed_files_and_offline_fails_clearly(original_fil
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(CheckpointError, match="could not fetch 'someone/tiny-model'.*local"):
         sdtorch.load("someone/tiny-model")
+
+
+def test_written_files_get_an_ordinary_mode(tmp_path):
+    import os
+
+    from sdtorch.checkpoints.io import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json({"a": 1}, tmp_path / "x.json")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644

@@ -19,7 +19,6 @@ from sdtorch.evaluation.judge import (
     load_judge,
     read_judge,
     render_accuracy,
-    render_hexagon,
     save_judge,
     score,
     score_predictions,
@@ -117,12 +116,12 @@ def test_hexagon_render_and_labels():
     assert LABELS["shape"] == (*shapes.SHAPES, HEXAGON) and HEXAGON not in shapes.SHAPES
     attrs = shapes.Attributes("circle", "red", "large", "center", next(iter(shapes.BACKGROUNDS)))
     circle = np.asarray(shapes.render(attrs), dtype=np.int16)
-    hexagon = np.asarray(render_hexagon(attrs), dtype=np.int16)
+    hexagon = np.asarray(shapes.render(attrs, shape="hexagon"), dtype=np.int16)
     assert hexagon.shape == circle.shape == (64, 64, 3)
     assert (hexagon[0, 0] == circle[0, 0]).all()  # same background
     assert np.abs(hexagon - circle).max() > 100  # yet a different outline
     assert (np.abs(hexagon - np.array(shapes.COLOURS["red"])).sum(-1) == 0).sum() > 300  # a solid red body
-    judged = load_judge().predict([render_hexagon(attrs)])[0]
+    judged = load_judge().predict([shapes.render(attrs, shape="hexagon")])[0]
     assert judged == dict(shape=HEXAGON, colour="red", size="large", position="center")
 
 

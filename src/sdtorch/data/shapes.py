@@ -28,6 +28,7 @@ from ..errors import InvalidInputError
 from ..images import image_to_tensor
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")  # "hexagon" is kept for fine-tuning
+DRAWABLE = (*SHAPES, "hexagon")  # what render() can draw; hexagon is kept out of the data on purpose
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "orange": (255, 140, 0),
@@ -134,7 +135,10 @@ def _polygon(shape: str) -> list[tuple[float, float]]:
         mid_x, mid_y = (max(xs) + min(xs)) / 2, (max(ys) + min(ys)) / 2
         scale = 2 / max(max(xs) - min(xs), max(ys) - min(ys))
         return [((x - mid_x) * scale, (y - mid_y) * scale) for x, y in points]
-    raise InvalidInputError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    if shape == "hexagon":  # regular, one vertex up, circumradius 1 (the shape fine-tuning teaches)
+        w = math.sqrt(3) / 2
+        return [(0, -1), (w, -0.5), (w, 0.5), (0, 1), (-w, 0.5), (-w, -0.5)]
+    raise InvalidInputError(f"unknown shape {shape!r}; expected one of {DRAWABLE}")
 
 
 def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -163,8 +167,11 @@ def shape_box(attrs: Attributes) -> tuple[float, float, float]:
     return min(max((col + 0.5) / 3, lo), hi), min(max((row + 0.5) / 3, lo), hi), side
 
 
-def render(attrs: Attributes, size: int = 64) -> PIL.Image.Image:
+def render(attrs: Attributes, size: int = 64, shape: str | None = None) -> PIL.Image.Image:
     """Draw the picture `attrs` describe: a size x size RGB image.
+
+    `shape` draws another outline in the same place and style: "hexagon", which the world never samples
+    (fine-tuning teaches it), is drawable this way.
 
     Anti-aliased by supersampling: each pixel's coverage is the share of a SUPERSAMPLE x SUPERSAMPLE grid
     of points inside it that the shape covers (a box filter over a 4x render), and the pixel blends the
@@ -175,7 +182,7 @@ def render(attrs: Attributes, size: int = 64) -> PIL.Image.Image:
     samples = (np.arange(size * SUPERSAMPLE) + 0.5) / (size * SUPERSAMPLE)  # (S,) sample coordinates / width
     u = (samples[None, :] - cx) / (side / 2)  # (1, S) unit coordinates across
     v = (samples[:, None] - cy) / (side / 2)  # (S, 1) unit coordinates down
-    covered = _inside(attrs.shape, u, v)  # (S, S) bool
+    covered = _inside(shape or attrs.shape, u, v)  # (S, S) bool
     coverage = covered.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))[..., None]  # (size, size, 1)
     background, colour = np.array(BACKGROUNDS[attrs.background], float), np.array(COLOURS[attrs.colour], float)
     pixels = background + coverage * (colour - background)  # (size, size, 3)

@@ -26,7 +26,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
@@ -164,25 +163,6 @@ def score_predictions(predictions: Sequence[dict[str, str]], intended: Sequence[
 # ----------------------------------------------------------------------------- training data
 
 
-def render_hexagon(attrs: shapes.Attributes, size: int = IMAGE_SIZE) -> PIL.Image.Image:
-    """A regular hexagon (one vertex up) where `shapes.render(attrs)` would draw its shape (attrs.shape is ignored).
-
-    Same style as the shapes world: the bounding box of `shapes.shape_box`, the colour and background of `attrs`,
-    anti-aliased by the same supersampled coverage. `shapes.Attributes` refuses "hexagon" (the world never draws
-    it), so a hexagon picture is described by the attributes of any shape plus this renderer.
-    """
-    cx, cy, side = shapes.shape_box(attrs)
-    samples = (np.arange(size * shapes.SUPERSAMPLE) + 0.5) / (size * shapes.SUPERSAMPLE)  # (S,) fractions of width
-    u = np.abs(samples[None, :] - cx) / (side / 2)  # (1, S) unit coordinates across, folded onto u >= 0
-    v = np.abs(samples[:, None] - cy) / (side / 2)  # (S, 1) unit coordinates down, folded onto v >= 0
-    covered = (u < math.sqrt(3) / 2) & (v + u / math.sqrt(3) < 1)  # (S, S): circumradius 1, vertices at top/bottom
-    coverage = covered.reshape(size, shapes.SUPERSAMPLE, size, shapes.SUPERSAMPLE).mean(axis=(1, 3))[..., None]
-    background = np.array(shapes.BACKGROUNDS[attrs.background], float)
-    colour = np.array(shapes.COLOURS[attrs.colour], float)
-    pixels = background + coverage * (colour - background)  # (size, size, 3)
-    return PIL.Image.fromarray(np.rint(pixels).astype(np.uint8), "RGB")
-
-
 def draw_labelled(rng: random.Random, cache: dict | None = None) -> tuple[PIL.Image.Image, dict[str, str]]:
     """One training picture and its true labels: any (shape, colour) pair of the shapes world (held-out pairs
     included), or a hexagon one time in len(SHAPES) + 1.
@@ -198,7 +178,7 @@ def draw_labelled(rng: random.Random, cache: dict | None = None) -> tuple[PIL.Im
     key = (attrs, hexagon)
     image = cache.get(key) if cache is not None else None
     if image is None:
-        image = render_hexagon(attrs) if hexagon else shapes.render(attrs)
+        image = shapes.render(attrs, shape="hexagon" if hexagon else None)
         if cache is not None:
             cache[key] = image
     return image, labels
