@@ -25,3 +25,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    """A tiny SD1-layout UNet with random weights: the real model the sampler tests run."""
+    from sdtorch.configs import TINY_SD1
+    from sdtorch.models.unet import UNet
+
+    torch.manual_seed(1234)
+    return UNet(TINY_SD1.unet).eval()
+
+
+@pytest.fixture(scope="module")
+def context():
+    """A (1, 7, 128) text context for the tiny UNet."""
+    return torch.randn(1, 7, 128, generator=torch.Generator().manual_seed(7))

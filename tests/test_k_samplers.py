@@ -29,9 +29,7 @@ from diffusers import (
     LMSDiscreteScheduler,
 )
 
-from sdtorch.configs import TINY_SD1
 from sdtorch.errors import InvalidInputError
-from sdtorch.models.unet import UNet
 from sdtorch.sampling.denoiser import Denoiser
 from sdtorch.sampling.k_samplers import (
     lms_coefficients,
@@ -74,17 +72,6 @@ CASES = [
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def unet():
-    torch.manual_seed(1234)
-    return UNet(TINY_SD1.unet).eval()
-
-
-@pytest.fixture(scope="module")
-def context():
-    return torch.randn(1, 7, TINY_SD1.unet.context_dim, generator=torch.Generator().manual_seed(7))
 
 
 def diffusers_scheduler(name: str, pred: str, spacing: str, kind: str):

@@ -9,8 +9,6 @@ import inspect
 import pytest
 import torch
 
-from sdtorch.configs import TINY_SD1
-from sdtorch.models.unet import UNet
 from sdtorch.sampling.denoiser import Denoiser
 from sdtorch.sampling.samplers import sample
 from sdtorch.sampling.schedules import DiscreteSchedule
@@ -41,12 +39,6 @@ CASES = [
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def unet():
-    torch.manual_seed(0)
-    return UNet(TINY_SD1.unet).eval()
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

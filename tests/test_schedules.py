@@ -3,9 +3,7 @@
 import pytest
 import torch
 
-from sdtorch.configs import TINY_SD1
 from sdtorch.errors import InvalidInputError
-from sdtorch.models.unet import UNet
 from sdtorch.sampling.denoiser import Denoiser
 from sdtorch.sampling.schedules import DiscreteSchedule, sampling_schedule
 
@@ -78,12 +76,6 @@ def test_unknown_schedule_and_spacing_list_valid_names():
 
 # ---- the denoiser ----------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def unet():
-    torch.manual_seed(0)
-    return UNet(TINY_SD1.unet).eval()
-
-
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_denoiser_x0_matches_diffusers_parameterisation(unet, prediction_type):
     """x0 from DDIM's formulas in variance-preserving space equals the denoiser's sigma-space x0."""
@@ -136,7 +128,7 @@ def test_guidance_rescale_matches_diffusers(unet):
         x_t = x / (1 + sigma**2) ** 0.5
         e_u, e_c = unet(x_t, t, uncond), unet(x_t, t, cond)
         eps = rescale_noise_cfg(e_u + 6.0 * (e_c - e_u), e_c, guidance_rescale=0.7)
-    torch.testing.assert_close(x0, x - sigma * eps, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x0, x - sigma * eps, rtol=1e-4, atol=1e-4)  # batch of 2 vs 1: float noise x 6
 
 
 def test_negative_guidance_is_refused(unet):

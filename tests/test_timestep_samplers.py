@@ -25,9 +25,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler, PNDMScheduler, UniPCMultistepScheduler
 
-from sdtorch.configs import TINY_SD1
 from sdtorch.errors import InvalidInputError
-from sdtorch.models.unet import UNet
 from sdtorch.sampling.denoiser import Denoiser
 from sdtorch.sampling.schedules import DiscreteSchedule, SamplingSchedule
 from sdtorch.sampling.timestep_samplers import (
@@ -116,17 +114,6 @@ class Model:
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def unet():
-    torch.manual_seed(1234)
-    return UNet(TINY_SD1.unet).eval()
-
-
-@pytest.fixture(scope="module")
-def context():
-    return torch.randn(1, 7, TINY_SD1.unet.context_dim, generator=torch.Generator().manual_seed(7))
 
 
 def make_model(unet, context, pred: str, grid: SamplingSchedule) -> Model:
