@@ -102,7 +102,7 @@ class Pipeline:
         num_inference_steps: int = 20,
         guidance_scale: float = 7.5,
         sampler: str = "DPM++ 2M",
-        schedule: str | None = "Karras",
+        schedule: str | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         height: int | None = None,
@@ -117,6 +117,7 @@ class Pipeline:
     ) -> list[Image.Image]:
         """Generate images: txt2img, img2img (`image`, `strength`) or inpainting (`image` + `mask_image`).
 
+        sampler / schedule: A1111 names; schedule None means the sampler's A1111 default (Karras for DPM++ 2M).
         seed: image i of the batch uses seed + i (A1111); None or -1 picks one (reported in the infotext).
         generator: instead of seeds, one torch.Generator drives all noise in diffusers' order.
         options (A1111 names): resize_mode ("just resize" | "crop and resize" | "resize and fill"),
