@@ -252,15 +252,7 @@ class CLIPTokenizer:
             best = min(pairs, key=lambda pair: ranks.get(pair, len(ranks)))
             if best not in ranks:
                 break
-            merged, i = [], 0
-            while i < len(symbols):  # merge every occurrence of `best`, left to right
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
+            symbols = merge_pair(symbols, best)
         unk = self.eos_token_id  # CLIP's unknown token; unused with a complete byte-level vocabulary
         return tuple(self._vocab.get(s, unk) for s in symbols)
 
@@ -291,3 +283,16 @@ def spell(word: str) -> list[str]:
     symbols = list(word.encode("utf-8").decode("latin-1").translate(_bytes_to_unicode()))
     symbols[-1] += WORD_END
     return symbols
+
+
+def merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    """`symbols` with every occurrence of `pair` merged, left to right (one BPE merge)."""
+    merged, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged

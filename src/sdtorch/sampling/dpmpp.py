@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .common import Callback, DenoiseFn, ancestral_step, check_eta, randn_like, report, step_input
-from .schedules import DiscreteSchedule, SamplingSchedule, sampling_schedule
+from .schedules import DiscreteSchedule, SamplingSchedule, grid_at, sampling_schedule
 
 
 def sample_dpmpp_2m(
@@ -264,8 +264,7 @@ def multistep_schedule(
         timesteps = torch.linspace(0, T - 1, steps + 1, dtype=torch.float64).round().flip(0)[:-1]
     else:  # leading
         timesteps = (torch.arange(steps + 1, dtype=torch.float64) * (T // (steps + 1))).flip(0)[:-1] + steps_offset
-    sigmas = torch.cat([schedule.t_to_sigma(timesteps), torch.zeros(1, dtype=torch.float64)])
-    return SamplingSchedule(sigmas, timesteps)
+    return grid_at(schedule, timesteps)
 
 
 def _slope(sig: list[float], i: int, denoised: Tensor, old_denoised: Tensor) -> Tensor:

@@ -107,6 +107,12 @@ class SamplingSchedule:
         return len(self.timesteps)
 
 
+def grid_at(schedule: DiscreteSchedule, timesteps: torch.Tensor, final_sigma: float = 0.0) -> SamplingSchedule:
+    """The sampling schedule that visits `timesteps` (n,) (sigma by diffusers' interpolation), ending at `final_sigma`."""
+    final = torch.tensor([final_sigma], dtype=torch.float64)
+    return SamplingSchedule(torch.cat([schedule.t_to_sigma(timesteps), final]), timesteps)
+
+
 def check_steps(schedule: DiscreteSchedule, steps: int) -> None:
     """Refuse step counts outside 1..T (T = the training schedule's length)."""
     if not isinstance(steps, int) or not 1 <= steps <= schedule.num_train_timesteps:
@@ -132,8 +138,7 @@ def sampling_schedule(
         kind, spacing = "automatic", "linspace"
     if kind == "automatic":
         timesteps = schedule.timesteps(steps, spacing, steps_offset)
-        sigmas = torch.cat([schedule.t_to_sigma(timesteps), torch.zeros(1, dtype=torch.float64)])
-        return SamplingSchedule(sigmas, timesteps)
+        return grid_at(schedule, timesteps)
     if kind == "karras":
         sigmas = karras_sigmas(steps, schedule.sigma_min, schedule.sigma_max)
     elif kind == "exponential":

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..errors import InvalidInputError
 from .common import Callback, DenoiseFn, ancestral_step, check_eta, randn_like, report, step_input
-from .schedules import DiscreteSchedule, SamplingSchedule, check_steps, sampling_schedule
+from .schedules import DiscreteSchedule, SamplingSchedule, check_steps, grid_at, sampling_schedule
 
 # Adams-Bashforth weights of PLMS (PNDM eq. 12 and its lower-order warm-up), newest prediction first
 ADAMS_BASHFORTH = {
@@ -252,7 +252,7 @@ def unipc_schedule(
         check_steps(schedule, steps)
         spaced = schedule.timesteps(steps if spacing == "trailing" else steps + 1, spacing, steps_offset)
         timesteps = spaced.round()[:steps]  # (n,)
-        return SamplingSchedule(torch.cat([schedule.t_to_sigma(timesteps), timesteps.new_zeros(1)]), timesteps)
+        return grid_at(schedule, timesteps)
     grid = sampling_schedule(schedule, steps, kind, spacing, steps_offset)
     to_int = torch.round if kind == "karras" else torch.trunc
     return SamplingSchedule(grid.sigmas, to_int(grid.timesteps))
@@ -277,7 +277,7 @@ def lcm_schedule(
     grid = torch.arange(original_steps, 0, -1, dtype=torch.float64) * k - 1  # (original_steps,) descending
     index = (torch.arange(steps, dtype=torch.float64) * (original_steps / steps)).floor().long()  # as np.linspace
     timesteps = grid[index]  # (n,)
-    return SamplingSchedule(torch.cat([schedule.t_to_sigma(timesteps), timesteps.new_zeros(1)]), timesteps)
+    return grid_at(schedule, timesteps)
 
 
 def _integer_grid(
@@ -285,8 +285,7 @@ def _integer_grid(
 ) -> SamplingSchedule:
     check_steps(schedule, steps)
     timesteps = schedule.timesteps(steps, spacing, steps_offset).round()  # (n,) integers, as diffusers casts them
-    final = torch.tensor([final_sigma], dtype=torch.float64)
-    return SamplingSchedule(torch.cat([schedule.t_to_sigma(timesteps), final]), timesteps)
+    return grid_at(schedule, timesteps, final_sigma)
 
 
 def _ddim_step(

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 from ..errors import InvalidInputError
 from ..models.tokenizer import BOS_TOKEN, EOS_TOKEN, WORD_END, CLIPTokenizer
-from ..models.tokenizer import _bytes_to_unicode, pre_tokenize, spell  # the tokenizer's own rules
+from ..models.tokenizer import _bytes_to_unicode, merge_pair, pre_tokenize, spell  # the tokenizer's own rules
 
 Pair = tuple[str, str]
 _SPECIALS = re.compile(f"{re.escape(BOS_TOKEN)}|{re.escape(EOS_TOKEN)}")
@@ -34,19 +34,6 @@ def _words(text: str) -> list[str]:
 
 def _pairs(symbols: list[str]) -> Counter[Pair]:
     return Counter(zip(symbols, symbols[1:]))
-
-
-def _merge(symbols: list[str], pair: Pair) -> list[str]:
-    """`symbols` with every occurrence of `pair` merged, left to right (as the tokenizer does)."""
-    out, i = [], 0
-    while i < len(symbols):
-        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-            out.append(symbols[i] + symbols[i + 1])
-            i += 2
-        else:
-            out.append(symbols[i])
-            i += 1
-    return out
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> tuple[dict[str, int], list[Pair]]:
@@ -100,7 +87,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
         changed: set[Pair] = set()
         for i in where.pop((a, b)):
             old = _pairs(words[i])
-            words[i] = _merge(words[i], (a, b))
+            words[i] = merge_pair(words[i], (a, b))
             new = _pairs(words[i])
             for pair in old.keys() | new.keys():
                 delta = new[pair] - old[pair]
