@@ -1,7 +1,11 @@
-"""Shared test helpers: the parity tolerance every model part is held to."""
+"""Shared test helpers: the parity tolerance every model part is held to, fixtures, pipeline references."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 
 def assert_parity(ours: torch.Tensor, reference: torch.Tensor, rel: float = 1e-5) -> None:
@@ -41,3 +45,35 @@ def unet():
 def context():
     """A (1, 7, 128) text context for the tiny UNet."""
     return torch.randn(1, 7, 128, generator=torch.Generator().manual_seed(7))
+
+
+# ---- pipelines against diffusers ---------------------------------------------------------------------
+
+# sdtorch (sampler, schedule) -> diffusers scheduler class and the config that reproduces it
+SCHEDULERS = {
+    ("DDIM", "Automatic"): ("DDIMScheduler", {}),
+    ("Euler", "Automatic"): ("EulerDiscreteScheduler", {}),
+    ("DPM++ 2M", "Karras"): ("DPMSolverMultistepScheduler",
+                             dict(use_karras_sigmas=True, algorithm_type="dpmsolver++", final_sigmas_type="zero")),
+    ("UniPC", "Automatic"): ("UniPCMultistepScheduler", {}),
+}
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    """PSNR in dB of two 8-bit images."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = ((x - y) ** 2).mean()
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def diffusers_pipe(folder, kind: str, sampler: str, schedule: str):
+    import diffusers
+
+    cls = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
+           "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]
+    pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    name, extra = SCHEDULERS[(sampler, schedule)]
+    config = {**pipe.scheduler.config, "timestep_spacing": "leading", "steps_offset": 1, **extra}
+    pipe.scheduler = getattr(diffusers, name).from_config(config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,10 +1,9 @@
 """The pipeline against diffusers' pipelines with identical weights, and its seeds, infotext and errors."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
+from conftest import SCHEDULERS, diffusers_pipe, psnr
 from PIL import Image
 
 import sdtorch
@@ -18,22 +17,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = 32  # image side; the tiny VAE downsamples by 2, so latents are 16x16
 PROMPT, NEGATIVE = "a red circle in the top left", "blurry"
-
-# sdtorch (sampler, schedule) -> diffusers scheduler class and the config that reproduces it
-SCHEDULERS = {
-    ("DDIM", "Automatic"): ("DDIMScheduler", {}),
-    ("Euler", "Automatic"): ("EulerDiscreteScheduler", {}),
-    ("DPM++ 2M", "Karras"): ("DPMSolverMultistepScheduler",
-                             dict(use_karras_sigmas=True, algorithm_type="dpmsolver++", final_sigmas_type="zero")),
-    ("UniPC", "Automatic"): ("UniPCMultistepScheduler", {}),
-}
-
-
-def psnr(a: Image.Image, b: Image.Image) -> float:
-    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mse = ((x - y) ** 2).mean()
-    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
-
 
 def random_pipeline(config: ModelConfig, seed: int) -> Pipeline:
     """A tiny sdtorch model with random weights (norms and biases perturbed too)."""
@@ -74,19 +57,6 @@ def inpainting_model(tmp_path_factory):
 @pytest.fixture(params=["ordinary", "9-channel"])
 def both_kinds(request, models, inpainting_model):
     return models if request.param == "ordinary" else inpainting_model
-
-
-def diffusers_pipe(folder, kind: str, sampler: str, schedule: str):
-    import diffusers
-
-    cls = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
-           "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]
-    pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    name, extra = SCHEDULERS[(sampler, schedule)]
-    config = {**pipe.scheduler.config, "timestep_spacing": "leading", "steps_offset": 1, **extra}
-    pipe.scheduler = getattr(diffusers, name).from_config(config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def make_image(seed: int = 5) -> Image.Image:

@@ -1,14 +1,18 @@
 """The `sdtorch` command line.
 
-    sdtorch generate PROMPT --model SRC [options]     txt2img / img2img / inpainting, PNGs with A1111 parameters
-    sdtorch generate --from image.png --model SRC     re-create an image from the parameters it carries
+    sdtorch generate PROMPT [--model SRC] [options]   txt2img / img2img / inpainting, PNGs with A1111 parameters
+                                                      (no --model: the shipped shapes-world model)
+    sdtorch generate --from image.png [--model SRC]   re-create an image from the parameters it carries
     sdtorch info SRC | image.png                      describe a model, or print an image's parameters
     sdtorch convert SRC DST --to diffusers|single-file
+    sdtorch eval [--model SRC] [--prompts N]          judge a shapes-world model's images against their prompts
+    sdtorch train configs/shapes.toml --workdir DIR   train a model from scratch by a recipe (resumable)
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -164,6 +168,31 @@ def _output_paths(out: str, images: list) -> list[Path]:
     return [save_png(img, name, img.info["parameters"]) for img, name in zip(images, names)]
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .checkpoints.io import write_json
+    from .checkpoints.loading import load
+    from .evaluation.generation import evaluate, format_report
+
+    pipe = load(args.model)
+    report = evaluate(
+        pipe, args.prompts, args.held_out, seed=args.seed, guidance_scale=args.cfg, compare_guidance=not args.no_compare,
+        steps=args.steps, sampler=args.sampler, schedule=args.schedule,
+        progress=lambda done, total: print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True),
+    )
+    print(file=sys.stderr)
+    print(format_report(report))
+    if args.json:
+        write_json(report, args.json)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .training.recipe import run_recipe
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    model = run_recipe(args.config, args.workdir, until=args.until)
+    print(model if model.is_dir() else args.workdir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdtorch", description="Stable Diffusion in plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate images (txt2img, img2img, inpainting)")
     gen.add_argument("prompt", nargs="?", help="what to draw (A1111 syntax: (word:1.2), [word], BREAK)")
-    gen.add_argument("--model", required=True, help="single file, diffusers folder or hub id")
+    gen.add_argument("--model", help="single file, diffusers folder or hub id (default: the shipped shapes model)")
     gen.add_argument("--negative", help="negative prompt")
     gen.add_argument("--steps", type=int, help="sampling steps (default 20)")
     gen.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 7.5)")
@@ -208,6 +237,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_load_options(gen)
     gen.set_defaults(run=cmd_generate)
+
+    ev = sub.add_parser("eval", help="score a shapes-world model: per-attribute accuracy judged on generated images")
+    ev.add_argument("--model", help="model to evaluate (default: the shipped shapes model)")
+    ev.add_argument("--prompts", type=int, default=500, help="prompts of (shape, colour) pairs seen in training")
+    ev.add_argument("--held-out", type=int, default=100, help="prompts of held-out (shape, colour) pairs")
+    ev.add_argument("--seed", type=int, default=0, help="prompt i is drawn from this seed and generated with seed + i")
+    ev.add_argument("--cfg", type=float, default=7.5, help="guidance scale (compared with 1 unless --no-compare)")
+    ev.add_argument("--no-compare", action="store_true", help="skip the unguided run")
+    ev.add_argument("--steps", type=int, default=20)
+    ev.add_argument("--sampler", default="DPM++ 2M")
+    ev.add_argument("--schedule", default="Karras")
+    ev.add_argument("--json", help="also write the report here")
+    ev.set_defaults(run=cmd_eval)
+
+    train = sub.add_parser("train", help="train a model from scratch by a recipe (e.g. configs/shapes.toml)")
+    train.add_argument("config", help="recipe file (TOML)")
+    train.add_argument("--workdir", required=True, help="where stages keep checkpoints; re-run to resume")
+    train.add_argument("--until", help="stop after this stage (tokenizer, vae, latents, clip, unet, model, metrics)")
+    train.set_defaults(run=cmd_train)
     return parser
 
 

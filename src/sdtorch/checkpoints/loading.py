@@ -26,6 +26,7 @@ from .keymaps import original_to_parts
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 CONFIG_METADATA_KEY = "sdtorch_config"
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapes"  # trained by configs/shapes.toml
 SD2_EPSILON_GLOBAL_STEP = "875000"  # the 512px SD2 base checkpoint; other SD2 files predict v (diffusers' rule)
 
 # Weight files of a diffusers folder's parts, in order of preference.
@@ -55,7 +56,8 @@ def load(
     """Load a Stable Diffusion model into a `Pipeline`.
 
     Args:
-        source: an original single file (`.safetensors`, or `.ckpt` read with weights_only), a diffusers
+        source: None for sdtorch's own shapes-world model (shipped with the package, see configs/shapes.toml),
+            an original single file (`.safetensors`, or `.ckpt` read with weights_only), a diffusers
             folder, or a hub id (`org/name`, downloaded with huggingface_hub when online).
         dtype: weight dtype (default float32); tensors are cast while reading, one at a time.
         device: where the models live (default CPU). "meta" reads only shapes, for inspection.
@@ -63,7 +65,9 @@ def load(
         config: the architecture, for single files whose sizes do not follow SD's conventions.
     """
     if source is None:
-        raise CheckpointError("no model given and sdtorch does not ship a default model yet: pass a path or hub id")
+        if not DEFAULT_MODEL.is_dir():
+            raise CheckpointError(f"the default model is missing from this installation ({DEFAULT_MODEL}); pass a model")
+        source = DEFAULT_MODEL
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise InvalidInputError(f"prediction_type must be one of {PREDICTION_TYPES}, not {prediction_type!r}")
     dtype = dtype or torch.float32

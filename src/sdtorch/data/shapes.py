@@ -366,13 +366,36 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> dict:
+    def describe(self, index: int) -> tuple[Attributes, str]:
+        """Item `index`'s attributes and caption, without rendering it."""
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for a ShapesDataset of length {self.length}")
         rng = item_rng(self.seed, index)
         attrs = sample_attributes(rng, self.split)
+        return attrs, caption(attrs, rng)
+
+    def __getitem__(self, index: int) -> dict:
+        attrs, text = self.describe(index)
         image = image_to_tensor(render(attrs, self.size))[0]  # (3, size, size) in [-1, 1]
-        return {"image": image, "caption": caption(attrs, rng), "attributes": attrs}
+        return {"image": image, "caption": text, "attributes": attrs}
+
+
+def distinct_items(count: int, rng: random.Random, split: str = "train", size: int = 64) -> list[dict]:
+    """`count` items (as ShapesDataset's) whose attribute sets all differ: no two pictures are the same."""
+    seen: set[Attributes] = set()
+    items = []
+    for _ in range(count * 100):
+        if len(items) == count:
+            break
+        attrs = sample_attributes(rng, split)
+        if attrs in seen:
+            continue
+        seen.add(attrs)
+        image = image_to_tensor(render(attrs, size))[0]  # (3, size, size) in [-1, 1]
+        items.append({"image": image, "caption": caption(attrs, rng), "attributes": attrs})
+    if len(items) < count:
+        raise InvalidInputError(f"the {split} split has fewer than {count} distinct pictures")
+    return items
 
 
 def collate(items: list[dict]) -> dict:

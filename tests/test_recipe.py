@@ -1,0 +1,80 @@
+"""The from-scratch recipe, end to end at toy size: stages, resumption, timings, and the model it ships."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import sdtorch
+from sdtorch.errors import InvalidInputError
+from sdtorch.training.recipe import STAGES, Recipe, RecipeConfig, run_recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHAPES_RECIPE = Path(__file__).parent.parent / "configs" / "shapes.toml"
+
+
+def toy_recipe(tmp_path: Path) -> Path:
+    """configs/shapes.toml shrunk: few items, two steps per stage, tiny evaluation."""
+    text = SHAPES_RECIPE.read_text(encoding="utf-8")
+    text = re.sub(r"(?m)^items = \d+", "items = 96", text)
+    text = re.sub(r"(?m)^steps = \d+", "steps = 2\ncheckpoint_every = 1", text)
+    text = re.sub(r"(?m)^batch_size = \d+", "batch_size = 4", text)
+    text = re.sub(r"(?m)^vae_images = \d+", "vae_images = 8", text)
+    text = re.sub(r"(?m)^clip_captions = \d+", "clip_captions = 8", text)
+    path = tmp_path / "toy.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_shipped_recipe_parses():
+    config = RecipeConfig.from_file(SHAPES_RECIPE)
+    assert config.model.unet.sample_size * 8 == config.image_size == 64
+    assert len(config.model.vae.block_channels) == 4  # three 2x downsamplings: 64 px -> 8x8 latents
+    assert config.model.unet.context_dim == config.model.text_encoder.width
+
+
+def test_recipe_runs_resumes_and_ships_a_loadable_model(tmp_path):
+    config = toy_recipe(tmp_path)
+    work = tmp_path / "work"
+    run_recipe(config, work, until="vae")  # an interrupted run ...
+    timings = json.loads((work / "timings.json").read_text())
+    assert set(timings) == {"tokenizer", "vae"}
+    model = run_recipe(config, work)  # ... finishes where it stopped
+    timings = json.loads((work / "timings.json").read_text())
+    assert set(timings) == set(STAGES) and all(t["done"] and t["seconds"] >= 0 for t in timings.values())
+    assert timings["vae"]["steps"] == 2
+
+    metrics = json.loads((work / "metrics.json").read_text())
+    assert 0 <= metrics["clip_top1"] <= 1 and metrics["vae_psnr_held_out_pairs"] > 0
+
+    pipe = sdtorch.load(model)
+    recipe = Recipe(RecipeConfig.from_file(config), work)
+    assert pipe.config.vae.scaling_factor == pytest.approx(recipe.model_config.vae.scaling_factor)
+    assert pipe.tokenizer.vocab_size == pipe.config.text_encoder.vocab_size <= 1024
+    unet = recipe.trained("unet")  # the shipped UNet holds the EMA weights, stored in float16
+    ema = {k: v.half().float() for k, v in unet.ema["unet"].state_dict()["shadow"].items()}
+    assert all(torch.equal(ema[k], v) for k, v in pipe.unet.state_dict().items())
+    image = pipe("a small red star in the top left", num_inference_steps=2, seed=0)[0]
+    assert image.size == (64, 64)
+
+    before = (work / "timings.json").read_text()
+    run_recipe(config, work)  # everything done: nothing re-runs
+    assert (work / "timings.json").read_text() == before
+
+
+def test_recipe_errors_are_clear(tmp_path):
+    with pytest.raises(InvalidInputError, match="cannot read recipe"):
+        RecipeConfig.from_file(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("seed = [", encoding="utf-8")
+    with pytest.raises(InvalidInputError, match="not valid TOML"):
+        RecipeConfig.from_file(bad)
+    text = SHAPES_RECIPE.read_text(encoding="utf-8").replace("[clip]\nsteps = 800\n", "[clip]\n")
+    bad.write_text(text, encoding="utf-8")
+    with pytest.raises(InvalidInputError, match=r"\[clip\] needs steps"):
+        RecipeConfig.from_file(bad)
+    with pytest.raises(InvalidInputError, match="unknown stage"):
+        run_recipe(toy_recipe(tmp_path), tmp_path / "w", until="everything")

@@ -1,0 +1,45 @@
+"""The shipped default model (src/sdtorch/assets/shapes): it loads, diffusers agrees with it, and the
+judge finds that its pictures show what their prompts ask for."""
+
+import pytest
+import torch
+from conftest import diffusers_pipe, psnr
+
+import sdtorch
+from sdtorch.checkpoints.loading import DEFAULT_MODEL
+from sdtorch.evaluation.generation import eval_prompts, generate_and_score
+from sdtorch.evaluation.judge import load_judge
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MAX_MEGABYTES = 40
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return sdtorch.load()
+
+
+def test_default_model_is_the_shipped_shapes_model(pipe):
+    assert pipe.report.source == str(DEFAULT_MODEL) and pipe.model_name == "shapes"
+    assert pipe.default_size == 64 and pipe.vae_scale_factor == 8
+    size = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
+    assert size <= MAX_MEGABYTES * 2**20
+
+
+def test_diffusers_draws_the_same_picture(pipe):
+    prompt = "a small red star in the top left"
+    ref = diffusers_pipe(DEFAULT_MODEL, "txt2img", "DPM++ 2M", "Karras")
+    theirs = ref(prompt, height=64, width=64, num_inference_steps=20, guidance_scale=7.5,
+                 generator=torch.Generator().manual_seed(3)).images[0]
+    ours = pipe(prompt, num_inference_steps=20, guidance_scale=7.5, sampler="DPM++ 2M", schedule="Karras",
+                generator=torch.Generator().manual_seed(3))[0]
+    assert psnr(ours, theirs) >= 40
+
+
+def test_judge_finds_the_prompted_attributes(pipe):
+    # a handful of prompts; the bar sits far below `sdtorch eval`'s figures, far above a broken model's ~chance
+    results = generate_and_score(pipe, eval_prompts(12, 4, seed=1), load_judge(), seed=1)
+    accuracy = results["all"]["accuracy"]
+    assert min(accuracy.values()) >= 0.6, accuracy
+    assert results["held_in"]["all_correct"] >= 0.5, results["held_in"]
