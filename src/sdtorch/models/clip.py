@@ -27,13 +27,22 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 _ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """An nn.Embedding initialised as torch's (N(0, 1)), except on the meta device, where loading builds
+    models: torch's meta `normal_` imports torch._dynamo, which costs seconds at start-up."""
+    weight = torch.empty(num, dim)
+    if weight.device.type != "meta":
+        nn.init.normal_(weight)
+    return nn.Embedding(num, dim, _weight=weight)
+
+
 class CLIPTextEmbeddings(nn.Module):
     """Token embedding plus a learned absolute position embedding."""
 
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
-        self.position_embedding = nn.Embedding(config.max_length, config.width)
+        self.token_embedding = _embedding(config.vocab_size, config.width)
+        self.position_embedding = _embedding(config.max_length, config.width)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (L,)

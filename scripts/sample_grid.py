@@ -1,0 +1,63 @@
+"""Draw the README's grid: the default model's pictures for a set of prompts, each under its prompt.
+
+    .venv/bin/python scripts/sample_grid.py [--out docs/shapes-samples.png] [--model SRC]
+
+Prompts in the last row use (shape, colour) pairs held out of training. Seeds are 0, 1, 2, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+from PIL import Image, ImageDraw, ImageFont
+
+import sdtorch
+from sdtorch.checkpoints.io import atomic_write
+
+PROMPTS = [
+    "a small red star in the top left",
+    "a large blue circle in the center",
+    "a yellow triangle at the bottom right, on black",
+    "big green square, left, white background",
+    "a tiny purple diamond in the upper right corner",
+    "an orange cross at the bottom",
+    "a large white star on a light blue background",
+    "small black circle, top, on gray",
+    # held-out (shape, colour) pairs: never seen together in training
+    "a large purple circle in the center",
+    "a small orange square on the right",
+    "a blue triangle in the top left",
+    "a big green star in the lower left",
+]
+SCALE, COLUMNS, LABEL_HEIGHT, WIDTH_CHARS = 3, 4, 44, 26
+
+
+def draw_grid(images: list[Image.Image], prompts: list[str]) -> Image.Image:
+    side = images[0].width * SCALE
+    rows = -(-len(images) // COLUMNS)
+    grid = Image.new("RGB", (COLUMNS * (side + 8) + 8, rows * (side + LABEL_HEIGHT + 8) + 8), "white")
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        row, col = divmod(i, COLUMNS)
+        x, y = 8 + col * (side + 8), 8 + row * (side + LABEL_HEIGHT + 8)
+        grid.paste(image.resize((side, side), Image.NEAREST), (x, y))
+        draw.multiline_text((x, y + side + 3), "\n".join(textwrap.wrap(prompt, WIDTH_CHARS)), fill="black", font=font)
+    return grid
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="docs/shapes-samples.png")
+    parser.add_argument("--model", help="default: the shipped shapes model")
+    args = parser.parse_args()
+    pipe = sdtorch.load(args.model)
+    images = [pipe(p, num_inference_steps=20, sampler="DPM++ 2M", schedule="Karras", seed=i)[0]
+              for i, p in enumerate(PROMPTS)]
+    grid = draw_grid(images, PROMPTS)
+    atomic_write(args.out, lambda tmp: grid.save(tmp, format="PNG"))
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
