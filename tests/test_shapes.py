@@ -254,6 +254,20 @@ def test_dataset_items_batches_and_bounds():
     assert batch["image"].shape == (4, 3, 64, 64) and len(batch["caption"]) == 4 and len(batch["attributes"]) == 4
     assert torch.equal(batch["image"][1], data[1]["image"])
     assert ShapesDataset(2, size=32)[0]["image"].shape == (3, 32, 32)
+    assert data.describe(3) == (data[3]["attributes"], data[3]["caption"])  # the same item, without rendering
+    with pytest.raises(IndexError):
+        data.describe(-1)
+
+
+def test_distinct_items_never_repeat_a_picture():
+    items = shapes.distinct_items(300, random.Random(1), split="held_out")
+    attributes = [item["attributes"] for item in items]
+    assert len(set(attributes)) == 300
+    assert all((a.shape, a.colour) in shapes.HELD_OUT_PAIRS for a in attributes)
+    assert torch.equal(items[7]["image"], torch.from_numpy(
+        np.asarray(render(attributes[7])).astype(np.float32) / 127.5 - 1).permute(2, 0, 1))
+    with pytest.raises(InvalidInputError, match="fewer than"):
+        shapes.distinct_items(10**4, random.Random(1), split="held_out")
 
 
 def test_contact_sheet_tiles_the_dataset_pictures():
