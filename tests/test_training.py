@@ -250,8 +250,11 @@ def test_optimizer_state_survives_save_and_load(tmp_path):
 def test_vae_loss_terms():
     vae = AutoencoderKL(TINY_SD1.vae)
     images = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
-    out = vae_loss(vae, images, kl_weight=0.01, edge_weight=0.5, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(out["loss"], out["l1"] + 0.01 * out["kl"] + 0.5 * out["edge"])
+    out = vae_loss(vae, images, kl_weight=0.01, edge_weight=0.5, mse_weight=2.0,
+                   generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out["loss"], out["l1"] + 0.01 * out["kl"] + 0.5 * out["edge"] + 2.0 * out["mse"])
+    recon = vae.decode(vae.encode(images).sample(torch.Generator().manual_seed(0)))  # the same posterior draw
+    assert_parity(out["mse"], torch.nn.functional.mse_loss(recon, images))
 
     posterior = vae.encode(images)
     reference = torch.distributions.kl_divergence(

@@ -245,7 +245,8 @@ class Recipe:
         state = self._vae_state()
         extra = self.config.vae.extra
         step = vae_step(state.models["vae"], self.dataset, batch_size=self.config.vae.batch_size,
-                        kl_weight=extra.get("kl_weight", 1e-4), edge_weight=extra.get("edge_weight", 0.0))
+                        kl_weight=extra.get("kl_weight", 1e-4), edge_weight=extra.get("edge_weight", 0.0),
+                        mse_weight=extra.get("mse_weight", 0.0))
         _run(state, self.config.vae, step, self.workdir / "vae", "vae")
         _merge_timings(self.workdir, self.workdir / "vae", "vae")
 

@@ -39,11 +39,13 @@ def vae_loss(
     *,
     kl_weight: float = 1e-4,
     edge_weight: float = 0.0,
+    mse_weight: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Loss of one batch of images (B, 3, H, W) in [-1, 1]: {"loss", "l1", "kl"[, "edge"]}.
+    """Loss of one batch of images (B, 3, H, W) in [-1, 1]: {"loss", "l1", "kl"[, "edge"][, "mse"]}.
 
-    loss = mean |decode(z) - x| + kl_weight * KL + edge_weight * mean |grad decode(z) - grad x|,
+    loss = mean |decode(z) - x| + kl_weight * KL + edge_weight * mean |grad decode(z) - grad x|
+           + mse_weight * mean (decode(z) - x)^2 (squared errors weigh the few large errors, on small shapes, more),
     z sampled from the posterior with `generator`. Every term is a per-element mean, so the weights
     do not depend on the image size.
     """
@@ -58,6 +60,9 @@ def vae_loss(
         (rx, ry), (tx, ty) = _gradients(recon), _gradients(target)
         out["edge"] = 0.5 * ((rx - tx).abs().mean() + (ry - ty).abs().mean())
         loss = loss + edge_weight * out["edge"]
+    if mse_weight:
+        out["mse"] = (recon - target).square().mean()
+        loss = loss + mse_weight * out["mse"]
     return {"loss": loss, **{k: v.detach() for k, v in out.items()}}
 
 
@@ -73,6 +78,7 @@ def vae_step(
     batch_size: int,
     kl_weight: float = 1e-4,
     edge_weight: float = 0.0,
+    mse_weight: float = 0.0,
 ) -> StepFn:
     """A step function for `train`: the batch of (seed, step) from `dataset` (items with an "image")."""
     param = next(vae.parameters())
@@ -81,7 +87,8 @@ def vae_step(
         indices = batch_indices(state.seed, state.step, batch_size, len(dataset))
         images = _images(dataset, indices, param)
         generator = step_generator(state.seed, state.step)
-        return vae_loss(vae, images, kl_weight=kl_weight, edge_weight=edge_weight, generator=generator)
+        return vae_loss(vae, images, kl_weight=kl_weight, edge_weight=edge_weight, mse_weight=mse_weight,
+                        generator=generator)
 
     return step
 
