@@ -1,6 +1,8 @@
 """The shipped default model (src/sdtorch/assets/shapes): it loads, diffusers agrees with it, and the
 judge finds that its pictures show what their prompts ask for."""
 
+import json
+
 import pytest
 import torch
 from conftest import diffusers_pipe, psnr
@@ -43,3 +45,26 @@ def test_judge_finds_the_prompted_attributes(pipe):
     accuracy = results["all"]["accuracy"]
     assert min(accuracy.values()) >= 0.6, accuracy
     assert results["held_in"]["all_correct"] >= 0.5, results["held_in"]
+
+
+def test_cli_generate_and_eval_use_the_default_model(tmp_path, capsys):
+    from sdtorch.cli import main
+
+    out = tmp_path / "star.png"
+    assert main(["generate", "a small red star in the top left", "--seed", "0", "--out", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().out.strip() == str(out) and out.is_file()
+
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--prompts", "4", "--held-out", "2", "--no-compare", "--json", str(report)]) == 0
+    table = capsys.readouterr().out
+    assert "4 held-in + 2 held-out prompts" in table and "all correct" in table
+    assert json.loads(report.read_text())["guided"]["all"]["n"] == 6
+
+
+def test_a_missing_default_model_is_a_clear_error(monkeypatch, tmp_path):
+    from sdtorch.checkpoints import loading
+    from sdtorch.errors import CheckpointError
+
+    monkeypatch.setattr(loading, "DEFAULT_MODEL", tmp_path / "gone")
+    with pytest.raises(CheckpointError, match="default model is missing"):
+        sdtorch.load()
