@@ -332,11 +332,13 @@ def test_hub_id_fetches_only_needed_files_and_offline_fails_clearly(original_fil
 def test_written_files_get_an_ordinary_mode(tmp_path):
     import os
 
-    from sdtorch.checkpoints.io import write_json
+    from sdtorch.checkpoints.io import write_json, write_safetensors
 
     old = os.umask(0o022)
     try:
         write_json({"a": 1}, tmp_path / "x.json")
+        write_safetensors({"a": torch.zeros(2)}, tmp_path / "x.safetensors")
     finally:
         os.umask(old)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "x.safetensors").stat().st_mode & 0o777 == 0o644  # safetensors writes a file of its own

@@ -68,3 +68,13 @@ def test_a_missing_default_model_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(loading, "DEFAULT_MODEL", tmp_path / "gone")
     with pytest.raises(CheckpointError, match="default model is missing"):
         sdtorch.load()
+
+
+def test_shipped_tokenizer_agrees_with_transformers(pipe):
+    import transformers
+
+    from sdtorch.data.shapes import ShapesDataset
+
+    hf = transformers.CLIPTokenizer.from_pretrained(DEFAULT_MODEL / "tokenizer")
+    texts = [ShapesDataset(50, seed=5).describe(i)[1] for i in range(50)] + ["A HEXAGON, unseen words & punctuation!"]
+    assert pipe.tokenizer(texts).tolist() == hf(texts, padding="max_length", max_length=77, truncation=True).input_ids
