@@ -19,10 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .configs import DTYPES
 from .errors import InvalidInputError, SdtorchError
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def _dtype(name: str) -> torch.dtype:

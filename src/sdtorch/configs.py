@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .errors import ArchitectureError
 
 
@@ -255,6 +257,12 @@ class ModelConfig:
             schedule=build(ScheduleConfig, d.get("schedule", {})),
         )
 
+
+# Weight dtypes by name, for the command line and recipe files.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
 
 SD1 = ModelConfig()
 SD2 = ModelConfig(

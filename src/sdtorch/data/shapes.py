@@ -376,8 +376,12 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         attrs, text = self.describe(index)
-        image = image_to_tensor(render(attrs, self.size))[0]  # (3, size, size) in [-1, 1]
-        return {"image": image, "caption": text, "attributes": attrs}
+        return _item(attrs, text, self.size)
+
+
+def _item(attrs: Attributes, text: str, size: int) -> dict:
+    """A dataset item: image (3, size, size) in [-1, 1], caption, attributes."""
+    return {"image": image_to_tensor(render(attrs, size))[0], "caption": text, "attributes": attrs}
 
 
 def distinct_items(count: int, rng: random.Random, split: str = "train", size: int = 64) -> list[dict]:
@@ -391,8 +395,7 @@ def distinct_items(count: int, rng: random.Random, split: str = "train", size: i
         if attrs in seen:
             continue
         seen.add(attrs)
-        image = image_to_tensor(render(attrs, size))[0]  # (3, size, size) in [-1, 1]
-        items.append({"image": image, "caption": caption(attrs, rng), "attributes": attrs})
+        items.append(_item(attrs, caption(attrs, rng), size))
     if len(items) < count:
         raise InvalidInputError(f"the {split} split has fewer than {count} distinct pictures")
     return items

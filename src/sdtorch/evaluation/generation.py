@@ -101,9 +101,8 @@ def evaluate(
         "guided": None,
         "unguided": None,
     }
-    for key, scale in (("guided", guidance_scale), ("unguided", 1.0)):
-        if key == "unguided" and not compare_guidance:
-            break
+    runs = {"guided": guidance_scale, "unguided": 1.0} if compare_guidance else {"guided": guidance_scale}
+    for key, scale in runs.items():
         results = generate_and_score(pipe, prompts, judge, seed=seed, guidance_scale=scale, **options)
         results.pop("images")
         report[key] = results

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..checkpoints.io import write_json
-from ..configs import ModelConfig
+from ..configs import DTYPES, ModelConfig
 from ..data.shapes import ShapesDataset, distinct_items
 from ..errors import InvalidInputError
 from ..models.tokenizer import CLIPTokenizer
@@ -45,7 +45,6 @@ from .vae import cache_latents, estimate_scaling_factor, load_latents, vae_step
 logger = logging.getLogger(__name__)
 
 STAGES = ("tokenizer", "vae", "latents", "clip", "unet", "model", "metrics")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
