@@ -18,7 +18,9 @@ from sdtorch.models.vae import AutoencoderKL
 from sdtorch.sampling.schedules import DiscreteSchedule
 from sdtorch.training.bpe import train_bpe
 from sdtorch.training.contrastive import CLIPConfig, CLIPModel, ImageEncoderConfig, clip_loss, clip_step, retrieval_top1
-from sdtorch.training.diffusion import TextConditioner, add_noise, diffusion_loss, unet_step, velocity
+from sdtorch.training.diffusion import (
+    TextConditioner, add_noise, diffusion_loss, min_snr_weights, unet_step, velocity,
+)
 from sdtorch.training.loop import (
     EMA, TrainState, batch_indices, resume, save_checkpoint, step_generator, train, warmup_cosine,
 )
@@ -427,3 +429,34 @@ def test_unet_overfits_a_fixed_batch(tokenizer, text_config):
     state = TrainState(models={"unet": unet}, optimizer=torch.optim.Adam(unet.parameters(), lr=2e-3))
     losses = logged(unet_step(unet, latents, captions, conditioner, schedule, batch_size=4), state, 20, 4)
     assert held_out_loss() < 0.7 * before and losses[-1] < losses[0], (before, losses)
+
+
+def test_min_snr_weighting():
+    schedule = DiscreteSchedule()
+    abar = schedule.alphas_cumprod
+    snr = abar / (1 - abar)
+    t = torch.tensor([0, 999])
+    # low noise: SNR far above gamma -> gamma / SNR; high noise: SNR below gamma -> 1 (epsilon), SNR / (SNR + 1) (v)
+    assert torch.allclose(min_snr_weights(schedule, t, 5.0, "epsilon"), torch.tensor([5.0 / snr[0].item(), 1.0]))
+    assert torch.allclose(min_snr_weights(schedule, t, 5.0, "v_prediction"),
+                          torch.tensor([5.0 / (snr[0].item() + 1), snr[999].item() / (snr[999].item() + 1)]))
+
+    # the weighted loss is the weighted mean of per-sample MSEs, drawn from the same timesteps and noise
+    torch.manual_seed(0)
+    unet = UNet(TINY_SD1.unet).eval()
+    latents, context = torch.randn(3, 4, 8, 8), torch.randn(3, 77, TINY_SD1.unet.context_dim)
+    seen = {}
+    unet.register_forward_hook(lambda module, args, out: seen.update(t=args[1], x_t=args[0], out=out))
+    with torch.no_grad():
+        plain = diffusion_loss(unet, latents, context, schedule, generator=step_generator(1, 0))["loss"]
+        weighted = diffusion_loss(unet, latents, context, schedule, generator=step_generator(1, 0), snr_gamma=5.0)["loss"]
+        huge = diffusion_loss(unet, latents, context, schedule, generator=step_generator(1, 0), snr_gamma=1e9)["loss"]
+    a = abar[seen["t"]].float().view(-1, 1, 1, 1)
+    noise = (seen["x_t"] - a.sqrt() * latents) / (1 - a).sqrt()  # recover the drawn noise
+    per_sample = (seen["out"] - noise).pow(2).flatten(1).mean(1)
+    expected = (min_snr_weights(schedule, seen["t"], 5.0, "epsilon") * per_sample).mean()
+    assert_parity(weighted, expected, rel=1e-4)
+    assert_parity(huge, plain)  # gamma above every SNR: every weight is 1
+    assert not torch.allclose(weighted, plain)
+    with pytest.raises(InvalidInputError, match="snr_gamma"):
+        diffusion_loss(unet, latents, context, schedule, generator=step_generator(1, 0), snr_gamma=0.0)

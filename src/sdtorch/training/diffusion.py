@@ -6,6 +6,10 @@ with SD's training schedule, and regresses the UNet's output on eps ("epsilon") 
 v = sqrt(abar_t) * eps - sqrt(1 - abar_t) * x0 ("v_prediction", Salimans & Ho 2022). For
 classifier-free guidance (Ho & Salimans 2022) a caption is replaced by "" with probability
 `cfg_dropout`, so the same UNet also learns the unconditional prediction.
+
+With `snr_gamma` the per-sample losses are weighted by Min-SNR-gamma (Hang et al. 2023): with
+SNR_t = abar_t / (1 - abar_t), the weight is min(SNR_t, gamma) / SNR_t for epsilon and
+min(SNR_t, gamma) / (SNR_t + 1) for v, which stops the easy low-noise steps from dominating.
 """
 
 from __future__ import annotations
@@ -71,6 +75,14 @@ def velocity(schedule: DiscreteSchedule, x0: torch.Tensor, noise: torch.Tensor, 
     return abar.sqrt() * noise - (1 - abar).sqrt() * x0
 
 
+def min_snr_weights(schedule: DiscreteSchedule, t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (B,) for integer timesteps t (B,)."""
+    abar = schedule.alphas_cumprod[t.cpu()]  # (B,) float64
+    snr = abar / (1 - abar)
+    denominator = snr if prediction_type == "epsilon" else snr + 1
+    return (snr.clamp(max=gamma) / denominator).float().to(t.device)
+
+
 def diffusion_loss(
     unet: UNet,
     latents: torch.Tensor,
@@ -79,20 +91,27 @@ def diffusion_loss(
     *,
     generator: torch.Generator,
     prediction_type: str = "epsilon",
+    snr_gamma: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """MSE of the UNet's prediction for scaled latents (B, C, h, w) at uniform random timesteps: {"loss"}.
 
     Timesteps and noise come from `generator` (a CPU generator: the same draws on any device).
+    `snr_gamma` weights each sample's MSE by Min-SNR-gamma (None: unweighted).
     """
     if prediction_type not in PREDICTION_TYPES:
         raise InvalidInputError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if snr_gamma is not None and not snr_gamma > 0:
+        raise InvalidInputError(f"snr_gamma must be positive, got {snr_gamma}")
     b = latents.shape[0]
     t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator).to(latents.device)  # (B,)
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
     x_t = add_noise(schedule, latents, noise, t)  # (B, C, h, w)
     target = noise if prediction_type == "epsilon" else velocity(schedule, latents, noise, t)
     prediction = unet(x_t, t, context)
-    return {"loss": F.mse_loss(prediction.float(), target.float())}
+    if snr_gamma is None:
+        return {"loss": F.mse_loss(prediction.float(), target.float())}
+    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+    return {"loss": (min_snr_weights(schedule, t, snr_gamma, prediction_type) * per_sample).mean()}
 
 
 def unet_step(
@@ -105,11 +124,12 @@ def unet_step(
     batch_size: int,
     cfg_dropout: float = 0.1,
     prediction_type: str = "epsilon",
+    snr_gamma: float | None = None,
 ) -> StepFn:
     """A step function for `train` over cached latents (N, C, h, w) and their N captions.
 
     The batch, the captions dropped to "" (each with probability `cfg_dropout`), the timesteps and
-    the noise all derive from (seed, step).
+    the noise all derive from (seed, step). `snr_gamma`: Min-SNR-gamma weighting (see `diffusion_loss`).
     """
     if latents.shape[0] != len(captions):
         raise InvalidInputError(
@@ -125,6 +145,7 @@ def unet_step(
         drop = torch.rand(len(indices), generator=generator) < cfg_dropout  # (B,)
         context = conditioner([captions[i] for i in indices], drop).to(param.device, param.dtype)  # (B, L, D)
         x0 = latents[indices].to(param.device, param.dtype)  # (B, C, h, w)
-        return diffusion_loss(unet, x0, context, schedule, generator=generator, prediction_type=prediction_type)
+        return diffusion_loss(unet, x0, context, schedule, generator=generator, prediction_type=prediction_type,
+                              snr_gamma=snr_gamma)
 
     return step

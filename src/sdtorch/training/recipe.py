@@ -275,7 +275,7 @@ class Recipe:
         extra = self.config.unet.extra
         step = unet_step(state.models["unet"], latents, info["captions"], conditioner, schedule,
                          batch_size=self.config.unet.batch_size, cfg_dropout=extra.get("cfg_dropout", 0.1),
-                         prediction_type=self.config.model.prediction_type)
+                         prediction_type=self.config.model.prediction_type, snr_gamma=extra.get("snr_gamma"))
         _run(state, self.config.unet, step, self.workdir / "unet", "unet")
         _merge_timings(self.workdir, self.workdir / "unet", "unet")
 
