@@ -9,7 +9,10 @@ import torch
 
 import sdtorch
 from sdtorch.errors import InvalidInputError
-from sdtorch.training.recipe import STAGES, Recipe, RecipeConfig, run_recipe
+from sdtorch.data.shapes import ShapesDataset
+from sdtorch.evaluation.judge import load_judge
+from sdtorch.models.vae import DiagonalGaussian
+from sdtorch.training.recipe import STAGES, Recipe, RecipeConfig, run_recipe, vae_judged
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,6 +52,7 @@ def test_recipe_runs_resumes_and_ships_a_loadable_model(tmp_path):
 
     metrics = json.loads((work / "metrics.json").read_text())
     assert 0 <= metrics["clip_top1"] <= 1 and metrics["vae_psnr_held_out_pairs"] > 0
+    assert set(metrics["vae_judged_fresh_held_in"]) <= {"small", "large"}
 
     pipe = sdtorch.load(model)
     recipe = Recipe(RecipeConfig.from_file(config), work)
@@ -78,3 +82,27 @@ def test_recipe_errors_are_clear(tmp_path):
         RecipeConfig.from_file(bad)
     with pytest.raises(InvalidInputError, match="unknown stage"):
         run_recipe(toy_recipe(tmp_path), tmp_path / "w", until="everything")
+
+
+class _StandInVAE(torch.nn.Module):
+    """Reconstructs perfectly, or (blank=True) as flat gray."""
+
+    def __init__(self, blank: bool):
+        super().__init__()
+        self.blank = blank
+
+    def encode(self, images):
+        return DiagonalGaussian(torch.cat([images, torch.zeros_like(images)], dim=1))
+
+    def decode(self, z):
+        return torch.zeros_like(z) if self.blank else z
+
+
+def test_vae_judged_separates_a_faithful_vae_from_a_blank_one():
+    renders = ShapesDataset(48, seed=5, split="train")
+    judge = load_judge()
+    faithful = vae_judged(_StandInVAE(blank=False), renders, judge)
+    blank = vae_judged(_StandInVAE(blank=True), renders, judge)
+    assert set(faithful) == set(blank) == {"small", "large"}
+    assert all(acc == 1.0 for size in faithful.values() for acc in size.values()), faithful
+    assert all(blank[size]["shape"] < 0.5 and blank[size]["colour"] < 0.5 for size in blank), blank

@@ -8,7 +8,8 @@ Stages, in order, each in its own folder under the work directory and skipped on
     clip        text and image towers, contrastive; the text tower becomes the UNet's text encoder
     unet        denoising on the cached latents, captions dropped for classifier-free guidance, EMA
     model       the parts assembled into a diffusers-layout folder (`sdtorch.load` reads it)
-    metrics     VAE PSNR on held-out renders, CLIP text-to-image retrieval (metrics.json)
+    metrics     VAE PSNR on held-out renders, the judge on VAE reconstructions, CLIP text-to-image
+                retrieval (metrics.json)
 Wall time per stage goes to `timings.json`.
 """
 
@@ -31,6 +32,7 @@ from ..checkpoints.io import write_json
 from ..configs import DTYPES, ModelConfig
 from ..data.shapes import ShapesDataset, distinct_items
 from ..errors import InvalidInputError
+from ..evaluation.judge import AttributeJudge, load_judge, score
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
@@ -313,6 +315,7 @@ class Recipe:
             metrics = {
                 "vae_psnr_held_out_pairs": vae_psnr(vae, renders("held_out")),
                 "vae_psnr_fresh_held_in": vae_psnr(vae, renders("train")),
+                "vae_judged_fresh_held_in": vae_judged(vae, renders("train"), load_judge()),
                 "clip_top1": clip_retrieval(self.trained("clip").models["clip"], self.tokenizer(), seed=cfg.seed,
                                             count=cfg.clip_eval_captions, image_size=cfg.image_size),
                 "clip_captions": cfg.clip_eval_captions,
@@ -325,16 +328,36 @@ class Recipe:
 
 
 @torch.no_grad()
-def vae_psnr(vae: AutoencoderKL, dataset: ShapesDataset, batch_size: int = 64) -> float:
-    """Mean PSNR (dB, images in [0, 1]) of VAE reconstructions (posterior mean) of the dataset's images."""
+def _reconstructions(vae: AutoencoderKL, dataset: ShapesDataset, batch_size: int = 64):
+    """Batches (images, reconstructions from the posterior mean), each (B, 3, H, W) in [-1, 1]."""
     vae.eval()
-    psnrs = []
     for start in range(0, len(dataset), batch_size):
         images = torch.stack([dataset[i]["image"] for i in range(start, min(start + batch_size, len(dataset)))])
-        recon = vae.decode(vae.encode(images).mean).clamp(-1, 1)  # (B, 3, H, W)
+        yield images, vae.decode(vae.encode(images).mean).clamp(-1, 1)
+
+
+def vae_psnr(vae: AutoencoderKL, dataset: ShapesDataset, batch_size: int = 64) -> float:
+    """Mean PSNR (dB, images in [0, 1]) of VAE reconstructions (posterior mean) of the dataset's images."""
+    psnrs = []
+    for images, recon in _reconstructions(vae, dataset, batch_size):
         mse = ((recon - images) / 2).square().flatten(1).mean(1)  # (B,) in [0, 1] units
         psnrs += (-10 * torch.log10(mse.clamp(min=1e-10))).tolist()
     return sum(psnrs) / len(psnrs)
+
+
+def vae_judged(vae: AutoencoderKL, dataset: ShapesDataset, judge: AttributeJudge) -> dict[str, dict[str, float]]:
+    """The judge's per-attribute accuracy on VAE reconstructions, for small and large shapes apart.
+
+    What the VAE's decoder cannot draw, the UNet cannot either: these bound the generation figures.
+    """
+    recon = torch.cat([r for _, r in _reconstructions(vae, dataset)])  # (N, 3, H, W)
+    truth = [dataclasses.asdict(dataset.describe(i)[0]) for i in range(len(dataset))]
+    result = {}
+    for size in ("small", "large"):
+        rows = [i for i, attrs in enumerate(truth) if attrs["size"] == size]
+        intended = [{k: truth[i][k] for k in ("shape", "colour", "size", "position")} for i in rows]
+        result[size] = score(judge, recon[rows], intended)["accuracy"]
+    return result
 
 
 @torch.no_grad()
@@ -352,4 +375,4 @@ def run_recipe(config_path: str | Path, workdir: str | Path, until: str | None =
     return recipe.workdir / "model"
 
 
-__all__ = ["Recipe", "RecipeConfig", "StageConfig", "STAGES", "run_recipe", "vae_psnr", "clip_retrieval"]
+__all__ = ["Recipe", "RecipeConfig", "StageConfig", "STAGES", "run_recipe", "vae_psnr", "vae_judged", "clip_retrieval"]
