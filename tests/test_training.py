@@ -412,6 +412,25 @@ def test_cfg_dropout_uses_the_cached_empty_context(tokenizer, text_config):
     assert not torch.equal(seen[1][0], empty[0])
 
 
+
+def test_precomputed_contexts_equal_encoded_ones_without_the_encoder(tokenizer, text_config):
+    calls = []
+
+    def counting(texts):
+        calls.append(list(texts))
+        return tokenizer(texts)
+
+    conditioner = TextConditioner(CLIPTextEncoder(text_config), counting)
+    captions = ["a red circle", "a blue square", "a red circle", "a green star", "a white cross"]
+    fresh = conditioner.encode(["a green star", "a red circle"])
+    conditioner.precompute(captions, batch_size=2)
+    assert calls[1:] == [["a red circle", "a blue square"], ["a green star", "a white cross"]]  # distinct, batched
+    calls.clear()
+    assert_parity(conditioner.encode(["a green star", "a red circle"]), fresh)
+    assert calls == []  # read from memory
+    conditioner.encode(["a purple diamond"])  # not precomputed: encoded
+    assert calls == [["a purple diamond"]]
+
 def test_unet_overfits_a_fixed_batch(tokenizer, text_config):
     torch.manual_seed(0)
     conditioner = TextConditioner(CLIPTextEncoder(text_config), tokenizer)

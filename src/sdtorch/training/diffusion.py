@@ -32,7 +32,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 class TextConditioner:
     """A frozen text encoder and its tokenizer: captions -> UNet context (B, L, D), without gradients.
 
-    The empty prompt's context (the unconditional one) is computed once and reused.
+    The empty prompt's context (the unconditional one) is computed once and reused; `precompute`
+    encodes a training set's captions once, so that steps read their contexts from memory.
     """
 
     def __init__(self, text_encoder: nn.Module, tokenizer: Tokenizer, clip_skip: int = 1):
@@ -40,11 +41,25 @@ class TextConditioner:
         self.tokenizer = tokenizer
         self.clip_skip = clip_skip
         self._empty: torch.Tensor | None = None
+        self._rows: dict[str, int] = {}  # caption -> row of self._table
+        self._table: torch.Tensor | None = None  # (U, L, D) contexts of the precomputed captions
 
     @torch.no_grad()
-    def encode(self, captions: list[str]) -> torch.Tensor:
+    def _encode(self, captions: list[str]) -> torch.Tensor:
         device = next(self.text_encoder.parameters()).device
         return self.text_encoder(self.tokenizer(captions).to(device), clip_skip=self.clip_skip)  # (B, L, D)
+
+    def precompute(self, captions: Sequence[str], batch_size: int = 256) -> None:
+        """Encode the distinct `captions` once and keep their contexts (on the encoder's device)."""
+        unique = list(dict.fromkeys(captions))
+        self._table = torch.cat([self._encode(unique[i : i + batch_size]) for i in range(0, len(unique), batch_size)])
+        self._rows = {caption: row for row, caption in enumerate(unique)}
+
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        """Contexts (B, L, D) of `captions`, from the precomputed table when it holds them all."""
+        if self._table is not None and all(c in self._rows for c in captions):
+            return self._table[[self._rows[c] for c in captions]]
+        return self._encode(captions)
 
     def empty(self) -> torch.Tensor:
         """The context of "" (1, L, D), cached."""

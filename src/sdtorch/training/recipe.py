@@ -273,6 +273,7 @@ class Recipe:
         latents, info = load_latents(self.workdir / "latents" / "latents.safetensors")
         text_encoder = self.trained("clip").models["clip"].text_model
         conditioner = TextConditioner(text_encoder, self.tokenizer())
+        conditioner.precompute(info["captions"])
         schedule = DiscreteSchedule(self.config.model.schedule)
         extra = self.config.unet.extra
         step = unet_step(state.models["unet"], latents, info["captions"], conditioner, schedule,
