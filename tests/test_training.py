@@ -382,13 +382,18 @@ def test_noising_matches_diffusers():
     assert_parity(velocity(schedule, x0, noise, t), reference.get_velocity(x0, noise, t))
 
 
-def test_cfg_dropout_uses_the_cached_empty_context(tokenizer, text_config):
-    calls = []
+def _counting(tokenizer, calls: list):
+    """`tokenizer`, recording each list of texts it is called with in `calls`."""
 
     def counting(texts):
         calls.append(list(texts))
         return tokenizer(texts)
 
+    return counting
+
+def test_cfg_dropout_uses_the_cached_empty_context(tokenizer, text_config):
+    calls = []
+    counting = _counting(tokenizer, calls)
     conditioner = TextConditioner(CLIPTextEncoder(text_config), counting)
     captions = ["a red circle", "a blue square", "a green star"]
     drop = torch.tensor([True, False, True])
@@ -415,11 +420,7 @@ def test_cfg_dropout_uses_the_cached_empty_context(tokenizer, text_config):
 
 def test_precomputed_contexts_equal_encoded_ones_without_the_encoder(tokenizer, text_config):
     calls = []
-
-    def counting(texts):
-        calls.append(list(texts))
-        return tokenizer(texts)
-
+    counting = _counting(tokenizer, calls)
     conditioner = TextConditioner(CLIPTextEncoder(text_config), counting)
     captions = ["a red circle", "a blue square", "a red circle", "a green star", "a white cross"]
     fresh = conditioner.encode(["a green star", "a red circle"])
