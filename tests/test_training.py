@@ -391,6 +391,7 @@ def _counting(tokenizer, calls: list):
 
     return counting
 
+
 def test_cfg_dropout_uses_the_cached_empty_context(tokenizer, text_config):
     calls = []
     counting = _counting(tokenizer, calls)
@@ -417,7 +418,6 @@ def test_cfg_dropout_uses_the_cached_empty_context(tokenizer, text_config):
     assert not torch.equal(seen[1][0], empty[0])
 
 
-
 def test_precomputed_contexts_equal_encoded_ones_without_the_encoder(tokenizer, text_config):
     calls = []
     counting = _counting(tokenizer, calls)
@@ -431,6 +431,7 @@ def test_precomputed_contexts_equal_encoded_ones_without_the_encoder(tokenizer, 
     assert calls == []  # read from memory
     conditioner.encode(["a purple diamond"])  # not precomputed: encoded
     assert calls == [["a purple diamond"]]
+
 
 def test_unet_overfits_a_fixed_batch(tokenizer, text_config):
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ from ..checkpoints.io import write_json
 from ..configs import DTYPES, ModelConfig
 from ..data.shapes import ShapesDataset, distinct_items
 from ..errors import InvalidInputError
-from ..evaluation.judge import AttributeJudge, load_judge, score
+from ..evaluation.judge import ATTRIBUTES, AttributeJudge, load_judge, score
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
@@ -356,7 +356,7 @@ def vae_judged(vae: AutoencoderKL, dataset: ShapesDataset, judge: AttributeJudge
     result = {}
     for size in ("small", "large"):
         rows = [i for i, attrs in enumerate(truth) if attrs["size"] == size]
-        intended = [{k: truth[i][k] for k in ("shape", "colour", "size", "position")} for i in rows]
+        intended = [{k: truth[i][k] for k in ATTRIBUTES} for i in rows]
         result[size] = score(judge, recon[rows], intended)["accuracy"]
     return result
 
