@@ -1,6 +1,6 @@
 """Draw the README's grid: the default model's pictures for a set of prompts, each under its prompt.
 
-    .venv/bin/python scripts/sample_grid.py [--out docs/shapes-samples.png] [--model SRC]
+    .venv/bin/python scripts/sample_grid.py [--out docs/shapes-samples.png] [--model SRC] [--cfg 4]
 
 Prompts in the last row use (shape, colour) pairs held out of training. Seeds are 0, 1, 2, ...
 """
@@ -50,9 +50,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/shapes-samples.png")
     parser.add_argument("--model", help="default: the shipped shapes model")
+    parser.add_argument("--cfg", type=float, default=4.0, help="guidance scale (the shapes model's best: 2-4)")
     args = parser.parse_args()
     pipe = sdtorch.load(args.model)
-    images = [pipe(p, num_inference_steps=20, sampler="DPM++ 2M", schedule="Karras", seed=i)[0]
+    images = [pipe(p, num_inference_steps=20, sampler="DPM++ 2M", schedule="Karras", guidance_scale=args.cfg, seed=i)[0]
               for i, p in enumerate(PROMPTS)]
     grid = draw_grid(images, PROMPTS)
     atomic_write(args.out, lambda tmp: grid.save(tmp, format="PNG"))
