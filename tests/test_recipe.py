@@ -61,6 +61,11 @@ def test_recipe_runs_resumes_and_ships_a_loadable_model(tmp_path):
     unet = recipe.trained("unet")  # the shipped UNet holds the EMA weights, stored in float16
     ema = {k: v.half().float() for k, v in unet.ema["unet"].state_dict()["shadow"].items()}
     assert all(torch.equal(ema[k], v) for k, v in pipe.unet.state_dict().items())
+    vae, decoder = recipe.trained("vae").models["vae"], recipe.trained("decoder").models["vae"]
+    shipped = pipe.vae.state_dict()
+    for name, tensor in decoder.state_dict().items():  # encoder from the vae stage, decoder fine-tuned after it
+        assert torch.equal(shipped[name].float(), tensor.half().float()), name
+        assert torch.equal(tensor, vae.state_dict()[name]) != name.startswith(("decoder.", "post_quant_conv.")), name
     image = pipe("a small red star in the top left", num_inference_steps=2, seed=0)[0]
     assert image.size == (64, 64)
 
@@ -106,3 +111,16 @@ def test_vae_judged_separates_a_faithful_vae_from_a_blank_one():
     assert set(faithful) == set(blank) == {"small", "large"}
     assert all(acc == 1.0 for size in faithful.values() for acc in size.values()), faithful
     assert all(blank[size]["shape"] < 0.5 and blank[size]["colour"] < 0.5 for size in blank), blank
+
+
+def test_a_recipe_without_a_decoder_stage_ships_the_vae_stage_vae(tmp_path):
+    config = toy_recipe(tmp_path)
+    text = re.sub(r"(?ms)^\[decoder\].*?(?=^\[clip\])", "", config.read_text(encoding="utf-8"))
+    config.write_text(text, encoding="utf-8")
+    recipe = Recipe(RecipeConfig.from_file(config), tmp_path / "work")
+    assert recipe.config.decoder is None
+    recipe.run(until="decoder")
+    assert json.loads((recipe.workdir / "timings.json").read_text())["decoder"]["skipped"]
+    assert not (recipe.workdir / "decoder").exists()
+    trained = recipe.trained("vae").models["vae"].state_dict()
+    assert all(torch.equal(t, trained[k]) for k, t in recipe.vae().state_dict().items())

@@ -24,7 +24,9 @@ from sdtorch.training.diffusion import (
 from sdtorch.training.loop import (
     EMA, TrainState, batch_indices, resume, save_checkpoint, step_generator, train, warmup_cosine,
 )
-from sdtorch.training.vae import cache_latents, estimate_scaling_factor, kl_divergence, load_latents, vae_loss, vae_step
+from sdtorch.training.vae import (
+    cache_latents, estimate_scaling_factor, foreground_weights, kl_divergence, load_latents, vae_loss, vae_step,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 16  # image side in the tests: the tiny VAE (2 levels) makes 8x8 latents of it, as SD's makes of 64
@@ -263,6 +265,35 @@ def test_vae_loss_terms():
         torch.distributions.Normal(posterior.mean, posterior.std), torch.distributions.Normal(0.0, 1.0)
     ).mean()
     assert_parity(kl_divergence(posterior), reference)
+
+
+def test_foreground_weights_lift_a_small_object_to_its_share():
+    images = torch.zeros(2, 3, 8, 8)  # image 0: gray with a 2x2 red square; image 1: flat gray
+    images[0, 0, 2:4, 2:4] = 0.9
+    w = foreground_weights(images, weight=4.0)
+    assert w.shape == (2, 1, 8, 8)
+    assert torch.allclose(w.mean(dim=(1, 2, 3)), torch.ones(2))
+    inside, outside = w[0, 0, 2, 2], w[0, 0, 0, 0]
+    assert torch.allclose(inside / outside, torch.tensor(5.0))  # 1 + weight
+    assert (w[0, 0, 2:4, 2:4] == inside).all() and (w[0].sum() - 4 * inside).isclose(60 * outside)
+    assert torch.equal(w[1], torch.ones(1, 8, 8))  # nothing stands out: plain mean
+
+
+def test_vae_loss_weights_pixel_terms_by_foreground():
+    vae = AutoencoderKL(TINY_SD1.vae)
+    images = torch.zeros(2, 3, SIZE, SIZE)
+    images[:, 1, :4, :4] = 0.8
+    out = vae_loss(vae, images, kl_weight=0.0, edge_weight=1.0, mse_weight=1.0, foreground_weight=3.0,
+                   generator=torch.Generator().manual_seed(0))
+    recon = vae.decode(vae.encode(images).sample(torch.Generator().manual_seed(0)))
+    w = foreground_weights(images, 3.0)
+    assert_parity(out["l1"], ((recon - images).abs() * w).mean())
+    assert_parity(out["mse"], ((recon - images).square() * w).mean())
+    dx = (recon.diff(dim=3) - images.diff(dim=3)).abs() * w[..., :, :-1]
+    dy = (recon.diff(dim=2) - images.diff(dim=2)).abs() * w[..., :-1, :]
+    assert_parity(out["edge"], 0.5 * (dx.mean() + dy.mean()))
+    plain = vae_loss(vae, images, kl_weight=0.0, generator=torch.Generator().manual_seed(0))
+    assert not torch.isclose(plain["l1"], out["l1"])
 
 
 def test_vae_overfits_a_fixed_batch():

@@ -4,6 +4,8 @@ Stages, in order, each in its own folder under the work directory and skipped on
 (an interrupted stage resumes from its last checkpoint, bit-identically):
     tokenizer   BPE vocabulary learned from the training captions (CLIP's file format)
     vae         the autoencoder (L1 + KL + edge loss) on rendered images
+    decoder     optional ([decoder] in the recipe): the VAE's decoder fine-tuned with its encoder frozen,
+                small objects' pixels weighted up (latents stay the same; SD's ft-MSE VAE was made so)
     latents     scaling factor (1 / std of the latents), then every training image encoded once
     clip        text and image towers, contrastive; the text tower becomes the UNet's text encoder
     unet        denoising on the cached latents, captions dropped for classifier-free guidance, EMA
@@ -46,7 +48,7 @@ from .vae import cache_latents, estimate_scaling_factor, load_latents, vae_step
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("tokenizer", "vae", "latents", "clip", "unet", "model", "metrics")
+STAGES = ("tokenizer", "vae", "decoder", "latents", "clip", "unet", "model", "metrics")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class RecipeConfig:
     vae: StageConfig
     clip: StageConfig
     unet: StageConfig
+    decoder: StageConfig | None = None  # decoder fine-tuning, when the recipe has a [decoder] section
     export_dtype: str = "float16"
     vae_eval_images: int = 512  # held-out renders (and as many fresh held-in ones) for the VAE's PSNR
     clip_eval_captions: int = 200  # distinct held-in renders for CLIP's retrieval top-1
@@ -101,6 +104,7 @@ class RecipeConfig:
                 vae=stage("vae"),
                 clip=stage("clip"),
                 unet=stage("unet"),
+                decoder=stage("decoder") if "decoder" in d else None,
                 export_dtype=d.get("export", {}).get("dtype", "float16"),
                 vae_eval_images=int(d.get("metrics", {}).get("vae_images", 512)),
                 clip_eval_captions=int(d.get("metrics", {}).get("clip_captions", 200)),
@@ -198,6 +202,15 @@ class Recipe:
         return _state({"vae": vae}, self.config.vae, self.config.seed, {"vae": self.config.raw.get("vae"),
                                                                        "model": self.config.raw["model"].get("vae")})
 
+    def _decoder_state(self) -> TrainState:
+        """The trained VAE with everything but its decoder frozen."""
+        vae = self.trained("vae").models["vae"]
+        vae.requires_grad_(False)
+        for part in (vae.post_quant_conv, vae.decoder):
+            part.requires_grad_(True)
+        return _state({"vae": vae}, self.config.decoder, self.config.seed,
+                      {"decoder": self.config.raw.get("decoder"), "model": self.config.raw["model"].get("vae")})
+
     def _clip_state(self) -> TrainState:
         extra = self.config.clip.extra
         image = ImageEncoderConfig(image_size=self.config.image_size,
@@ -213,11 +226,17 @@ class Recipe:
                       ema=self.config.unet.extra.get("ema_decay", 0.999))
 
     def trained(self, name: str) -> TrainState:
-        """The state of a trained stage ("vae", "clip" or "unet"), restored from its checkpoint."""
-        state = {"vae": self._vae_state, "clip": self._clip_state, "unet": self._unet_state}[name]()
+        """The state of a trained stage ("vae", "decoder", "clip" or "unet"), restored from its checkpoint."""
+        builders = {"vae": self._vae_state, "decoder": self._decoder_state, "clip": self._clip_state,
+                    "unet": self._unet_state}
+        state = builders[name]()
         if not resume(state, self.workdir / name):
             raise InvalidInputError(f"{self.workdir / name}: stage {name!r} has not been trained yet")
         return state
+
+    def vae(self) -> AutoencoderKL:
+        """The finished VAE: the decoder stage's when the recipe has one, else the vae stage's."""
+        return self.trained("decoder" if self.config.decoder else "vae").models["vae"].requires_grad_(False)
 
     # stages
 
@@ -251,8 +270,20 @@ class Recipe:
         _run(state, self.config.vae, step, self.workdir / "vae", "vae")
         _merge_timings(self.workdir, self.workdir / "vae", "vae")
 
+    def stage_decoder(self) -> None:
+        if self.config.decoder is None:
+            record_timing(self.workdir / TIMINGS_JSON, "decoder", seconds=0.0, done=True, skipped=True)
+            return
+        state = self._decoder_state()
+        extra = self.config.decoder.extra
+        step = vae_step(state.models["vae"], self.dataset, batch_size=self.config.decoder.batch_size,
+                        edge_weight=extra.get("edge_weight", 0.0), mse_weight=extra.get("mse_weight", 0.0),
+                        foreground_weight=extra.get("foreground_weight", 0.0))
+        _run(state, self.config.decoder, step, self.workdir / "decoder", "decoder")
+        _merge_timings(self.workdir, self.workdir / "decoder", "decoder")
+
     def stage_latents(self) -> None:
-        vae = self.trained("vae").models["vae"].eval()
+        vae = self.vae().eval()
         folder = self.workdir / "latents"
 
         def build() -> None:
@@ -285,7 +316,7 @@ class Recipe:
     def pipeline(self) -> Pipeline:
         """The trained parts as a Pipeline (the UNet's EMA weights), float32 on the CPU."""
         config = self.model_config
-        vae = self.trained("vae").models["vae"]
+        vae = self.vae()
         vae.config = config.vae  # carries the measured scaling factor
         clip = self.trained("clip").models["clip"]
         unet_state = self.trained("unet")
@@ -308,7 +339,7 @@ class Recipe:
     def stage_metrics(self) -> None:
         def build() -> dict[str, Any]:
             cfg = self.config
-            vae = self.trained("vae").models["vae"]
+            vae = self.vae()
 
             def renders(split: str) -> ShapesDataset:
                 return ShapesDataset(cfg.vae_eval_images, seed=f"{cfg.seed}:vae-eval", split=split, size=cfg.image_size)

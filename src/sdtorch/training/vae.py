@@ -33,6 +33,20 @@ def _gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
 
 
+def foreground_weights(images: torch.Tensor, weight: float, threshold: float = 0.1) -> torch.Tensor:
+    """Per-pixel loss weights (B, 1, H, W), mean 1 in each image: foreground pixels weigh 1 + `weight` times
+    as much as background ones before normalising.
+
+    Foreground is where a pixel's colour differs from its image's per-channel median (the background, for
+    pictures whose object covers under half the area) by more than `threshold` in some channel ([-1, 1] units).
+    A small object is then worth as much of the loss as a large one's share of its image, not 1/16 of it.
+    """
+    median = images.flatten(2).median(dim=2).values[..., None, None]  # (B, C, 1, 1)
+    mask = ((images - median).abs().amax(dim=1, keepdim=True) > threshold).float()  # (B, 1, H, W)
+    w = 1.0 + weight * mask
+    return w / w.mean(dim=(2, 3), keepdim=True)
+
+
 def vae_loss(
     vae: AutoencoderKL,
     images: torch.Tensor,
@@ -40,6 +54,7 @@ def vae_loss(
     kl_weight: float = 1e-4,
     edge_weight: float = 0.0,
     mse_weight: float = 0.0,
+    foreground_weight: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """Loss of one batch of images (B, 3, H, W) in [-1, 1]: {"loss", "l1", "kl"[, "edge"][, "mse"]}.
@@ -47,21 +62,25 @@ def vae_loss(
     loss = mean |decode(z) - x| + kl_weight * KL + edge_weight * mean |grad decode(z) - grad x|
            + mse_weight * mean (decode(z) - x)^2 (squared errors weigh the few large errors, on small shapes, more),
     z sampled from the posterior with `generator`. Every term is a per-element mean, so the weights
-    do not depend on the image size.
+    do not depend on the image size. With `foreground_weight`, the pixel terms are means weighted by
+    `foreground_weights` (edges: the weight of the pixel each difference starts at).
+    With the encoder frozen (requires_grad False), only the decoder learns and the KL term is a constant.
     """
     posterior = vae.encode(images)
     recon = vae.decode(posterior.sample(generator)).float()  # (B, 3, H, W)
     target = images.float()
-    l1 = (recon - target).abs().mean()
+    w = foreground_weights(target, foreground_weight) if foreground_weight else torch.ones_like(target[:, :1])
+    l1 = ((recon - target).abs() * w).mean()
     kl = kl_divergence(posterior)
     out = {"l1": l1, "kl": kl}
     loss = l1 + kl_weight * kl
     if edge_weight:
         (rx, ry), (tx, ty) = _gradients(recon), _gradients(target)
-        out["edge"] = 0.5 * ((rx - tx).abs().mean() + (ry - ty).abs().mean())
+        wx, wy = w[..., :, :-1], w[..., :-1, :]  # (B, 1, H, W-1), (B, 1, H-1, W)
+        out["edge"] = 0.5 * (((rx - tx).abs() * wx).mean() + ((ry - ty).abs() * wy).mean())
         loss = loss + edge_weight * out["edge"]
     if mse_weight:
-        out["mse"] = (recon - target).square().mean()
+        out["mse"] = ((recon - target).square() * w).mean()
         loss = loss + mse_weight * out["mse"]
     return {"loss": loss, **{k: v.detach() for k, v in out.items()}}
 
@@ -79,6 +98,7 @@ def vae_step(
     kl_weight: float = 1e-4,
     edge_weight: float = 0.0,
     mse_weight: float = 0.0,
+    foreground_weight: float = 0.0,
 ) -> StepFn:
     """A step function for `train`: the batch of (seed, step) from `dataset` (items with an "image")."""
     param = next(vae.parameters())
@@ -88,7 +108,7 @@ def vae_step(
         images = _images(dataset, indices, param)
         generator = step_generator(state.seed, state.step)
         return vae_loss(vae, images, kl_weight=kl_weight, edge_weight=edge_weight, mse_weight=mse_weight,
-                        generator=generator)
+                        foreground_weight=foreground_weight, generator=generator)
 
     return step
 
