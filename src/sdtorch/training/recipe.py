@@ -276,7 +276,7 @@ class Recipe:
             return
         state = self._decoder_state()
         extra = self.config.decoder.extra
-        step = vae_step(state.models["vae"], self.dataset, batch_size=self.config.decoder.batch_size,
+        step = vae_step(state.models["vae"], self.dataset, batch_size=self.config.decoder.batch_size, kl_weight=0.0,
                         edge_weight=extra.get("edge_weight", 0.0), mse_weight=extra.get("mse_weight", 0.0),
                         foreground_weight=extra.get("foreground_weight", 0.0))
         _run(state, self.config.decoder, step, self.workdir / "decoder", "decoder")
