@@ -203,9 +203,8 @@ class Recipe:
                                                                        "model": self.config.raw["model"].get("vae")})
 
     def _decoder_state(self) -> TrainState:
-        """The trained VAE with everything but its decoder frozen."""
-        vae = self.trained("vae").models["vae"]
-        vae.requires_grad_(False)
+        """A VAE with everything but its decoder frozen (`stage_decoder` starts it from the vae stage's weights)."""
+        vae = AutoencoderKL(self.config.model.vae).requires_grad_(False)
         for part in (vae.post_quant_conv, vae.decoder):
             part.requires_grad_(True)
         return _state({"vae": vae}, self.config.decoder, self.config.seed,
@@ -275,6 +274,7 @@ class Recipe:
             record_timing(self.workdir / TIMINGS_JSON, "decoder", seconds=0.0, done=True, skipped=True)
             return
         state = self._decoder_state()
+        state.models["vae"].load_state_dict(self.trained("vae").models["vae"].state_dict())  # train() resumes over it
         extra = self.config.decoder.extra
         step = vae_step(state.models["vae"], self.dataset, batch_size=self.config.decoder.batch_size, kl_weight=0.0,
                         edge_weight=extra.get("edge_weight", 0.0), mse_weight=extra.get("mse_weight", 0.0),

@@ -47,6 +47,11 @@ def foreground_weights(images: torch.Tensor, weight: float, threshold: float = 0
     return w / w.mean(dim=(2, 3), keepdim=True)
 
 
+def _mean(t: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """Mean of t, weighted per pixel by w (broadcast over channels) when given."""
+    return t.mean() if w is None else (t * w).mean()
+
+
 def vae_loss(
     vae: AutoencoderKL,
     images: torch.Tensor,
@@ -69,18 +74,18 @@ def vae_loss(
     posterior = vae.encode(images)
     recon = vae.decode(posterior.sample(generator)).float()  # (B, 3, H, W)
     target = images.float()
-    w = foreground_weights(target, foreground_weight) if foreground_weight else torch.ones_like(target[:, :1])
-    l1 = ((recon - target).abs() * w).mean()
+    w = foreground_weights(target, foreground_weight) if foreground_weight else None  # (B, 1, H, W)
+    l1 = _mean((recon - target).abs(), w)
     kl = kl_divergence(posterior)
     out = {"l1": l1, "kl": kl}
     loss = l1 + kl_weight * kl
     if edge_weight:
         (rx, ry), (tx, ty) = _gradients(recon), _gradients(target)
-        wx, wy = w[..., :, :-1], w[..., :-1, :]  # (B, 1, H, W-1), (B, 1, H-1, W)
-        out["edge"] = 0.5 * (((rx - tx).abs() * wx).mean() + ((ry - ty).abs() * wy).mean())
+        wx, wy = (None, None) if w is None else (w[..., :, :-1], w[..., :-1, :])  # (B, 1, H, W-1), (B, 1, H-1, W)
+        out["edge"] = 0.5 * (_mean((rx - tx).abs(), wx) + _mean((ry - ty).abs(), wy))
         loss = loss + edge_weight * out["edge"]
     if mse_weight:
-        out["mse"] = ((recon - target).square() * w).mean()
+        out["mse"] = _mean((recon - target).square(), w)
         loss = loss + mse_weight * out["mse"]
     return {"loss": loss, **{k: v.detach() for k, v in out.items()}}
 
