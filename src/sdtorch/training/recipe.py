@@ -132,7 +132,8 @@ class RecipeConfig:
 
 def _state(models: dict[str, torch.nn.Module], stage: StageConfig, seed: int, config: dict, ema: float | None = None):
     params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    # fused: one kernel per step instead of a dozen per tensor (10% of a UNet step on this CPU)
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, fused=True)
     scheduler = warmup_cosine(optimizer, stage.warmup_steps, stage.steps)
     averages = {name: EMA(models[name], decay=ema, warmup=True) for name in models} if ema else {}
     return TrainState(models=models, optimizer=optimizer, scheduler=scheduler, ema=averages, seed=seed, config=config)
@@ -265,7 +266,7 @@ class Recipe:
         extra = self.config.vae.extra
         step = vae_step(state.models["vae"], self.dataset, batch_size=self.config.vae.batch_size,
                         kl_weight=extra.get("kl_weight", 1e-4), edge_weight=extra.get("edge_weight", 0.0),
-                        mse_weight=extra.get("mse_weight", 0.0))
+                        mse_weight=extra.get("mse_weight", 0.0), foreground_weight=extra.get("foreground_weight", 0.0))
         _run(state, self.config.vae, step, self.workdir / "vae", "vae")
         _merge_timings(self.workdir, self.workdir / "vae", "vae")
 
