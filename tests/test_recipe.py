@@ -124,3 +124,24 @@ def test_a_recipe_without_a_decoder_stage_ships_the_vae_stage_vae(tmp_path):
     assert not (recipe.workdir / "decoder").exists()
     trained = recipe.trained("vae").models["vae"].state_dict()
     assert all(torch.equal(t, trained[k]) for k, t in recipe.vae().state_dict().items())
+
+
+@pytest.mark.parametrize("setting", ["foreground_weight = 5.0", "max_objects = 4"])
+def test_vae_stage_settings_change_what_it_learns(tmp_path, setting):
+    """foreground_weight weighs the object's pixels up; max_objects trains on scenes of several objects."""
+
+    def vae_after_training(extra: str, name: str) -> dict[str, torch.Tensor]:
+        lines, section = [], None
+        for line in toy_recipe(tmp_path).read_text("utf-8").splitlines(keepends=True):
+            section = line.strip() if line.startswith("[") else section
+            if not (section == "[vae]" and line.split(" = ")[0] in ("foreground_weight", "max_objects")):
+                lines.append(line)
+        text = "".join(lines)
+        (tmp_path / f"{name}.toml").write_text(text.replace("[vae]\n", f"[vae]\n{extra}\n", 1), encoding="utf-8")
+        recipe = Recipe(RecipeConfig.from_file(tmp_path / f"{name}.toml"), tmp_path / name)
+        recipe.run(until="vae")
+        return recipe.trained("vae").models["vae"].state_dict()
+
+    plain, again, changed = (vae_after_training(e, n) for e, n in [("", "a"), ("", "b"), (setting, "c")])
+    assert all(torch.equal(plain[k], again[k]) for k in plain)  # deterministic, so a difference is the setting's
+    assert not all(torch.equal(plain[k], changed[k]) for k in plain)

@@ -18,6 +18,7 @@ from sdtorch.data.shapes import (
     SHAPES,
     SIZES,
     Attributes,
+    ScenesDataset,
     ShapesDataset,
     allowed_backgrounds,
     caption,
@@ -25,7 +26,9 @@ from sdtorch.data.shapes import (
     contact_sheet,
     parse_prompt,
     render,
+    render_scene,
     sample_attributes,
+    sample_scene,
 )
 from sdtorch.errors import InvalidInputError
 
@@ -170,6 +173,43 @@ def test_render_uses_the_object_and_background_colours_with_antialiased_edges():
             towards = np.array(rgb) - np.array(BACKGROUNDS[background])
             assert ((pixels[others] - np.array(BACKGROUNDS[background])) @ towards > 0).all()
     assert render(Attributes("star", "red", "small", "center", "gray"), size=128).size == (128, 128)
+
+
+def test_scenes_paint_objects_in_order_on_one_background():
+    one = Attributes("star", "red", "small", "center", "gray")
+    assert np.array_equal(np.asarray(render_scene([one])), np.asarray(render(one)))
+    below = Attributes("square", "blue", "large", "left", "white")
+    above = Attributes("circle", "yellow", "large", "center", "white")
+    pixels = np.asarray(render_scene([below, above]))
+    assert tuple(pixels[32, 8]) == COLOURS["blue"] and tuple(pixels[32, 32]) == COLOURS["yellow"]
+    assert tuple(pixels[32, 20]) == COLOURS["yellow"]  # where the two overlap, the later one shows
+    assert tuple(pixels[2, 62]) == BACKGROUNDS["white"]
+    with pytest.raises(InvalidInputError, match="same background"):
+        render_scene([one, below])
+    with pytest.raises(InvalidInputError, match="at least one object"):
+        render_scene([])
+
+
+def test_scene_sampling_covers_one_to_max_objects_of_the_split_that_stand_out():
+    rng = random.Random(0)
+    scenes = [sample_scene(rng, 4) for _ in range(400)]
+    assert {len(s) for s in scenes} == {1, 2, 3, 4}
+    for scene in scenes:
+        assert len({o.position for o in scene}) == len(scene) and len({o.background for o in scene}) == 1
+        assert all((o.shape, o.colour) not in HELD_OUT_PAIRS for o in scene)
+        assert all(o.background in allowed_backgrounds(o.colour) for o in scene)
+    with pytest.raises(InvalidInputError, match="max_objects"):
+        sample_scene(rng, 0)
+    with pytest.raises(InvalidInputError, match="max_objects"):
+        ScenesDataset(4, max_objects=10)
+
+    data = ScenesDataset(6, seed=3, max_objects=3)
+    item = data[5]
+    assert item["image"].shape == (3, 64, 64) and 1 <= len(item["objects"]) <= 3
+    assert torch.equal(item["image"], ScenesDataset(6, seed=3, max_objects=3)[5]["image"])
+    assert len({data.describe(i) for i in range(6)}) > 1
+    with pytest.raises(IndexError):
+        data[6]
 
 
 # ----------------------------------------------------------------------------- captions and parsing

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,6 +112,20 @@ def sample_attributes(rng: random.Random, split: str = "train") -> Attributes:
     )
 
 
+def sample_scene(rng: random.Random, max_objects: int, split: str = "train") -> tuple[Attributes, ...]:
+    """Draw a scene: a background, then 1 to `max_objects` objects of the split's pairs that stand out on it,
+    at distinct positions (large neighbours may still overlap)."""
+    if not 1 <= max_objects <= len(POSITIONS):
+        raise InvalidInputError(f"max_objects must be 1 to {len(POSITIONS)}, got {max_objects}")
+    background = rng.choice(tuple(BACKGROUNDS))
+    pairs = [p for p in _pairs(split) if background in allowed_backgrounds(p[1])]
+    positions = rng.sample(POSITIONS, rng.randint(1, max_objects))
+    return tuple(
+        Attributes(*rng.choice(pairs), size=rng.choice(SIZES), position=position, background=background)
+        for position in positions
+    )
+
+
 # ----------------------------------------------------------------------------- drawing
 
 
@@ -167,26 +182,48 @@ def shape_box(attrs: Attributes) -> tuple[float, float, float]:
     return min(max((col + 0.5) / 3, lo), hi), min(max((row + 0.5) / 3, lo), hi), side
 
 
-def render(attrs: Attributes, size: int = 64, shape: str | None = None) -> PIL.Image.Image:
-    """Draw the picture `attrs` describe: a size x size RGB image.
-
-    `shape` draws another outline in the same place and style: "hexagon", which the world never samples
-    (fine-tuning teaches it), is drawable this way.
+def _paint(pixels: np.ndarray, attrs: Attributes, shape: str | None = None) -> np.ndarray:
+    """`pixels` (size, size, 3) float with the object of `attrs` blended over them by its coverage.
 
     Anti-aliased by supersampling: each pixel's coverage is the share of a SUPERSAMPLE x SUPERSAMPLE grid
-    of points inside it that the shape covers (a box filter over a 4x render), and the pixel blends the
-    background and object colours by that share. The shape is sampled exactly at those points; PIL's
-    polygon fill would snap vertices to whole pixels and fill its closing edges (a pixel too wide).
+    of points inside it that the shape covers (a box filter over a 4x render). The shape is sampled exactly
+    at those points; PIL's polygon fill would snap vertices to whole pixels and fill its closing edges.
     """
+    size = pixels.shape[0]
     cx, cy, side = shape_box(attrs)
     samples = (np.arange(size * SUPERSAMPLE) + 0.5) / (size * SUPERSAMPLE)  # (S,) sample coordinates / width
     u = (samples[None, :] - cx) / (side / 2)  # (1, S) unit coordinates across
     v = (samples[:, None] - cy) / (side / 2)  # (S, 1) unit coordinates down
     covered = _inside(shape or attrs.shape, u, v)  # (S, S) bool
     coverage = covered.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))[..., None]  # (size, size, 1)
-    background, colour = np.array(BACKGROUNDS[attrs.background], float), np.array(COLOURS[attrs.colour], float)
-    pixels = background + coverage * (colour - background)  # (size, size, 3)
+    return pixels + coverage * (np.array(COLOURS[attrs.colour], float) - pixels)
+
+
+def _canvas(background: str, size: int) -> np.ndarray:
+    return np.broadcast_to(np.array(BACKGROUNDS[background], float), (size, size, 3))
+
+
+def _image(pixels: np.ndarray) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.rint(pixels).astype(np.uint8), "RGB")
+
+
+def render(attrs: Attributes, size: int = 64, shape: str | None = None) -> PIL.Image.Image:
+    """Draw the picture `attrs` describe: a size x size RGB image, the object anti-aliased (see `_paint`).
+
+    `shape` draws another outline in the same place and style: "hexagon", which the world never samples
+    (fine-tuning teaches it), is drawable this way.
+    """
+    return _image(_paint(_canvas(attrs.background, size), attrs, shape))
+
+
+def render_scene(objects: Sequence[Attributes], size: int = 64) -> PIL.Image.Image:
+    """Draw several objects on their common background, in order (later ones cover earlier ones)."""
+    if not objects or len({o.background for o in objects}) != 1:
+        raise InvalidInputError("a scene needs at least one object, all on the same background")
+    pixels = _canvas(objects[0].background, size)
+    for attrs in objects:
+        pixels = _paint(pixels, attrs)
+    return _image(pixels)
 
 
 # ----------------------------------------------------------------------------- captions
@@ -377,6 +414,34 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         attrs, text = self.describe(index)
         return _item(attrs, text, self.size)
+
+
+class ScenesDataset(torch.utils.data.Dataset):
+    """`length` uncaptioned pictures of 1 to `max_objects` objects each (`sample_scene`): autoencoder training
+    data with more shape edges per pixel than ShapesDataset's one object on a mostly empty background.
+
+    An item is dict(image=(3, size, size) float32 in [-1, 1], objects=tuple of Attributes); item i depends
+    only on (seed, i).
+    """
+
+    def __init__(self, length: int, seed: int = 0, split: str = "train", size: int = 64, max_objects: int = 4):
+        sample_scene(random.Random(0), max_objects, split)  # validates max_objects and the split
+        if length < 0 or size < 8:
+            raise InvalidInputError(f"need length >= 0 and size >= 8, got length={length}, size={size}")
+        self.length, self.seed, self.split, self.size, self.max_objects = length, seed, split, size, max_objects
+
+    def __len__(self) -> int:
+        return self.length
+
+    def describe(self, index: int) -> tuple[Attributes, ...]:
+        """Item `index`'s objects, without rendering them."""
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for a ScenesDataset of length {self.length}")
+        return sample_scene(random.Random(f"sdtorch.scenes:{self.seed}:{index}"), self.max_objects, self.split)
+
+    def __getitem__(self, index: int) -> dict:
+        objects = self.describe(index)
+        return {"image": image_to_tensor(render_scene(objects, self.size))[0], "objects": objects}
 
 
 def _item(attrs: Attributes, text: str, size: int) -> dict:

@@ -23,7 +23,9 @@ import logging
 import random
 import time
 import tomllib
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ import torch
 
 from ..checkpoints.io import write_json
 from ..configs import DTYPES, ModelConfig
-from ..data.shapes import ShapesDataset, distinct_items
+from ..data.shapes import ScenesDataset, ShapesDataset, distinct_items
 from ..errors import InvalidInputError
 from ..evaluation.judge import ATTRIBUTES, AttributeJudge, load_judge, score
 from ..models.tokenizer import CLIPTokenizer
@@ -139,6 +141,14 @@ def _state(models: dict[str, torch.nn.Module], stage: StageConfig, seed: int, co
     return TrainState(models=models, optimizer=optimizer, scheduler=scheduler, ema=averages, seed=seed, config=config)
 
 
+@contextmanager
+def _seeded_init(seed: int, stage: str) -> Iterator[None]:
+    """Models built inside draw their initial weights from (seed, stage), whatever ran before in the process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(f"{seed}:{stage}".encode()))
+        yield
+
+
 def _run(state: TrainState, stage: StageConfig, step_fn, folder: Path, name: str) -> TrainState:
     return train(
         step_fn, state, stage.steps, batch_size=stage.batch_size, folder=folder,
@@ -199,13 +209,15 @@ class Recipe:
         return CLIPTokenizer.from_folder(self.workdir / "tokenizer")
 
     def _vae_state(self) -> TrainState:
-        vae = AutoencoderKL(self.config.model.vae)
+        with _seeded_init(self.config.seed, "vae"):
+            vae = AutoencoderKL(self.config.model.vae)
         return _state({"vae": vae}, self.config.vae, self.config.seed, {"vae": self.config.raw.get("vae"),
                                                                        "model": self.config.raw["model"].get("vae")})
 
     def _decoder_state(self) -> TrainState:
         """A VAE with everything but its decoder frozen (`stage_decoder` starts it from the vae stage's weights)."""
-        vae = AutoencoderKL(self.config.model.vae).requires_grad_(False)
+        with _seeded_init(self.config.seed, "decoder"):
+            vae = AutoencoderKL(self.config.model.vae).requires_grad_(False)
         for part in (vae.post_quant_conv, vae.decoder):
             part.requires_grad_(True)
         return _state({"vae": vae}, self.config.decoder, self.config.seed,
@@ -215,12 +227,14 @@ class Recipe:
         extra = self.config.clip.extra
         image = ImageEncoderConfig(image_size=self.config.image_size,
                                    channels=tuple(extra.get("image_channels", ImageEncoderConfig.channels)))
-        clip = CLIPModel(CLIPConfig(text=self.model_config.text_encoder, image=image))
+        with _seeded_init(self.config.seed, "clip"):
+            clip = CLIPModel(CLIPConfig(text=self.model_config.text_encoder, image=image))
         return _state({"clip": clip}, self.config.clip, self.config.seed,
                       {"clip": self.config.raw.get("clip"), "text": self.config.raw["model"].get("text_encoder")})
 
     def _unet_state(self) -> TrainState:
-        unet = UNet(self.config.model.unet)
+        with _seeded_init(self.config.seed, "unet"):
+            unet = UNet(self.config.model.unet)
         return _state({"unet": unet}, self.config.unet, self.config.seed,
                       {"unet": self.config.raw.get("unet"), "model": self.config.raw["model"].get("unet")},
                       ema=self.config.unet.extra.get("ema_decay", 0.999))
@@ -264,11 +278,19 @@ class Recipe:
     def stage_vae(self) -> None:
         state = self._vae_state()
         extra = self.config.vae.extra
-        step = vae_step(state.models["vae"], self.dataset, batch_size=self.config.vae.batch_size,
+        images = self._vae_images(extra.get("max_objects", 1))
+        step = vae_step(state.models["vae"], images, batch_size=self.config.vae.batch_size,
                         kl_weight=extra.get("kl_weight", 1e-4), edge_weight=extra.get("edge_weight", 0.0),
                         mse_weight=extra.get("mse_weight", 0.0), foreground_weight=extra.get("foreground_weight", 0.0))
         _run(state, self.config.vae, step, self.workdir / "vae", "vae")
         _merge_timings(self.workdir, self.workdir / "vae", "vae")
+
+    def _vae_images(self, max_objects: int) -> Sequence[dict[str, Any]]:
+        """The VAE's training pictures: the captioned renders, or scenes of up to `max_objects` objects each."""
+        if max_objects == 1:
+            return self.dataset
+        cfg = self.config
+        return ScenesDataset(cfg.items, seed=cfg.seed, split="train", size=cfg.image_size, max_objects=max_objects)
 
     def stage_decoder(self) -> None:
         if self.config.decoder is None:
@@ -277,7 +299,8 @@ class Recipe:
         state = self._decoder_state()
         state.models["vae"].load_state_dict(self.trained("vae").models["vae"].state_dict())  # train() resumes over it
         extra = self.config.decoder.extra
-        step = vae_step(state.models["vae"], self.dataset, batch_size=self.config.decoder.batch_size, kl_weight=0.0,
+        images = self._vae_images(extra.get("max_objects", 1))
+        step = vae_step(state.models["vae"], images, batch_size=self.config.decoder.batch_size, kl_weight=0.0,
                         edge_weight=extra.get("edge_weight", 0.0), mse_weight=extra.get("mse_weight", 0.0),
                         foreground_weight=extra.get("foreground_weight", 0.0))
         _run(state, self.config.decoder, step, self.workdir / "decoder", "decoder")
