@@ -19,9 +19,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPES_RECIPE = Path(__file__).parent.parent / "configs" / "shapes.toml"
 
 
+TOY_DECODER_STAGE = """[decoder]
+steps = 2
+batch_size = 4
+lr = 2e-4
+foreground_weight = 5.0
+
+"""
+
+
 def toy_recipe(tmp_path: Path) -> Path:
-    """configs/shapes.toml shrunk: few items, two steps per stage, tiny evaluation."""
+    """configs/shapes.toml shrunk: few items, two steps per stage, tiny evaluation; with a decoder stage."""
     text = SHAPES_RECIPE.read_text(encoding="utf-8")
+    if "[decoder]" not in text:
+        text = text.replace("[clip]\n", TOY_DECODER_STAGE + "[clip]\n", 1)
     text = re.sub(r"(?m)^items = \d+", "items = 96", text)
     text = re.sub(r"(?m)^steps = \d+", "steps = 2\ncheckpoint_every = 1", text)
     text = re.sub(r"(?m)^batch_size = \d+", "batch_size = 4", text)
