@@ -277,20 +277,20 @@ class Recipe:
 
     def stage_vae(self) -> None:
         state = self._vae_state()
-        extra = self.config.vae.extra
-        images = self._vae_images(extra.get("max_objects", 1))
-        step = vae_step(state.models["vae"], images, batch_size=self.config.vae.batch_size,
-                        kl_weight=extra.get("kl_weight", 1e-4), edge_weight=extra.get("edge_weight", 0.0),
-                        mse_weight=extra.get("mse_weight", 0.0), foreground_weight=extra.get("foreground_weight", 0.0))
+        step = self._autoencoder_step(state, self.config.vae, kl_weight=self.config.vae.extra.get("kl_weight", 1e-4))
         _run(state, self.config.vae, step, self.workdir / "vae", "vae")
         _merge_timings(self.workdir, self.workdir / "vae", "vae")
 
-    def _vae_images(self, max_objects: int) -> Sequence[dict[str, Any]]:
-        """The VAE's training pictures: the captioned renders, or scenes of up to `max_objects` objects each."""
-        if max_objects == 1:
-            return self.dataset
-        cfg = self.config
-        return ScenesDataset(cfg.items, seed=cfg.seed, split="train", size=cfg.image_size, max_objects=max_objects)
+    def _autoencoder_step(self, state: TrainState, stage: StageConfig, kl_weight: float):
+        """The vae or decoder stage's step: its loss weights and pictures (the captioned renders, or with
+        `max_objects` scenes of up to that many objects each) from the stage's settings."""
+        extra, cfg = stage.extra, self.config
+        max_objects = extra.get("max_objects", 1)
+        images: Sequence[dict[str, Any]] = self.dataset if max_objects == 1 else ScenesDataset(
+            cfg.items, seed=cfg.seed, split="train", size=cfg.image_size, max_objects=max_objects)
+        return vae_step(state.models["vae"], images, batch_size=stage.batch_size, kl_weight=kl_weight,
+                        edge_weight=extra.get("edge_weight", 0.0), mse_weight=extra.get("mse_weight", 0.0),
+                        foreground_weight=extra.get("foreground_weight", 0.0))
 
     def stage_decoder(self) -> None:
         if self.config.decoder is None:
@@ -298,11 +298,7 @@ class Recipe:
             return
         state = self._decoder_state()
         state.models["vae"].load_state_dict(self.trained("vae").models["vae"].state_dict())  # train() resumes over it
-        extra = self.config.decoder.extra
-        images = self._vae_images(extra.get("max_objects", 1))
-        step = vae_step(state.models["vae"], images, batch_size=self.config.decoder.batch_size, kl_weight=0.0,
-                        edge_weight=extra.get("edge_weight", 0.0), mse_weight=extra.get("mse_weight", 0.0),
-                        foreground_weight=extra.get("foreground_weight", 0.0))
+        step = self._autoencoder_step(state, self.config.decoder, kl_weight=0.0)
         _run(state, self.config.decoder, step, self.workdir / "decoder", "decoder")
         _merge_timings(self.workdir, self.workdir / "decoder", "decoder")
 
