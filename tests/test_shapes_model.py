@@ -41,13 +41,15 @@ def test_diffusers_draws_the_same_picture(pipe):
 
 
 def test_judge_finds_the_prompted_attributes(pipe):
-    # a handful of prompts; the bars sit below `sdtorch eval --cfg 4`'s figures (shape 92%, colour 98.5%, size and
-    # position 100%, all correct 90.5%) and far above chance (shape 1/6, colour 1/8, size 1/2, position 1/9)
-    results = generate_and_score(pipe, eval_prompts(12, 4, seed=1), load_judge(), seed=1, guidance_scale=4.0)
+    # 40 prompts (13 s here); the bars sit below `sdtorch eval --cfg 4`'s figures (shape 91.5%, colour 98.5%, size and
+    # position 100%, all correct 92.4% held-in / 81% held-out; these prompts: shape 90%, held-in 90%, held-out 90%)
+    # and far above chance (shape 1/6, colour 1/8, size 1/2, position 1/9)
+    results = generate_and_score(pipe, eval_prompts(30, 10, seed=1), load_judge(), seed=1, guidance_scale=4.0)
     accuracy = results["all"]["accuracy"]
     assert accuracy["size"] >= 0.9 and accuracy["position"] >= 0.9, accuracy
-    assert accuracy["shape"] >= 0.65 and accuracy["colour"] >= 0.8, accuracy
-    assert results["held_in"]["all_correct"] >= 0.6, results["held_in"]
+    assert accuracy["shape"] >= 0.75 and accuracy["colour"] >= 0.85, accuracy
+    assert results["held_in"]["all_correct"] >= 0.7, results["held_in"]
+    assert results["held_out"]["all_correct"] >= 0.5, results["held_out"]
 
 
 def test_cli_generate_and_eval_use_the_default_model(tmp_path, capsys):
