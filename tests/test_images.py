@@ -1,5 +1,7 @@
 """Image and mask preparation: A1111 semantics, and diffusers' own preprocessing as the reference."""
 
+import struct
+import zlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,6 +12,7 @@ from diffusers import StableDiffusionInpaintPipeline
 from diffusers.image_processor import VaeImageProcessor
 from scipy.ndimage import gaussian_filter1d
 
+from sdtorch import images
 from sdtorch.errors import InvalidInputError
 from sdtorch.images import (
     RESIZE_MODES,
@@ -357,3 +360,204 @@ def test_check_size():
     for w, h in [(500, 512), (512, 0), (-8, 8), (8.0, 8), (True, 8)]:
         with pytest.raises(InvalidInputError, match="multiples of 8"):
             check_size(w, h)
+
+
+# ----------------------------------------------------------------------------- deep, odd and hostile images
+
+GRADIENT = np.linspace(0, 65535, 32 * 64).round().astype(np.uint16).reshape(32, 64)  # every 32nd level, both ends
+GRADIENT_8 = np.rint(GRADIENT / 257).astype(np.uint8)  # the 8-bit equivalent: 65535 -> 255, rounded
+
+
+def png_bytes(samples, colour_type, bit_depth=16, trns=None, size=None):
+    """A PNG written by hand (Pillow cannot write 16-bit colour): samples (H, W[, C]) of the file's depth.
+
+    `size` (width, height) makes the header claim another size than the samples have.
+    """
+    samples = np.asarray(samples)
+    width, height = size or (samples.shape[1], samples.shape[0])
+    if bit_depth < 8:  # pack each row's samples into bytes, most significant first
+        bits = np.unpackbits(samples.astype(np.uint8)[..., None], axis=-1)[..., 8 - bit_depth :]
+        rows = [np.packbits(row.reshape(-1)).tobytes() for row in bits]
+    else:
+        rows = [row.astype(">u2" if bit_depth == 16 else np.uint8).tobytes() for row in samples]
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    extra = chunk(b"tRNS", struct.pack(f">{len(trns)}H", *trns)) if trns else b""
+    data = zlib.compress(b"".join(b"\0" + row for row in rows))  # filter type 0 on every row
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + extra + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def saved(image, path):
+    image.save(path)
+    return path
+
+
+def gradient_as(mode, dtype):
+    return PIL.Image.frombytes(mode, (64, 32), GRADIENT.astype(dtype).tobytes())
+
+
+def pgm_16_bit(path):
+    path.write_bytes(b"P5\n64 32\n65535\n" + GRADIENT.astype(">u2").tobytes())
+    return path
+
+
+DEEP_GREY_SOURCES = {  # name: (build it in a folder, the mode Pillow gives on reading it)
+    "I;16 PNG": (lambda d: saved(PIL.Image.fromarray(GRADIENT), d / "g.png"), "I;16"),
+    "I;16B TIFF": (lambda d: saved(gradient_as("I;16B", ">u2"), d / "g.tif"), "I;16B"),
+    "I;16L in memory": (lambda d: gradient_as("I;16L", "<u2"), "I;16L"),
+    "I;16N in memory": (lambda d: gradient_as("I;16N", "=u2"), "I;16N"),
+    "I TIFF": (lambda d: saved(PIL.Image.fromarray(GRADIENT.astype(np.int32)), d / "g.tif"), "I"),
+    "I 16-bit PGM": (lambda d: pgm_16_bit(d / "g.pgm"), "I"),  # Pillow reads maxval > 255 as "I"
+    "F 0..1 TIFF": (lambda d: saved(PIL.Image.fromarray((GRADIENT / 65535).astype(np.float32)), d / "g.tif"), "F"),
+    "F 0..255 TIFF": (lambda d: saved(PIL.Image.fromarray((GRADIENT / 257).astype(np.float32)), d / "g.tif"), "F"),
+    "F 0..65535 TIFF": (lambda d: saved(PIL.Image.fromarray(GRADIENT.astype(np.float32)), d / "g.tif"), "F"),
+}
+
+
+@pytest.mark.parametrize("name", DEEP_GREY_SOURCES)
+def test_deep_greyscale_reads_as_its_8_bit_equivalent(tmp_path, name):
+    """Pillow's convert("L") clips at 255 (a white picture); each deep mode is scaled to 8 bits instead."""
+    build, mode = DEEP_GREY_SOURCES[name]
+    source = build(tmp_path)
+    assert (source if isinstance(source, PIL.Image.Image) else PIL.Image.open(source)).mode == mode
+    out = np.asarray(load_image(source)).astype(int)  # (32, 64, 3)
+    assert out.shape == (32, 64, 3) and (out == out[..., :1]).all()
+    assert np.abs(out[..., 0] - GRADIENT_8).max() <= 1, name
+    for blur in (0, 4):
+        ours = np.asarray(load_mask(source, 48, 24, blur=blur)).astype(int)
+        ref = np.asarray(load_mask(PIL.Image.fromarray(GRADIENT_8), 48, 24, blur=blur)).astype(int)
+        assert np.abs(ours - ref).max() <= 1, (name, blur)
+
+
+def test_16_bit_mask_equals_the_8_bit_mask(tmp_path):
+    """Thresholds and blur act on the same 8-bit values: the masks are identical, not just close."""
+    mask16 = GRADIENT.copy()
+    mask16[:, :20] = 0
+    mask16[:, 40:] = 65535
+    mask16[5, 30:34] = (32767, 32896, 32897, 33153)  # around 127.5 and 128.5 of 255
+    path = saved(PIL.Image.fromarray(mask16), tmp_path / "mask16.png")
+    mask8 = PIL.Image.fromarray(np.rint(mask16 / 257).astype(np.uint8))
+    for options in ({"blur": 0}, {"blur": 4}, {"blur": 3, "invert": True}, {"blur": 2, "resize_mode": 1}):
+        ours, ref = load_mask(path, 40, 40, **options), load_mask(mask8, 40, 40, **options)
+        assert np.array_equal(np.asarray(ours), np.asarray(ref)), options
+    # With a 16-bit colour key the key pixels are transparent: the alpha is the mask, as for 8-bit alpha.
+    keyed = png_bytes(mask16, colour_type=0, trns=[65535])
+    assert np.array_equal(np.asarray(load_mask(keyed, 64, 32, blur=0)), np.where(mask16 == 65535, 0, 255))
+
+
+@pytest.mark.parametrize("colour_type, channels", [(2, 3), (6, 4), (4, 2)])  # RGB, RGBA, grey + alpha
+def test_16_bit_colour_pngs_read_as_8_bit(colour_type, channels):
+    """Pillow decodes 16-bit colour PNGs to 8 bits itself (the top byte: within 1 of rounding)."""
+    rng = np.random.default_rng(3)
+    samples = rng.integers(0, 65536, (6, 7, channels), dtype=np.uint16)
+    samples[0, 0], samples[0, 1] = 65535, 0  # opaque white; black, or transparent where there is alpha
+    ours = np.asarray(load_image(png_bytes(samples, colour_type))).astype(int)
+    ref = np.asarray(load_image(png_bytes(np.rint(samples / 257), colour_type, bit_depth=8))).astype(int)
+    tolerance = 1 if channels == 3 else 2  # blending two values each within 1 onto white
+    assert ours.shape == (6, 7, 3) and np.abs(ours - ref).max() <= tolerance
+    assert ours[0, 0].tolist() == [255] * 3 and ours[0, 1].tolist() == [0 if channels == 3 else 255] * 3
+
+
+def test_png_colour_keys_of_other_depths():
+    """Pillow leaves tRNS keys in the file's depth: 16-bit grey, 16-bit RGB and 2-bit grey keys still key."""
+    grey16 = np.array([[0, 1000, 65535, 65280]], np.uint16)  # 65280 has the key's top byte, not its value
+    out = np.asarray(load_image(png_bytes(grey16, 0, trns=[1000])))
+    assert out[0, :, 0].tolist() == [0, 255, 255, 254]  # 1000 is transparent -> white; 65280 -> 254
+    rgb16 = np.array([[[65535, 0, 32768], [0, 0, 0], [65535, 0, 32768]]], np.uint16)
+    out = np.asarray(load_image(png_bytes(rgb16, 2, trns=[65535, 0, 32768])))
+    assert out[0].tolist() == [[255, 255, 255], [0, 0, 0], [255, 255, 255]]
+    grey2 = np.array([[0, 1, 2, 3]], np.uint8)
+    out = np.asarray(load_image(png_bytes(grey2, 0, bit_depth=2, trns=[0])))
+    assert out[0, :, 0].tolist() == [255, 85, 170, 255]  # value 0 is the key: white, not black
+
+
+COLOURS = [RED, GREEN, BLUE, (255, 255, 255), (0, 0, 0), (200, 120, 40)]
+
+
+@pytest.mark.parametrize("mode, fmt, tolerance", [
+    ("RGB", "PNG", 0), ("CMYK", "TIFF", 0), ("CMYK", "JPEG", 40), ("YCbCr", "TIFF", 2), ("YCbCr", None, 2),
+    ("LAB", "TIFF", 24), ("HSV", None, 2), ("P", "PNG", 0), ("P", "GIF", 0), ("RGBA", "PNG", 0),
+])  # 8-bit Lab holds saturated blue coarsely; Pillow's Lab -> RGB is littleCMS's (channels copied would be > 100 off)
+def test_colour_modes_read_as_rgb(tmp_path, mode, fmt, tolerance):
+    picture = PIL.Image.fromarray(np.array([COLOURS], np.uint8)).resize((12, 8), PIL.Image.Resampling.NEAREST)
+    image = picture.convert(mode, palette=PIL.Image.Palette.ADAPTIVE)  # (8, 12): 2-pixel-wide stripes
+    source = saved(image, tmp_path / f"picture.{fmt.lower()}") if fmt else image
+    out = np.asarray(load_image(source)).astype(int)
+    assert out.shape == (8, 12, 3) and np.abs(out - np.asarray(picture)).max() <= tolerance, (mode, fmt)
+
+
+def test_grey_alpha_and_palette_modes_read_as_rgb(tmp_path):
+    def rgb(source):
+        return np.asarray(load_image(source))[0].tolist()
+
+    assert rgb(PIL.Image.fromarray(np.array([[0, 255, 0]], bool))) == [[0] * 3, [255] * 3, [0] * 3]  # "1"
+    assert rgb(saved(PIL.Image.fromarray(np.array([[0, 100, 255]], np.uint8)), tmp_path / "l.png")) == [
+        [0] * 3, [100] * 3, [255] * 3]
+    la = np.array([[[100, 255], [100, 0], [100, 128]]], np.uint8)  # alpha 255, 0, 128 -> over white
+    blended = round(100 * 128 / 255 + 255 * 127 / 255)
+    for source in (PIL.Image.fromarray(la), saved(PIL.Image.fromarray(la), tmp_path / "la.png")):
+        out = rgb(source)
+        assert out[:2] == [[100] * 3, [255] * 3] and abs(out[2][0] - blended) <= 1
+    premultiplied = PIL.Image.frombytes("La", (3, 1), bytes([100, 255, 0, 0, 50, 128]))  # no file holds La
+    out = np.asarray(load_image(premultiplied)).astype(int) - np.asarray(load_image(PIL.Image.fromarray(la)))
+    assert np.abs(out).max() <= 1
+    palette = PIL.Image.new("P", (3, 1))
+    palette.putpalette([255, 0, 0, 0, 0, 255, 0, 255, 0])
+    palette.putdata([0, 1, 2])
+    assert rgb(palette) == [list(RED), list(BLUE), list(GREEN)]
+    palette.info["transparency"] = 1  # index 1 transparent, in memory and through PNG and GIF
+    for source in (palette, saved(palette, tmp_path / "p.png"), saved(palette, tmp_path / "p.gif")):
+        assert rgb(source) == [list(RED), [255] * 3, list(GREEN)]
+    pa = PIL.Image.merge("PA", (palette.copy(), PIL.Image.frombytes("L", (3, 1), bytes([255, 255, 0]))))
+    assert rgb(pa) == [list(RED), list(BLUE), [255] * 3]
+
+
+def test_float_and_int_images_of_unknown_range_are_refused(tmp_path):
+    for values in ([0.0, np.nan], [-0.5, 1.0], [0.0, np.inf], [0.0, 70000.0]):
+        path = saved(PIL.Image.fromarray(np.array([values], np.float32)), tmp_path / "f.tif")
+        for loader in (load_image, lambda p: load_mask(p, 8, 8)):
+            with pytest.raises(InvalidInputError, match="no known range") as err:
+                loader(path)
+            assert str(path) in str(err.value)
+    with pytest.raises(InvalidInputError, match="no known range"):
+        load_image(PIL.Image.fromarray(np.array([[-1, 5]], np.int32)))
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow warns from 89 megapixels
+def test_empty_and_huge_images_are_refused(tmp_path, monkeypatch):
+    for size in [(0, 0), (0, 5), (5, 0)]:
+        for loader in (load_image, lambda p: load_mask(p, 8, 8)):
+            with pytest.raises(InvalidInputError, match="empty"):
+                loader(PIL.Image.new("RGB", size))
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(png_bytes(np.zeros((0, 4), np.uint8), 0, bit_depth=8))  # Pillow will not open it
+    with pytest.raises(InvalidInputError, match="empty.png"):
+        load_image(empty)
+    # Headers claiming more pixels than allowed (one pixel of data): refused from the header, nothing decoded.
+    for (width, height), why in [((12000, 12000), "144,000,000 pixels, more than the 134,217,728 allowed"),
+                                 ((20000, 10000), "decompression bomb")]:  # Pillow's own, higher limit
+        bomb = tmp_path / f"bomb{width}.png"
+        bomb.write_bytes(png_bytes(np.zeros((1, 1), np.uint8), 0, bit_depth=8, size=(width, height)))
+        with pytest.raises(InvalidInputError, match=why) as err:
+            load_image(bomb)
+        assert str(bomb) in str(err.value)
+    monkeypatch.setattr(images, "MAX_PIXELS", 100)  # files and PIL images alike
+    big = saved(PIL.Image.new("RGB", (11, 10)), tmp_path / "big.png")
+    for source in (big, PIL.Image.new("RGB", (11, 10))):
+        for loader in (load_image, lambda p: load_mask(p, 8, 8)):
+            with pytest.raises(InvalidInputError, match="110 pixels, more than the 100 allowed"):
+                loader(source)
+    assert load_image(PIL.Image.new("RGB", (10, 10))).size == (10, 10)
+
+
+def test_animated_images_give_their_first_frame(tmp_path):
+    frames = [PIL.Image.new("RGB", (4, 4), colour) for colour in (RED, BLUE)]
+    for name in ("anim.gif", "anim.png", "anim.webp"):
+        path = tmp_path / name
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, lossless=True)
+        assert PIL.Image.open(path).n_frames == 2
+        assert near(np.asarray(load_image(path))[2, 2], RED, tol=2), name
+        assert (np.asarray(load_mask(path, 4, 4, blur=0)) == 76).all(), name  # red's luminance

@@ -33,22 +33,29 @@ import torch
 from PIL import ImageOps
 
 from .errors import InvalidInputError
+from .request import RESIZE_MODES
 
 ImageSource = Union[str, os.PathLike, bytes, PIL.Image.Image]
 Region = tuple[int, int, int, int]  # (x1, y1, x2, y2), x2/y2 exclusive
 
-RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
 LANCZOS = PIL.Image.Resampling.LANCZOS
 BACKGROUND = "#ffffff"  # A1111's img2img_background_color: what transparent pixels become
+MAX_PIXELS = 2**27  # 134 megapixels (16384 x 8192): larger images are refused, files before decoding
+DEEP_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # modes Pillow's convert("L") clips at 255
 
 
 # ----------------------------------------------------------------------------- loading
 
 
 def _open(source: ImageSource) -> PIL.Image.Image:
-    """Open and fully decode an image with its EXIF orientation applied; any failure -> InvalidInputError."""
+    """Open and fully decode an image; any failure -> InvalidInputError naming the source.
+
+    EXIF orientation is applied, deep greyscale becomes 8-bit (`_to_8bit`) and of an animated or
+    multi-frame file only the first frame is read. Empty images and ones over MAX_PIXELS are refused.
+    """
     if isinstance(source, PIL.Image.Image):
-        return ImageOps.exif_transpose(source)
+        _check_pixels(source.size, "<PIL image>")
+        return _to_8bit(ImageOps.exif_transpose(source), "<PIL image>")
     if isinstance(source, (bytes, bytearray)):
         name, stream = f"<{len(source)} bytes>", io.BytesIO(source)
     elif isinstance(source, (str, os.PathLike)):
@@ -62,17 +69,88 @@ def _open(source: ImageSource) -> PIL.Image.Image:
         raise InvalidInputError(f"expected an image path, bytes or a PIL image, got {type(source).__name__}")
     try:
         with PIL.Image.open(stream) as opened:
+            _check_pixels(opened.size, name)  # from the header, before decoding anything
+            key = _png_colour_key(opened)
             opened.load()  # decode now, so a truncated file fails here and not deep inside a resize
-            return ImageOps.exif_transpose(opened)
+            if key is not None:
+                opened.info["transparency"] = key
+            image = ImageOps.exif_transpose(opened)
+    except InvalidInputError:
+        raise
     except PIL.UnidentifiedImageError:
         raise InvalidInputError(f"cannot read image {name!r}: not an image format Pillow recognises") from None
     except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as exc:
         raise InvalidInputError(f"cannot read image {name!r}: {exc}") from None
+    return _to_8bit(image, name)
+
+
+def _check_pixels(size: tuple[int, int], name: str) -> None:
+    """Refuse an empty image (a side of 0 pixels) or one of more than MAX_PIXELS pixels."""
+    width, height = size
+    if width == 0 or height == 0:
+        raise InvalidInputError(f"cannot read image {name!r}: it is empty ({width}x{height} pixels)")
+    if width * height > MAX_PIXELS:
+        raise InvalidInputError(
+            f"cannot read image {name!r}: {width}x{height} is {width * height:,} pixels, more than the "
+            f"{MAX_PIXELS:,} allowed; scale it down first"
+        )
+
+
+def _png_colour_key(image: PIL.Image.Image) -> int | tuple[int, ...] | None:
+    """A PNG's tRNS colour key in the 8-bit samples Pillow decodes, where Pillow leaves it in the file's depth.
+
+    Pillow scales 2- and 4-bit greyscale up to 0..255 and keeps the top byte of 16-bit RGB samples,
+    but not the key. The low bytes are gone, so a 16-bit RGB key also keys every pixel that shares
+    its top bytes. None where Pillow's key is already right. Call before load(): it reads the tile.
+    """
+    key = image.info.get("transparency")
+    if image.format != "PNG" or key is None or not image.tile:
+        return None
+    rawmode = image.tile[0][3]  # (codec, extents, offset, rawmode)
+    if rawmode in ("L;2", "L;4"):
+        return key * 255 // (2 ** int(rawmode[2:]) - 1)
+    if rawmode == "RGB;16B":
+        return tuple(value >> 8 for value in key)
+    return None
+
+
+def _to_8bit(image: PIL.Image.Image, name: str) -> PIL.Image.Image:
+    """Deep greyscale ("I;16*", "I", "F") as 8-bit "L" ("LA" if a colour key makes pixels transparent).
+
+    Pillow's own convert("L") clips these at 255. Values are divided by a full scale, times 255, rounded:
+    - "I;16", "I;16B", "I;16L", "I;16N" (16-bit): 65535.
+    - "I" (32-bit integers: 16-bit PGM and signed TIFF, numpy int32) and "F" (32-bit float), which
+      carry no bit depth: 1, 255 or 65535, the smallest that holds the largest value; so 0..1 floats,
+      8-bit values and 16-bit values each read right. Values below 0 or above 65535, NaN and infinity
+      have no known scale: refused.
+    Any other mode is returned as it is.
+    """
+    if image.mode not in DEEP_GREY:
+        return image
+    pixels = np.asarray(image)  # (H, W)
+    if image.mode.startswith("I;16"):
+        full_scale = 65535
+    else:
+        low, high = float(pixels.min()), float(pixels.max())
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 65535:
+            raise InvalidInputError(
+                f"cannot read image {name!r}: mode {image.mode} with values {low:g}..{high:g} has no known "
+                "range (0..1, 0..255 or 0..65535 expected); save it as an 8- or 16-bit image"
+            )
+        full_scale = next(scale for scale in (1, 255, 65535) if high <= scale)
+    grey = np.rint(pixels.astype(np.float32) * np.float32(255 / full_scale)).astype(np.uint8)  # (H, W)
+    key = image.info.get("transparency")
+    if not isinstance(key, int):
+        return PIL.Image.fromarray(grey)
+    alpha = np.where(pixels == key, 0, 255).astype(np.uint8)  # the key matched at full depth
+    return PIL.Image.fromarray(np.stack([grey, alpha], axis=-1))  # (H, W, 2): "LA"
 
 
 def _with_alpha(image: PIL.Image.Image) -> PIL.Image.Image:
     """RGBA if the image carries any transparency (alpha band or palette/colour-key transparency), else as is."""
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+    if image.mode == "La":  # premultiplied: Pillow converts it only to LA
+        image = image.convert("LA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
         return image.convert("RGBA")
     return image
 
@@ -80,8 +158,11 @@ def _with_alpha(image: PIL.Image.Image) -> PIL.Image.Image:
 def load_image(source: ImageSource) -> PIL.Image.Image:
     """An RGB image from a path, encoded bytes or a PIL image.
 
-    EXIF orientation is applied and transparent pixels are flattened onto white (A1111's
-    `images.flatten` with the default img2img background colour).
+    EXIF orientation is applied, 16-bit, 32-bit and float greyscale are scaled to 8 bits (see
+    `_to_8bit`; 16-bit colour comes from Pillow as its top byte), other modes (1, L, P, CMYK, YCbCr,
+    LAB, HSV, ...) go through Pillow's conversion, and transparent pixels (alpha band, palette or
+    colour-key transparency) are flattened onto white (A1111's `images.flatten` with the default
+    img2img background colour). Of an animated image, the first frame.
     """
     image = _with_alpha(_open(source))
     if image.mode == "RGBA":
@@ -226,10 +307,13 @@ def load_mask(
 ) -> PIL.Image.Image:
     """An inpainting mask, mode "L", `width` x `height`, 255 = repaint, 0 = keep.
 
-    As A1111 prepares it: a mask with transparency (a painted RGBA layer) means its alpha channel,
-    rounded to 0/255 at > 128; any other image means its luminance. Then the optional invert, the
-    Gaussian mask blur (in the mask's own pixels, before resizing, as A1111 does), and the resize
-    with `resize_mode` to the target size.
+    The file is read as `load_image` reads it (EXIF orientation, first frame, deep greyscale scaled
+    to 8 bits), so a 16-bit mask thresholds and blurs exactly as its 8-bit equivalent. Then, as
+    A1111 prepares it: a mask with any pixel not fully opaque (alpha band, palette or colour-key
+    transparency: a painted layer) means its alpha alone, opaque > 128 -> 255, else 0, colours
+    ignored; any other image (a fully opaque one too) means its luminance. Then the optional invert,
+    the Gaussian mask blur (in the mask's own pixels, before resizing, as A1111 does), and the
+    resize with `resize_mode` to the target size.
     """
     image = _with_alpha(_open(source))
     if image.mode == "RGBA" and image.getextrema()[3] != (255, 255):

@@ -1,0 +1,373 @@
+"""The generation request: every setting of one generation, with its name, default and rules, in one place.
+
+    GenerationRequest(prompt="a red fox", steps=20, cfg_scale=None, ...)   # A1111 field names
+        .hires: HiresFix | None        (A1111's enable_hr + hr_* fields)
+        .inpaint: Inpainting           (mask_blur, inpainting_mask_invert, inpaint_full_res, ...)
+
+Every door builds this one object: `pipe(**kw)` through `GenerationRequest.from_kwargs` (diffusers'
+names such as `num_inference_steps` are aliases), the CLI (its flags are made from the field table
+below), the infotext (its keys are in the same table) and, later, the HTTP server. `None` means "the
+model's own default" (the built-in model's CFG 4 and 64 px; 7.5 and the native size otherwise).
+`validate()` checks types, ranges and `Limits` before any work starts; it needs no model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Union
+
+from PIL import Image
+
+from .errors import InvalidInputError
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image]
+MAX_SEED = 2**32 - 1
+HIRES_UPSCALERS = ("Latent", "Latent (nearest)", "Lanczos")
+RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")  # A1111's 0, 1, 2
+SCHEDULES = ("Automatic", "Karras", "Exponential", "Uniform", "SGM Uniform")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds a request is checked against before any work (defaults fit a 24 GB CPU machine).
+
+    Replace them per pipeline (`pipe.limits = Limits(max_steps=300)`) or per CLI call (`--limit max_steps=300`).
+    """
+
+    max_width: int = 2048
+    max_height: int = 2048
+    max_pixels: int = 4_194_304  # width x height x images (16 at 512 px, one at 2048 px), first pass and hires target
+    max_steps: int = 150  # per pass (A1111's slider maximum)
+    max_batch: int = 64  # images per request
+    max_hr_scale: float = 4.0
+    max_mask_blur: int = 64
+
+    @classmethod
+    def from_strings(cls, items: list[str]) -> Limits:
+        """Limits from "key=value" strings (the CLI's `--limit`); unknown keys and bad numbers are errors."""
+        values: dict[str, Any] = {}
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        for item in items:
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep or key not in names:
+                raise InvalidInputError(f"--limit {item!r}: use KEY=VALUE with KEY one of {', '.join(names)}"
+                                        + _suggestion(key, names))
+            kind = float if names[key].type in (float, "float") else int
+            try:
+                values[key] = kind(raw)
+            except ValueError:
+                raise InvalidInputError(f"--limit {key}: {raw!r} is not a valid {kind.__name__}") from None
+            if not values[key] > 0:
+                raise InvalidInputError(f"--limit {key} must be positive, not {raw}")
+        return cls(**values)
+
+
+# ---- the field table ---------------------------------------------------------------------------------
+
+
+Check = Callable[[Any, Limits], "str | None"]  # an error message, or None when the value is fine
+
+
+def setting(default: Any = None, help: str = "", *, cli: str | None = None, key: str | None = None,
+            always: bool = False, aliases: tuple[str, ...] = (), checks: tuple[Check, ...] = (),
+            choices: tuple[str, ...] = ()) -> Any:
+    """A request field with its metadata: `cli` flag, infotext `key` (written when the value is not the
+    default, or `always`), keyword `aliases` (diffusers' names), `checks` run by validate(), and `choices`."""
+    metadata = dict(help=help, cli=cli, key=key, always=always, aliases=aliases, checks=checks, choices=choices)
+    return field(default=default, metadata=metadata)
+
+
+def at_least(low: float) -> Check:
+    return lambda v, _: None if v >= low else f"must be >= {low}"
+
+
+def above(low: float) -> Check:
+    return lambda v, _: None if v > low else f"must be > {low}"
+
+
+def at_most(limit: str) -> Check:
+    """`value <= limits.<limit>`; the message names the limit so a user can raise it."""
+    return lambda v, limits: (None if v <= getattr(limits, limit)
+                              else f"is over the limit {limit}={getattr(limits, limit)} (raise it with --limit {limit}=N)")
+
+
+def at_most_one(v: float, _: Limits) -> str | None:
+    return None if v <= 1 else "must be <= 1"
+
+
+def finite(v: float, _: Limits) -> str | None:
+    return None if math.isfinite(v) else "must be a finite number"
+
+
+def multiple_of_8(v: int, _: Limits) -> str | None:
+    return None if v % 8 == 0 else f"must be a multiple of 8 (nearest below: {v // 8 * 8})"
+
+
+def one_of(choices: tuple[str, ...]) -> Check:
+    return lambda v, _: None if v in choices else f"must be one of {', '.join(map(repr, choices))}"
+
+
+def _seed_range(v: int, _: Limits) -> str | None:
+    return None if v == -1 or 0 <= v <= MAX_SEED else f"must be -1 (random) or in [0, {MAX_SEED}]"
+
+
+def _known_sampler(v: str, _: Limits) -> str | None:
+    from .sampling.samplers import resolve, sampler_names
+
+    try:
+        resolve(v)
+    except InvalidInputError:
+        return f"is not a sampler{_suggestion(v, sampler_names())} Valid names: {', '.join(sampler_names())}"
+    return None
+
+
+def _known_schedule(v: str, _: Limits) -> str | None:
+    from .sampling.samplers import resolve
+
+    try:
+        resolve("Euler", v)
+    except InvalidInputError:
+        return f"is not a schedule{_suggestion(v, SCHEDULES)} Valid names: {', '.join(SCHEDULES)}"
+    return None
+
+
+@dataclass
+class HiresFix:
+    """A1111's hires fix: a second pass at a larger size (`enable_hr` turns it on)."""
+
+    hr_scale: float = setting(2.0, "upscale factor of the second pass", cli="--hires-scale", key="Hires upscale", always=True,
+                              checks=(finite, at_least(1.0), at_most("max_hr_scale")))
+    hr_upscaler: str = setting("Latent", "how the first pass is enlarged", cli="--hires-upscaler", key="Hires upscaler", always=True,
+                               checks=(one_of(HIRES_UPSCALERS),), choices=HIRES_UPSCALERS)
+    hr_second_pass_steps: int = setting(0, "second-pass steps (0: the same as steps)", cli="--hires-steps",
+                                        key="Hires steps", checks=(at_least(0), at_most("max_steps")))
+    hr_resize_x: int = setting(0, "second-pass width instead of the scale (0: width x scale)", cli="--hires-width",
+                               key="Hires resize-1", checks=(at_least(0), multiple_of_8, at_most("max_width")))
+    hr_resize_y: int = setting(0, "second-pass height instead of the scale (0: height x scale)", cli="--hires-height",
+                               key="Hires resize-2", checks=(at_least(0), multiple_of_8, at_most("max_height")))
+    hr_denoising_strength: float = setting(0.7, "second-pass denoising strength", cli="--hires-denoise",
+                                           key="Denoising strength", always=True, checks=(finite, above(0.0), at_most_one))
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the second pass for a first pass of width x height."""
+        return (self.hr_resize_x or int(width * self.hr_scale) // 8 * 8,
+                self.hr_resize_y or int(height * self.hr_scale) // 8 * 8)
+
+
+@dataclass
+class Inpainting:
+    """How a mask is used (A1111's img2img inpainting settings)."""
+
+    mask_blur: int = setting(4, "mask blur in pixels", cli="--mask-blur", key="Mask blur", always=True,
+                             checks=(at_least(0), at_most("max_mask_blur")))
+    inpainting_mask_invert: bool = setting(False, "repaint the black part of the mask instead", cli="--mask-invert",
+                                           key="Mask mode")
+    inpaint_full_res: bool = setting(False, "generate only the masked region, at the full size", cli="--only-masked",
+                                     key="Inpaint area")
+    inpaint_full_res_padding: int = setting(0, "pixels around the masked region (with --only-masked)",
+                                            cli="--only-masked-padding", key="Masked area padding",
+                                            checks=(at_least(0), at_most("max_width")))
+    mask_overlay: bool = setting(True, "paste the result onto the original through the mask")
+
+
+# Infotext values of the boolean inpainting keys, as A1111 writes them
+BOOLEAN_LABELS = {
+    "Mask mode": ("Inpaint masked", "Inpaint not masked"),
+    "Inpaint area": ("Whole picture", "Only masked"),
+}
+
+
+@dataclass
+class GenerationRequest:
+    """One generation: txt2img, img2img (`init_image`) or inpainting (`init_image` + `mask`), optionally
+    with the hires fix. Field names are A1111's API names; `None` means the model's default."""
+
+    prompt: str | list[str] = setting("", "what to draw (A1111 syntax: (word:1.2), [word], BREAK)")
+    negative_prompt: str | list[str] = setting("", "what not to draw", cli="--negative")
+    steps: int = setting(20, "sampling steps", cli="--steps", key="Steps", always=True, aliases=("num_inference_steps",),
+                         checks=(at_least(1), at_most("max_steps")))
+    sampler_name: str = setting("DPM++ 2M", 'A1111 name, e.g. "DPM++ 2M", "Euler a", "DDIM", "UniPC"',
+                                cli="--sampler", key="Sampler", always=True, aliases=("sampler",))
+    scheduler: str | None = setting(None, "Automatic, Karras, Exponential, Uniform, SGM Uniform (None: the "
+                                    "sampler's own)", cli="--schedule", key="Schedule type", always=True, aliases=("schedule",),
+                                    )
+    cfg_scale: float | None = setting(None, "classifier-free guidance scale (None: the model's, 7.5; 4 for the "
+                                      "built-in model)", cli="--cfg", key="CFG scale", always=True, aliases=("guidance_scale",),
+                                      checks=(finite, at_least(0.0)))
+    seed: int = setting(-1, "-1: random; image i of a batch uses seed + i", cli="--seed", key="Seed", always=True,
+                        checks=(_seed_range,))
+    width: int | None = setting(None, "multiple of 8 (None: the model's native size, or the init image's)",
+                                cli="--width", checks=(at_least(8), multiple_of_8, at_most("max_width")))
+    height: int | None = setting(None, "multiple of 8 (None: the model's native size, or the init image's)",
+                                 cli="--height", checks=(at_least(8), multiple_of_8, at_most("max_height")))
+    batch_size: int = setting(1, "images per prompt", cli="--batch", aliases=("num_images_per_prompt",),
+                              checks=(at_least(1), at_most("max_batch")))
+    clip_skip: int = setting(1, "A1111's Clip skip (1: the last layer)", cli="--clip-skip", key="Clip skip",
+                             checks=(at_least(1),))
+    eta: float | None = setting(None, "noise of DDIM and the ancestral samplers (None: the sampler's own)",
+                                cli="--eta", key="Eta", checks=(finite, at_least(0.0)))
+    guidance_rescale: float = setting(0.0, "guidance rescale phi (Lin et al. 2023)", cli="--guidance-rescale",
+                                      checks=(finite, at_least(0.0), at_most_one))
+    init_image: ImageInput | None = setting(None, "img2img / inpainting source image", cli="--init-image",
+                                            aliases=("image",))
+    denoising_strength: float = setting(0.75, "img2img denoising strength in (0, 1]", cli="--strength",
+                                        key="Denoising strength", always=True, aliases=("strength",),
+                                        checks=(finite, above(0.0), at_most_one))
+    mask: ImageInput | None = setting(None, "inpainting mask (white = repaint)", cli="--mask", aliases=("mask_image",))
+    resize_mode: str = setting("just resize", "how the init image meets the size", cli="--resize-mode",
+                               checks=(one_of(RESIZE_MODES),), choices=RESIZE_MODES)
+    tiled_decode: bool | None = setting(None, "decode the VAE in tiles (None: above 1024 px)")
+    hires: HiresFix | None = setting(None, "the hires fix (None: off)")
+    inpaint: Inpainting = field(default_factory=Inpainting, metadata=dict(help="inpainting settings"))
+
+    # ---- building ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> GenerationRequest:
+        """A request from keyword arguments: this class's fields, the fields of its groups (A1111's flat names:
+        `enable_hr=True, hr_scale=2, mask_blur=8`) and diffusers' aliases. An unknown name is an error that
+        names the closest valid one."""
+        top, hires, inpaint = {}, {}, {}
+        names = keyword_names()
+        enable_hr = kwargs.pop("enable_hr", None)
+        for name, value in kwargs.items():
+            target = names.get(name)
+            if target is None:
+                raise InvalidInputError(f"unknown argument {name!r}{_suggestion(name, [*names, 'enable_hr'])}")
+            group, field_name = target
+            bucket = {"hires": hires, "inpaint": inpaint}.get(group, top)
+            if field_name in bucket:
+                raise InvalidInputError(f"{name!r} and another name for the same setting ({field_name!r}) were both given")
+            bucket[field_name] = value
+        if enable_hr is not None and not isinstance(enable_hr, bool):
+            raise InvalidInputError(f"enable_hr must be True or False, not {enable_hr!r}")
+        if hires and not enable_hr and "hires" not in top:
+            raise InvalidInputError(f"{', '.join(hires)} set but the hires fix is off: pass enable_hr=True")
+        if enable_hr and "hires" not in top:
+            top["hires"] = HiresFix(**hires)
+        if inpaint and "inpaint" not in top:
+            top["inpaint"] = Inpainting(**inpaint)
+        return cls(**top)
+
+    def replace(self, **changes: Any) -> GenerationRequest:
+        return dataclasses.replace(self, **changes)
+
+    # ---- validation -------------------------------------------------------------------------------
+
+    def validate(self, limits: Limits | None = None) -> GenerationRequest:
+        """Check every field's type and rules, and the whole request against `limits`; return self.
+
+        Raises InvalidInputError naming the field (and the limit, when one is exceeded). Cheap: no model,
+        no image decoding.
+        """
+        limits = limits or Limits()
+        _check_fields(self, limits, "")
+        if self.hires is not None:
+            _check_fields(self.hires, limits, "")
+        _check_fields(self.inpaint, limits, "")
+        prompts = self.prompts()
+        if not prompts:
+            raise InvalidInputError("prompt must be a string or a non-empty list of strings")
+        if isinstance(self.negative_prompt, list) and len(self.negative_prompt) != len(prompts):
+            raise InvalidInputError(f"{len(self.negative_prompt)} negative prompts for {len(prompts)} prompts")
+        images = len(prompts) * self.batch_size
+        if images > limits.max_batch:
+            raise InvalidInputError(f"{images} images ({len(prompts)} prompts x batch {self.batch_size}) are over "
+                                    f"the limit max_batch={limits.max_batch}")
+        if self.seed != -1 and self.seed + images - 1 > MAX_SEED:
+            raise InvalidInputError(f"seed {self.seed} + {images} images passes the largest seed {MAX_SEED}")
+        if self.mask is not None and self.init_image is None:
+            raise InvalidInputError("a mask needs an init image to inpaint (image / --init-image)")
+        for name, check in (("sampler_name", _known_sampler), ("scheduler", _known_schedule)):  # last: they import torch
+            value = getattr(self, name)
+            problem = None if value is None else check(value, limits)
+            if problem:
+                raise InvalidInputError(f"{name} {value!r} {problem}")
+        return self
+
+    def check_size(self, width: int, height: int, limits: Limits) -> None:
+        """The pixel budget for `images` pictures of width x height (the first pass and the hires target)."""
+        pixels = width * height * len(self.prompts()) * self.batch_size
+        if pixels > limits.max_pixels:
+            raise InvalidInputError(f"{width}x{height} x {pixels // (width * height)} image(s) = {pixels:,} pixels is "
+                                    f"over the limit max_pixels={limits.max_pixels:,} (raise it with --limit max_pixels=N)")
+        for value, name, limit in ((width, "width", "max_width"), (height, "height", "max_height")):
+            if value > getattr(limits, limit):
+                raise InvalidInputError(f"{name} {value} is over the limit {limit}={getattr(limits, limit)}")
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+# ---- the table, read generically -----------------------------------------------------------------------
+
+GROUPS = {"hires": HiresFix, "inpaint": Inpainting}
+
+
+def keyword_names() -> dict[str, tuple[str | None, str]]:
+    """Every keyword `from_kwargs` takes -> (group or None, field name)."""
+    names: dict[str, tuple[str | None, str]] = {}
+    for f in dataclasses.fields(GenerationRequest):
+        for name in (f.name, *f.metadata.get("aliases", ())):
+            names[name] = (None, f.name)
+    for group, cls in GROUPS.items():
+        for f in dataclasses.fields(cls):
+            names[f.name] = (group, f.name)
+    return names
+
+
+def fields_of(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    """(field, resolved type hint) of a request class, in declaration order."""
+    hints = typing.get_type_hints(cls, globalns={**globals(), "ImageInput": ImageInput})
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def _suggestion(name: str, valid: typing.Iterable[str]) -> str:
+    """The closest valid name as "; did you mean 'x'?", or "." when none is close."""
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else "."
+
+
+def _allowed(hint: Any) -> tuple[type, ...]:
+    """The runtime types a hint accepts (int where float is asked; lists as list)."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return tuple(t for arg in typing.get_args(hint) for t in _allowed(arg))
+    if origin is list:
+        return (list, tuple)
+    if hint is float:
+        return (float, int)
+    if hint is os.PathLike:
+        return (os.PathLike, Path)
+    return (type(None),) if hint is type(None) else (hint,)
+
+
+def _type_name(hint: Any) -> str:
+    text = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    return text.replace("NoneType", "None").replace("PIL.Image.Image", "PIL image").replace("os.PathLike", "path")
+
+
+def _check_fields(obj: Any, limits: Limits, prefix: str) -> None:
+    for f, hint in fields_of(type(obj)):
+        value = getattr(obj, f.name)
+        allowed = _allowed(hint)
+        bad_bool = isinstance(value, bool) and bool not in allowed
+        if bad_bool or not isinstance(value, allowed):
+            raise InvalidInputError(f"{prefix}{f.name} must be {_type_name(hint)}, not {value!r} "
+                                    f"({type(value).__name__})")
+        if isinstance(value, (list, tuple)) and not all(isinstance(v, str) for v in value):
+            raise InvalidInputError(f"{prefix}{f.name} must hold strings only")
+        if value is None or isinstance(value, (list, tuple, bool)):
+            continue
+        for check in f.metadata.get("checks", ()):
+            problem = check(value, limits)
+            if problem:
+                raise InvalidInputError(f"{prefix}{f.name} {value!r} {problem}")
