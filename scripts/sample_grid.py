@@ -14,7 +14,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 import sdtorch
 from sdtorch.checkpoints.io import atomic_write
-from sdtorch.cli import BUILT_IN_MODEL_CFG
 
 PROMPTS = [
     "a small red star in the top left",
@@ -51,10 +50,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/shapes-samples.png")
     parser.add_argument("--model", help="default: the shipped shapes model")
-    parser.add_argument("--cfg", type=float, default=BUILT_IN_MODEL_CFG, help="guidance scale (the shapes model's best)")
+    parser.add_argument("--cfg", type=float, help="guidance scale (default: the model's; 4 for the shapes model)")
     args = parser.parse_args()
     pipe = sdtorch.load(args.model)
-    images = [pipe(p, num_inference_steps=20, sampler="DPM++ 2M", schedule="Karras", guidance_scale=args.cfg, seed=i)[0]
+    images = [pipe(p, num_inference_steps=20, sampler="DPM++ 2M", schedule="Karras", cfg_scale=args.cfg, seed=i)[0]
               for i, p in enumerate(PROMPTS)]
     grid = draw_grid(images, PROMPTS)
     atomic_write(args.out, lambda tmp: grid.save(tmp, format="PNG"))

@@ -273,15 +273,17 @@ def test_failed_save_leaves_destination_untouched(original_file, tmp_path, monke
     path, _, _ = original_file[:3]
     pipe = sdtorch.load(path)
     dst = tmp_path / "keep.safetensors"
-    dst.write_bytes(b"previous contents")
+    dst.write_bytes(path.read_bytes())
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("safetensors.torch.save_file", disk_full)
-    with pytest.raises(CheckpointError, match="No space left"):
-        sdtorch.save(pipe, dst, format="single_file")
-    assert dst.read_bytes() == b"previous contents"
+    with pytest.raises(CheckpointError, match=f"{dst}: No space left"):
+        sdtorch.save(pipe, dst, format="single_file", overwrite=True)
+    assert dst.read_bytes() == path.read_bytes()
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'new.safetensors'}: No space left"):
+        sdtorch.save(pipe, tmp_path / "new.safetensors", format="single_file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.safetensors"]
     with pytest.raises(CheckpointError, match="No space left"):
         sdtorch.save(pipe, tmp_path / "folder", format="diffusers")
@@ -304,28 +306,45 @@ def test_cli_info_and_convert(original_file, tmp_path, capsys):
 
 
 def test_hub_id_fetches_only_needed_files_and_offline_fails_clearly(original_file, tmp_path, monkeypatch):
+    import types
+
     import huggingface_hub
+    from huggingface_hub import constants
 
     path, config, state = original_file[:3]
     folder = sdtorch.save(sdtorch.load(path), tmp_path / "snapshot", format="diffusers")
     asked = {}
 
+    def fake_model_info(self, repo_id, timeout=None, **kwargs):
+        asked.update(timeout=timeout)
+        return types.SimpleNamespace(sha="0" * 40)
+
     def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
-        asked.update(repo_id=repo_id, allow_patterns=allow_patterns)
+        asked.update(repo_id=repo_id, allow_patterns=allow_patterns, **kwargs)
         return str(folder)
 
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", fake_model_info)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     pipe = sdtorch.load("someone/tiny-model")
-    assert asked["repo_id"] == "someone/tiny-model"
+    assert asked["repo_id"] == "someone/tiny-model" and asked["revision"] == "0" * 40
+    assert asked["timeout"] == constants.HF_HUB_ETAG_TIMEOUT  # the look-up cannot hang
     assert "unet/diffusion_pytorch_model.safetensors" in asked["allow_patterns"]
     assert not any(p.endswith((".bin", ".ckpt")) or p == "*" for p in asked["allow_patterns"])
     assert_same_tensors(pipe_tensors(pipe), state)
 
-    def offline(repo_id, **kwargs):
+    def offline(self, repo_id, **kwargs):
+        raise huggingface_hub.errors.OfflineModeIsEnabled("offline mode is enabled")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", offline)
+    asked.clear()
+    assert_same_tensors(pipe_tensors(sdtorch.load("someone/tiny-model")), state)  # the cached copy
+    assert asked["local_files_only"] is True
+
+    def not_cached(repo_id, **kwargs):
         raise huggingface_hub.errors.LocalEntryNotFoundError("offline and not in the cache")
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(CheckpointError, match="could not fetch 'someone/tiny-model'.*local"):
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", not_cached)
+    with pytest.raises(CheckpointError, match="hub for 'someone/tiny-model'.*not in the local cache.*local file"):
         sdtorch.load("someone/tiny-model")
 
 
@@ -342,3 +361,31 @@ def test_written_files_get_an_ordinary_mode(tmp_path):
         os.umask(old)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "x.safetensors").stat().st_mode & 0o777 == 0o644  # safetensors writes a file of its own
+
+
+def test_single_file_carries_a_tokenizer_only_when_clip_cannot_rebuild_it(original_file, tmp_path):
+    from sdtorch.checkpoints.io import read_shapes
+    from sdtorch.checkpoints.loading import TOKENIZER_METADATA_KEY
+
+    pipe = sdtorch.load(original_file[0])  # CLIP's vocabulary (SD1: pad <|endoftext|>, SD2: pad "!")
+    path = sdtorch.save(pipe, tmp_path / "s.safetensors", format="single_file")
+    assert TOKENIZER_METADATA_KEY not in read_shapes(path)[1]
+    assert sdtorch.load(path).tokenizer.to_dict() == pipe.tokenizer.to_dict()
+
+
+def test_save_replaces_only_a_model_of_the_same_kind(original_file, tmp_path):
+    pipe = sdtorch.load(original_file[0])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert sdtorch.save(pipe, empty) == empty  # an empty folder holds nothing to lose
+    (empty / "README.md").write_text("model card")
+    (empty / ".gitattributes").write_text("*.safetensors filter=lfs")
+    with pytest.raises(sdtorch.errors.InvalidInputError, match="already exists; pass overwrite=True"):
+        sdtorch.save(pipe, empty)
+    sdtorch.save(pipe, empty, overwrite=True)  # a hub-style model folder is a model: replaced
+    assert not (empty / "README.md").exists()
+    with pytest.raises(sdtorch.errors.InvalidInputError, match="is a folder"):
+        sdtorch.save(pipe, empty, format="single_file", overwrite=True)
+    with pytest.raises(sdtorch.errors.InvalidInputError, match="is a file; a diffusers model is a folder"):
+        sdtorch.save(pipe, original_file[0], overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no staging or moved-aside folder left

@@ -126,9 +126,9 @@ def test_same_seed_same_image_and_batch_uses_seed_plus_i(models):
 def test_random_seed_is_reported(models):
     pipe, _ = models
     img = pipe(PROMPT, seed=-1, height=SIZE, width=SIZE, num_inference_steps=4, sampler="Euler")[0]
-    params = parse_infotext(img.info["parameters"])
-    assert params.seed == img.info["seed"] >= 0
-    again = pipe(PROMPT, seed=params.seed, height=SIZE, width=SIZE, num_inference_steps=4, sampler="Euler")[0]
+    request = parse_infotext(img.info["parameters"]).request
+    assert request.seed == img.info["seed"] >= 0
+    again = pipe(PROMPT, seed=request.seed, height=SIZE, width=SIZE, num_inference_steps=4, sampler="Euler")[0]
     assert np.array_equal(np.asarray(img), np.asarray(again))
 
 
@@ -136,10 +136,11 @@ def test_infotext_describes_the_image(models):
     pipe, _ = models
     img = pipe(PROMPT, negative_prompt=NEGATIVE, seed=7, height=SIZE, width=SIZE, num_inference_steps=5,
                guidance_scale=6.5, sampler="DPM++ 2M", schedule="Karras", clip_skip=2)[0]
-    params = parse_infotext(img.info["parameters"])
-    assert (params.prompt, params.negative_prompt, params.steps, params.sampler, params.schedule) == (
+    request = parse_infotext(img.info["parameters"]).request
+    assert (request.prompt, request.negative_prompt, request.steps, request.sampler_name, request.scheduler) == (
         PROMPT, NEGATIVE, 5, "DPM++ 2M", "Karras")
-    assert (params.cfg_scale, params.seed, params.width, params.height, params.clip_skip) == (6.5, 7, SIZE, SIZE, 2)
+    assert (request.cfg_scale, request.seed, request.width, request.height, request.clip_skip) == (
+        6.5, 7, SIZE, SIZE, 2)
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -153,11 +154,11 @@ def test_inpainting_model_without_mask_is_refused(inpainting_model):
 def test_bad_input_gets_clear_errors(models, tmp_path):
     pipe, _ = models
     kw = dict(num_inference_steps=2, sampler="Euler")
-    with pytest.raises(InvalidInputError, match="multiples of 8"):
+    with pytest.raises(InvalidInputError, match="height 36 must be a multiple of 8"):
         pipe(PROMPT, height=SIZE + 4, width=SIZE, **kw)
     with pytest.raises(InvalidInputError, match="strength"):
         pipe(PROMPT, image=make_image(), strength=1.5, **kw)
-    with pytest.raises(InvalidInputError, match="guidance"):
+    with pytest.raises(InvalidInputError, match="cfg_scale -2"):  # diffusers' guidance_scale is the field cfg_scale
         pipe(PROMPT, guidance_scale=-2, height=SIZE, width=SIZE, **kw)
     bad = tmp_path / "not-an-image.png"
     bad.write_text("hello")
@@ -178,8 +179,8 @@ def test_hires_fix_generates_at_the_target_size(models):
                enable_hr=True, hr_scale=1.5, hr_second_pass_steps=4, hr_denoising_strength=0.5)[0]
     assert img.size == (48, 48)
     assert len(seen) == 4 + 2  # the base pass, then int(4 * 0.5) steps at the target size
-    params = parse_infotext(img.info["parameters"])
-    assert (params.hires_upscale, params.hires_steps, params.hires_upscaler, params.denoising_strength) == (
+    hires = parse_infotext(img.info["parameters"]).request.hires
+    assert (hires.hr_scale, hires.hr_second_pass_steps, hires.hr_upscaler, hires.hr_denoising_strength) == (
         1.5, 4, "Latent", 0.5)
 
 
@@ -212,4 +213,4 @@ def test_cli_generate_from_and_info(models, tmp_path, capsys):
     assert main(["generate", "--from", str(first), "--model", str(folder), "--out", str(again)]) == 0
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
     assert main(["generate", "x", "--model", str(folder), "--width", "30", "--out", str(tmp_path)]) == 2
-    assert "multiples of 8" in capsys.readouterr().err
+    assert "sdtorch: error: width 30 must be a multiple of 8" in capsys.readouterr().err

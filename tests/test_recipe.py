@@ -12,7 +12,11 @@ from sdtorch.errors import InvalidInputError
 from sdtorch.data.shapes import ShapesDataset
 from sdtorch.evaluation.judge import load_judge
 from sdtorch.models.vae import DiagonalGaussian
-from sdtorch.training.recipe import STAGES, Recipe, RecipeConfig, run_recipe, vae_judged
+from sdtorch.configs import TINY_SD1, ModelConfig
+from sdtorch.training.recipe import (
+    STAGES, CLIPStageConfig, DataConfig, ExportConfig, MetricsConfig, Recipe, RecipeConfig, UNetStageConfig,
+    VAEStageConfig, run_recipe, vae_judged,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,9 +49,76 @@ def toy_recipe(tmp_path: Path) -> Path:
 
 def test_shipped_recipe_parses():
     config = RecipeConfig.from_file(SHAPES_RECIPE)
-    assert config.model.unet.sample_size * 8 == config.image_size == 64
+    assert config.model.unet.sample_size * 8 == config.data.image_size == 64
     assert len(config.model.vae.block_channels) == 4  # three 2x downsamplings: 64 px -> 8x8 latents
     assert config.model.unet.context_dim == config.model.text_encoder.width
+
+
+def test_shipped_recipe_parses_to_typed_values():
+    config = RecipeConfig.from_file(SHAPES_RECIPE)
+    assert (config.seed, config.data, config.tokenizer.vocab_size) == (0, DataConfig(items=20000, image_size=64), 1024)
+    assert config.model.unet.block_channels == (64, 128, 176) and config.model.unet.attention_levels == (True,) * 3
+    assert config.vae == VAEStageConfig(
+        steps=5500, batch_size=8, lr=1e-3, warmup_steps=100, kl_weight=1e-5, edge_weight=0.5, mse_weight=1.0,
+        foreground_weight=5.0, max_objects=4,
+    )
+    assert config.clip == CLIPStageConfig(steps=800, batch_size=128, lr=1e-3, image_channels=(16, 32, 64, 128))
+    assert config.unet == UNetStageConfig(
+        steps=2800, batch_size=64, lr=5e-4, warmup_steps=200, cfg_dropout=0.1, ema_decay=0.999, max_grad_norm=1.0,
+        snr_gamma=5.0,
+    )
+    assert config.decoder is None
+    assert config.export == ExportConfig(dtype="float16") and config.metrics == MetricsConfig(512, 200)
+    assert isinstance(config.vae.max_objects, int) and isinstance(config.vae.foreground_weight, float)
+
+
+def edited_recipe(tmp_path: Path, old: str, new: str) -> Path:
+    """configs/shapes.toml with its one line `old` replaced by `new`."""
+    text = SHAPES_RECIPE.read_text(encoding="utf-8")
+    line = re.compile(rf"(?m)^{re.escape(old)}(?!\w)")
+    assert len(line.findall(text)) == 1, old
+    path = tmp_path / "edited.toml"
+    path.write_text(line.sub(new, text), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("old, new, named", [
+    ("kl_weight = 1e-5", "kl_wieght = 1e-5", "[vae] kl_wieght: unknown key; did you mean kl_weight?"),
+    ("items = 20000", "itmes = 20000", "[data] itmes: unknown key; did you mean items?"),
+    ("block_channels = [64", "block_chanels = [64",
+     "[model.unet] block_chanels: unknown key; did you mean block_channels?"),
+    ("seed = 0", "sed = 0", "sed: unknown key; did you mean seed?"),
+    ("[tokenizer]", "[tokeniser]", "[tokeniser]: unknown key; did you mean tokenizer?"),
+    ("steps = 800", 'steps = "800"', "[clip] steps: expected int, got '800' (str)"),
+    ("batch_size = 64", "batch_size = 64.0", "[unet] batch_size: expected int, got 64.0 (float)"),
+    ("lr = 5e-4", "lr = [5e-4]", "[unet] lr: expected float, got [0.0005] (list)"),
+    ("layers_per_block = 2", "layers_per_block = true", "[model.unet] layers_per_block: expected int, got True (bool)"),
+    ("attention_levels = [true", "attention_levels = [1", "[model.unet] attention_levels: expected a list of bool"),
+    ("vocab_size = 1024", "", "[tokenizer] needs vocab_size"),
+    ('dtype = "float16"', 'dtype = "f8"', "[export] dtype must be one of"),
+])
+def test_recipe_mistakes_name_the_file_and_the_key(tmp_path, old, new, named):
+    path = edited_recipe(tmp_path, old, new)
+    with pytest.raises(InvalidInputError) as error:
+        RecipeConfig.from_file(path)
+    assert str(error.value).startswith(f"{path}: ") and named in str(error.value), error.value
+
+
+def test_unknown_key_lists_the_valid_ones(tmp_path):
+    with pytest.raises(InvalidInputError) as error:
+        RecipeConfig.from_file(edited_recipe(tmp_path, "items = 20000", "zzz = 20000"))
+    assert str(error.value).endswith("[data] zzz: unknown key; valid keys: items, image_size")  # nothing close
+
+
+def test_an_int_is_taken_where_a_float_belongs(tmp_path):
+    config = RecipeConfig.from_file(edited_recipe(tmp_path, "lr = 5e-4", "lr = 1"))
+    assert config.unet.lr == 1.0 and isinstance(config.unet.lr, float)
+
+
+def test_model_config_from_dict_rejects_unknown_keys():
+    assert ModelConfig.from_dict(TINY_SD1.to_dict()) == TINY_SD1
+    with pytest.raises(InvalidInputError, match=r"model config: \[unet\] block_chanels: unknown key; did you mean"):
+        ModelConfig.from_dict({"unet": {"block_chanels": [32, 64]}})
 
 
 def test_recipe_runs_resumes_and_ships_a_loadable_model(tmp_path):
@@ -94,7 +165,10 @@ def test_recipe_errors_are_clear(tmp_path):
         RecipeConfig.from_file(bad)
     text = SHAPES_RECIPE.read_text(encoding="utf-8").replace("[clip]\nsteps = 800\n", "[clip]\n")
     bad.write_text(text, encoding="utf-8")
-    with pytest.raises(InvalidInputError, match=r"\[clip\] needs steps"):
+    with pytest.raises(InvalidInputError, match=rf"^{re.escape(str(bad))}: \[clip\] needs steps$"):
+        RecipeConfig.from_file(bad)
+    bad.write_text(re.sub(r"(?ms)^\[data\].*?(?=^\[model\])", "", text), encoding="utf-8")
+    with pytest.raises(InvalidInputError, match=rf"^{re.escape(str(bad))}: needs \[data\]$"):
         RecipeConfig.from_file(bad)
     with pytest.raises(InvalidInputError, match="unknown stage"):
         run_recipe(toy_recipe(tmp_path), tmp_path / "w", until="everything")

@@ -1,14 +1,28 @@
 """sdtorch: Stable Diffusion written from scratch in plain PyTorch.
 
     pipe = sdtorch.load("model.safetensors")     # single file, diffusers folder or hub id
+    images = pipe("a prompt", steps=20)           # settings: sdtorch.GenerationRequest's fields
     sdtorch.save(pipe, "out_folder", format="diffusers")
+
+The names below are imported on first use, so that `sdtorch` commands that need no model (help, a refused
+request, reading an image's parameters) start without loading torch.
 """
 
-from . import errors
-from .checkpoints.loading import load
-from .checkpoints.saving import save
-from .configs import ModelConfig
-from .errors import SdtorchError
-from .pipeline import Pipeline
+from importlib import import_module
+from typing import Any
 
-__all__ = ["load", "save", "Pipeline", "ModelConfig", "SdtorchError", "errors"]
+from . import errors
+from .errors import SdtorchError
+
+_LAZY = {
+    "load": ".checkpoints.loading", "save": ".checkpoints.saving", "Pipeline": ".pipeline",
+    "ModelConfig": ".configs", "GenerationRequest": ".request", "Limits": ".request",
+}
+
+__all__ = ["load", "save", "Pipeline", "ModelConfig", "GenerationRequest", "Limits", "SdtorchError", "errors"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'sdtorch' has no attribute {name!r}")

@@ -4,7 +4,7 @@
                                                       (no --model: the shipped shapes-world model)
     sdtorch generate --from image.png [--model SRC]   re-create an image from the parameters it carries
     sdtorch info SRC | image.png                      describe a model, or print an image's parameters
-    sdtorch convert SRC DST --to diffusers|single-file
+    sdtorch convert SRC DST --to diffusers|single-file [--overwrite]
     sdtorch eval [--model SRC] [--prompts N]          judge a shapes-world model's images against their prompts
     sdtorch train configs/shapes.toml --workdir DIR   train a model from scratch by a recipe (resumable)
 """
@@ -12,18 +12,25 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
+import typing
+import unicodedata
+from typing import TYPE_CHECKING
 from pathlib import Path
 
-import torch
-
-from .configs import DTYPES
 from .errors import InvalidInputError, SdtorchError
+from .request import GROUPS, GenerationRequest, HiresFix, Limits, fields_of
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _dtype(name: str) -> torch.dtype:
+    from .configs import DTYPES
+
     try:
         return DTYPES[name.lower()]
     except KeyError:
@@ -36,15 +43,20 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-DEFAULT_CFG = 7.5  # A1111's and diffusers' habit, for the checkpoints users bring
-BUILT_IN_MODEL_CFG = 4.0  # the shapes model's best (`sdtorch eval`: all correct 90.5% at 4, 77.5% at 7.5)
+_BIDI_CONTROLS = set(range(0x202A, 0x202F)) | set(range(0x2066, 0x206A))
 
 
-def _guidance(args: argparse.Namespace) -> float:
-    """--cfg, or the default of the model in use: the built-in shapes model draws best at a lower scale."""
-    if args.cfg is not None:
-        return args.cfg
-    return BUILT_IN_MODEL_CFG if args.model is None else DEFAULT_CFG
+def printable(text: str, keep_newlines: bool = True) -> str:
+    """`text` with control characters (ANSI escapes, carriage returns, bidi overrides) shown escaped, so that
+    text from a file (a PNG's parameters, a file name) cannot drive the terminal."""
+    def escape(c: str) -> str:
+        if c == "\t" or (c == "\n" and keep_newlines):
+            return c
+        if unicodedata.category(c) == "Cc" or ord(c) in _BIDI_CONTROLS:
+            return c.encode("unicode_escape").decode("ascii")
+        return c
+
+    return "".join(escape(c) for c in text)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -54,7 +66,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         from .infotext import read_infotext
 
         text = read_infotext(args.source)
-        print(text if text is not None else f"{args.source} carries no generation parameters")
+        print(printable(text) if text is not None else f"{printable(args.source)} carries no generation parameters")
         return
     pipe = load(args.source, device="meta", prediction_type=args.prediction_type)
     cfg, report = pipe.config, pipe.report
@@ -78,32 +90,42 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from .checkpoints.loading import load
-    from .checkpoints.saving import save
+    from .checkpoints.saving import check_destination, save
 
+    check_destination(args.destination, args.to, args.overwrite)  # before the load, which may take minutes
     start = time.perf_counter()
     pipe = load(args.source, dtype=args.dtype, prediction_type=args.prediction_type)
-    out = save(pipe, args.destination, format=args.to)
+    out = save(pipe, args.destination, format=args.to, overwrite=args.overwrite)
     print(f"wrote {out} ({args.to}, {pipe.config.kind}, {pipe.config.prediction_type}) "
           f"in {time.perf_counter() - start:.1f}s")
 
 
-def _from_image(args: argparse.Namespace) -> None:
-    """Fill unset generation arguments from the A1111 parameters an image carries."""
-    from .infotext import parse_infotext, read_infotext
+def _request(args: argparse.Namespace) -> GenerationRequest:
+    """The generation request of a `generate` command: the image's parameters (--from), then the flags given."""
+    base = GenerationRequest()
+    if args.from_image:
+        from .infotext import parse_infotext, read_infotext
 
-    text = read_infotext(args.from_image)
-    if text is None:
-        raise InvalidInputError(f"{args.from_image} carries no generation parameters to re-create it from")
-    p = parse_infotext(text)
-    fill = {"prompt": p.prompt, "negative": p.negative_prompt, "steps": p.steps, "cfg": p.cfg_scale,
-            "sampler": p.sampler, "schedule": p.schedule, "seed": p.seed, "width": p.width, "height": p.height,
-            "clip_skip": p.clip_skip}
-    if p.hires_upscale:
-        fill |= {"hires_scale": p.hires_upscale, "hires_steps": p.hires_steps, "hires_upscaler": p.hires_upscaler,
-                 "hires_denoise": p.denoising_strength}
-    for key, value in fill.items():
-        if getattr(args, key) is None and value is not None:
-            setattr(args, key, value)
+        text = read_infotext(args.from_image)
+        if text is None:
+            raise InvalidInputError(f"{args.from_image} carries no generation parameters to re-create it from")
+        base = parse_infotext(text).request
+    given = {dest: getattr(args, dest) for dest in _FLAGS if getattr(args, dest) is not None}
+    top = {name: v for dest, v in given.items() if (name := _FLAGS[dest][1]) and _FLAGS[dest][0] is None}
+    if args.prompt is not None:
+        top["prompt"] = args.prompt
+    for group in GROUPS:
+        changes = {_FLAGS[dest][1]: v for dest, v in given.items() if _FLAGS[dest][0] == group}
+        current = getattr(base, group)
+        if group == "hires" and (changes or args.hires) and current is None:
+            current = HiresFix()
+        if changes:
+            current = dataclasses.replace(current, **changes)
+        top[group] = current
+    request = base.replace(**top)
+    if not request.prompt and not args.from_image:
+        raise InvalidInputError("give a prompt (or --from image.png)")
+    return request
 
 
 class _Progress:
@@ -129,50 +151,27 @@ class _Progress:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .checkpoints.loading import load
+    request = _request(args)
+    limits = Limits.from_strings(args.limit)
+    request.validate(limits)  # before torch and the model load: a bad request is refused at once
 
-    if args.from_image:
-        _from_image(args)
-    if not args.prompt:
-        raise InvalidInputError("give a prompt (or --from image.png)")
+    from .checkpoints.loading import load
+    from .outputs import plan_outputs, write_images
+
+    outputs = plan_outputs(args.out, len(request.prompts()) * request.batch_size, overwrite=args.overwrite)
     pipe = load(args.model, dtype=args.dtype, prediction_type=args.prediction_type)
-    options = {}
-    if args.hires_scale:
-        options |= {"enable_hr": True, "hr_scale": args.hires_scale, "hr_second_pass_steps": args.hires_steps,
-                    "hr_upscaler": args.hires_upscaler or "Latent", "hr_denoising_strength": args.hires_denoise or 0.7}
-    if args.mask_blur is not None:
-        options["mask_blur"] = args.mask_blur
+    pipe.limits = limits
     progress = _Progress(enabled=not args.quiet)
     start = time.perf_counter()
     try:
-        images = pipe(
-            args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps or 20,
-            guidance_scale=_guidance(args), sampler=args.sampler or "DPM++ 2M",
-            schedule=args.schedule, seed=-1 if args.seed is None else args.seed, width=args.width, height=args.height,
-            num_images_per_prompt=args.batch, image=args.init_image, strength=args.strength, mask_image=args.mask,
-            clip_skip=args.clip_skip or 1, callback=progress, **options,
-        )
+        result = pipe(request=request, callback=progress)
     finally:
         progress.close()
-    for message in options.get("warnings", []):
-        print(f"sdtorch: warning: {message}", file=sys.stderr)
-    for path in _output_paths(args.out, images):
+    for message in result.warnings:
+        print(f"sdtorch: warning: {printable(message, keep_newlines=False)}", file=sys.stderr)
+    for path in write_images(outputs, result):
         print(path)
-    print(f"{len(images)} image(s) in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-
-
-def _output_paths(out: str, images: list) -> list[Path]:
-    """Write each image (atomically, with its parameters) and return the paths."""
-    from .infotext import save_png
-
-    target = Path(out)
-    if target.suffix.lower() == ".png":
-        names = [target] if len(images) == 1 else [target.with_name(f"{target.stem}-{i}.png") for i in range(len(images))]
-    else:
-        target.mkdir(parents=True, exist_ok=True)
-        taken = len(list(target.glob("*.png")))
-        names = [target / f"{taken + i:05d}-{img.info['seed']}.png" for i, img in enumerate(images)]
-    return [save_png(img, name, img.info["parameters"]) for img, name in zip(images, names)]
+    print(f"{len(result)} image(s) in {time.perf_counter() - start:.1f}s", file=sys.stderr)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -181,8 +180,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluation.generation import evaluate, format_report
 
     pipe = load(args.model)
+    guidance = pipe.default_cfg_scale if args.cfg is None else args.cfg
     report = evaluate(
-        pipe, args.prompts, args.held_out, seed=args.seed, guidance_scale=_guidance(args), compare_guidance=not args.no_compare,
+        pipe, args.prompts, args.held_out, seed=args.seed, guidance_scale=guidance, compare_guidance=not args.no_compare,
         steps=args.steps, sampler=args.sampler, schedule=args.schedule,
         progress=lambda done, total: print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True),
     )
@@ -200,8 +200,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(model if model.is_dir() else args.workdir)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in sdtorch's one-line form (exit code 2)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"sdtorch: error: {printable(message, keep_newlines=False)} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdtorch", description="Stable Diffusion in plain PyTorch")
+    parser = _Parser(prog="sdtorch", description="Stable Diffusion in plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="describe a model: kind, sizes, dtype, prediction type, parameters")
@@ -214,33 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("destination")
     convert.add_argument("--to", required=True, choices=("diffusers", "single-file"))
     convert.add_argument("--dtype", type=_dtype, default=None, help="float32 (default), float16 or bfloat16")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace an existing DST if it is a model of the same kind (nothing else is ever replaced)")
     _add_load_options(convert)
     convert.set_defaults(run=cmd_convert)
 
     gen = sub.add_parser("generate", help="generate images (txt2img, img2img, inpainting)")
     gen.add_argument("prompt", nargs="?", help="what to draw (A1111 syntax: (word:1.2), [word], BREAK)")
     gen.add_argument("--model", help="single file, diffusers folder or hub id (default: the shipped shapes model)")
-    gen.add_argument("--negative", help="negative prompt")
-    gen.add_argument("--steps", type=int, help="sampling steps (default 20)")
-    gen.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 7.5; 4 for the built-in model)")
-    gen.add_argument("--sampler", help='A1111 name, e.g. "DPM++ 2M" (default), "Euler a", "DDIM", "UniPC"')
-    gen.add_argument("--schedule", help="Automatic, Karras, Exponential, Uniform, SGM Uniform (default: the sampler's)")
-    gen.add_argument("--seed", type=int, help="-1 or unset: random; image i of a batch uses seed + i")
-    gen.add_argument("--width", type=int, help="multiple of 8 (default: the model's native size)")
-    gen.add_argument("--height", type=int, help="multiple of 8 (default: the model's native size)")
-    gen.add_argument("--batch", type=int, default=1, help="images to generate")
-    gen.add_argument("--init-image", help="img2img / inpainting source image")
-    gen.add_argument("--strength", type=float, default=0.75, help="img2img denoising strength in (0, 1]")
-    gen.add_argument("--mask", help="inpainting mask (white = repaint)")
-    gen.add_argument("--mask-blur", type=int, help="mask blur in pixels (default 4)")
-    gen.add_argument("--clip-skip", type=int, help="A1111 Clip skip (1 = last layer)")
-    gen.add_argument("--hires-scale", type=float, help="hires fix: upscale factor for a second pass")
-    gen.add_argument("--hires-steps", type=int, help="hires fix: second-pass steps (default: --steps)")
-    gen.add_argument("--hires-upscaler", choices=("Latent", "Latent (nearest)", "Lanczos"))
-    gen.add_argument("--hires-denoise", type=float, help="hires fix: second-pass denoising strength (default 0.7)")
+    _add_request_flags(gen)
+    gen.add_argument("--hires", action="store_true", help="hires fix with its defaults (any --hires-* flag turns it on)")
     gen.add_argument("--dtype", type=_dtype, default=None, help="float32 (default), float16 or bfloat16")
-    gen.add_argument("--from", dest="from_image", help="re-create an image from the parameters in this PNG")
-    gen.add_argument("--out", default="outputs", help="output folder, or a .png path (default: outputs/)")
+    gen.add_argument("--from", dest="from_image", help="re-create an image from the parameters it carries; "
+                     "flags given override them")
+    gen.add_argument("--out", default="outputs", help="output folder (A1111-style NNNNN-SEED.png names), or a "
+                     ".png / .jpg / .webp path (default: outputs/)")
+    gen.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    gen.add_argument("--limit", action="append", default=[], metavar="KEY=VALUE",
+                     help=f"raise or lower a limit ({', '.join(f'{f.name}={f.default}' for f in dataclasses.fields(Limits))})")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_load_options(gen)
     gen.set_defaults(run=cmd_generate)
@@ -267,12 +265,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# argparse dest -> (group or None, field name), for the flags made from the request's field table
+_FLAGS: dict[str, tuple[str | None, str]] = {}
+
+
+def _add_request_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per request field that has one, with the field's type, choices and default in its help."""
+    for group, cls in ((None, GenerationRequest), *GROUPS.items()):
+        for f, hint in fields_of(cls):
+            flag = f.metadata.get("cli")
+            if flag is None:
+                continue
+            dest = flag.removeprefix("--").replace("-", "_")
+            _FLAGS[dest] = (group, f.name)
+            shown = f" (default {f.default})" if f.default not in (None, "") else ""
+            if hint is bool:
+                parser.add_argument(flag, dest=dest, action="store_const", const=True, help=f.metadata["help"])
+                continue
+            kinds = [t for t in typing.get_args(hint) or (hint,) if t in (int, float)]
+            parser.add_argument(flag, dest=dest, type=kinds[0] if kinds else str, choices=f.metadata["choices"] or None,
+                                help=f.metadata["help"] + shown)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; every failure a user can cause ends in one line on stderr and exit code 2
+    (130 for Ctrl-C), never a traceback."""
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
     except SdtorchError as e:
-        print(f"sdtorch: error: {e}", file=sys.stderr)
+        print(f"sdtorch: error: {printable(str(e), keep_newlines=False)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdtorch: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("sdtorch: error: out of memory; try a smaller size or batch, or --dtype bfloat16", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        print(f"sdtorch: error:{printable(where, keep_newlines=False)}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 

@@ -7,18 +7,71 @@ here, as a handful of fields, not in separate model classes.
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from .errors import ArchitectureError
+from .errors import ArchitectureError, InvalidInputError
+from .tomlconfig import from_table
+
+T = TypeVar("T")
+FAMILIES = ("sd1", "sd2")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+BETA_SCHEDULES = ("scaled_linear", "linear")
+# Sizes and counts past these are a corrupt config, not a model (SD's largest: a 49,408-token
+# vocabulary, 4 levels, 24 CLIP layers): larger sizes overflow torch's shape arithmetic, and more
+# levels and layers would take minutes to build before any weight is compared.
+MAX_SIZE = 2**20
+MAX_LEVELS = 8
+MAX_LAYERS = 32
 
 
 def _tuple(value: Any, length: int | None = None) -> tuple:
     if isinstance(value, (list, tuple)):
         return tuple(value)
     return (value,) * (length or 1)
+
+
+def _check(ok: bool, message: str) -> None:
+    """The configs' value checks (`__post_init__`): ArchitectureError(message) unless `ok`."""
+    if not ok:
+        raise ArchitectureError(message)
+
+
+def _check_sizes(part: str, **sizes: int | tuple[int, ...]) -> None:
+    """Every size (or each entry of a tuple of sizes) is between 1 and MAX_SIZE."""
+    for name, value in sizes.items():
+        _check(all(1 <= v <= MAX_SIZE for v in _tuple(value)),
+               f"{part} config: {name} must be between 1 and {MAX_SIZE:,}, not {value}")
+
+
+def _check_layers(part: str, **counts: int) -> None:
+    """Every layer count is between 1 and MAX_LAYERS."""
+    for name, value in counts.items():
+        _check(1 <= value <= MAX_LAYERS, f"{part} config: {name} must be between 1 and {MAX_LAYERS}, not {value}")
+
+
+def _check_norm_groups(part: str, channels: tuple[int, ...], groups: int) -> None:
+    """GroupNorm needs every level's channel count to be a multiple of the group count."""
+    odd = [c for c in channels if c % groups]
+    _check(not odd, f"{part} config: block channels {odd} are not divisible by norm_groups {groups}")
+
+
+def _require_keys(cfg: dict[str, Any], keys: tuple[str, ...], source: str) -> None:
+    """A diffusers config has each of `keys` (those without a default)."""
+    missing = [k for k in keys if k not in cfg]
+    _check(not missing, f"{source}: lacks {', '.join(missing)}")
+
+
+def _from_diffusers(cls: type[T], values: dict[str, Any], source: str) -> T:
+    """`cls(**values)`, values type-checked (lists become tuples); errors are ArchitectureErrors naming `source`."""
+    try:
+        return from_table(cls, values, source=source)
+    except InvalidInputError as e:
+        raise ArchitectureError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -40,10 +93,17 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         n = len(self.block_channels)
+        _check(1 <= n <= MAX_LEVELS, f"UNet config: {n} levels (block_channels); sdtorch builds 1 to {MAX_LEVELS}")
         if len(self.attention_levels) != n or len(self.num_heads) != n:
             raise ArchitectureError(
                 f"UNet config: block_channels, attention_levels and num_heads need one entry per level ({n})"
             )
+        _check_sizes("UNet", in_channels=self.in_channels, out_channels=self.out_channels,
+                     block_channels=self.block_channels, num_heads=self.num_heads, context_dim=self.context_dim,
+                     norm_groups=self.norm_groups, sample_size=self.sample_size)
+        _check_layers("UNet", layers_per_block=self.layers_per_block, transformer_depth=self.transformer_depth)
+        _check_norm_groups("UNet", self.block_channels, self.norm_groups)
+        _check(0 < self.norm_eps < 1, f"UNet config: norm_eps must be between 0 and 1, not {self.norm_eps}")
 
     @property
     def time_embed_dim(self) -> int:
@@ -78,34 +138,40 @@ class UNetConfig:
         }
 
     @classmethod
-    def from_diffusers(cls, cfg: dict[str, Any]) -> UNetConfig:
+    def from_diffusers(cls, cfg: dict[str, Any], source: str = "diffusers UNet config") -> UNetConfig:
+        """The config of diffusers' `UNet2DConditionModel` (its config.json, parsed); `source` names it in errors."""
+        _require_keys(cfg, ("block_out_channels",), source)
+        channels = cfg["block_out_channels"]
         down = cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
-        channels = tuple(cfg["block_out_channels"])
-        n = len(channels)
+        if not isinstance(down, list) or not all(t in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down):
+            raise ArchitectureError(
+                f"{source}: down_block_types {reprlib.repr(down)} is not a list of CrossAttnDownBlock2D and "
+                "DownBlock2D (sdtorch does not support other UNet blocks yet)"
+            )
         # diffusers' `attention_head_dim` is, for SD1/SD2, the number of heads per level
         heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
         unsupported = [k for k in ("addition_embed_type", "class_embed_type", "encoder_hid_dim") if cfg.get(k)]
         if unsupported or cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
-            raise ArchitectureError(f"UNet config uses features sdtorch does not support yet: {unsupported}")
+            raise ArchitectureError(f"{source}: uses features sdtorch does not support yet: {unsupported}")
         depth = cfg.get("transformer_layers_per_block", 1)
-        if isinstance(depth, (list, tuple)):
-            if len(set(depth)) != 1:
-                raise ArchitectureError("UNet config: per-level transformer depth is not supported yet")
+        if isinstance(depth, list):
+            if not depth or any(d != depth[0] for d in depth):
+                raise ArchitectureError(f"{source}: per-level transformer depth is not supported yet")
             depth = depth[0]
-        return cls(
+        return _from_diffusers(cls, dict(
             in_channels=cfg.get("in_channels", 4),
             out_channels=cfg.get("out_channels", 4),
             block_channels=channels,
-            attention_levels=tuple(t.startswith("CrossAttn") for t in down),
+            attention_levels=[t == "CrossAttnDownBlock2D" for t in down],
             layers_per_block=cfg.get("layers_per_block", 2),
-            num_heads=_tuple(heads, n),
+            num_heads=_tuple(heads, len(channels) if isinstance(channels, list) else 1),
             context_dim=cfg.get("cross_attention_dim", 768),
-            use_linear_proj=bool(cfg.get("use_linear_projection", False)),
+            use_linear_proj=cfg.get("use_linear_projection") or False,
             transformer_depth=depth,
             norm_groups=cfg.get("norm_num_groups", 32),
             norm_eps=cfg.get("norm_eps", 1e-5),
             sample_size=cfg.get("sample_size") or 64,
-        )
+        ), source)
 
 
 @dataclass(frozen=True)
@@ -119,6 +185,17 @@ class VAEConfig:
     layers_per_block: int = 2  # ResBlocks per encoder level (decoder levels have one more)
     norm_groups: int = 32
     scaling_factor: float = 0.18215
+
+    def __post_init__(self) -> None:
+        n = len(self.block_channels)
+        _check(1 <= n <= MAX_LEVELS, f"VAE config: {n} levels (block_channels); sdtorch builds 1 to {MAX_LEVELS}")
+        _check_sizes("VAE", in_channels=self.in_channels, out_channels=self.out_channels,
+                     latent_channels=self.latent_channels, block_channels=self.block_channels,
+                     norm_groups=self.norm_groups)
+        _check_layers("VAE", layers_per_block=self.layers_per_block)
+        _check_norm_groups("VAE", self.block_channels, self.norm_groups)
+        _check(math.isfinite(self.scaling_factor) and self.scaling_factor > 0,
+               f"VAE config: scaling_factor must be a positive number, not {self.scaling_factor}")
 
     def to_diffusers(self) -> dict[str, Any]:
         n = len(self.block_channels)
@@ -137,16 +214,18 @@ class VAEConfig:
         }
 
     @classmethod
-    def from_diffusers(cls, cfg: dict[str, Any]) -> VAEConfig:
-        return cls(
+    def from_diffusers(cls, cfg: dict[str, Any], source: str = "diffusers VAE config") -> VAEConfig:
+        """The config of diffusers' `AutoencoderKL` (its config.json, parsed); `source` names it in errors."""
+        _require_keys(cfg, ("block_out_channels",), source)
+        return _from_diffusers(cls, dict(
             in_channels=cfg.get("in_channels", 3),
             out_channels=cfg.get("out_channels", 3),
             latent_channels=cfg.get("latent_channels", 4),
-            block_channels=tuple(cfg["block_out_channels"]),
+            block_channels=cfg["block_out_channels"],
             layers_per_block=cfg.get("layers_per_block", 2),
             norm_groups=cfg.get("norm_num_groups", 32),
             scaling_factor=cfg.get("scaling_factor", 0.18215),
-        )
+        ), source)
 
 
 @dataclass(frozen=True)
@@ -165,6 +244,16 @@ class TextEncoderConfig:
     bos_token_id: int = 49406
     eos_token_id: int = 49407
     projection_dim: int = 768  # recorded for the diffusers config; SD1/SD2 conditioning does not use it
+
+    def __post_init__(self) -> None:
+        _check_sizes("text encoder", vocab_size=self.vocab_size, max_length=self.max_length, width=self.width,
+                     num_heads=self.num_heads, mlp_width=self.mlp_width, projection_dim=self.projection_dim)
+        _check_layers("text encoder", num_layers=self.num_layers)
+        _check(0 < self.layer_norm_eps < 1,
+               f"text encoder config: layer_norm_eps must be between 0 and 1, not {self.layer_norm_eps}")
+        ids = {"pad_token_id": self.pad_token_id, "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id}
+        negative = [name for name, value in ids.items() if value < 0]
+        _check(not negative, f"text encoder config: {', '.join(negative)} must not be negative")
 
     def to_diffusers(self) -> dict[str, Any]:
         return {
@@ -190,8 +279,12 @@ class TextEncoderConfig:
         }
 
     @classmethod
-    def from_diffusers(cls, cfg: dict[str, Any], pad_token_id: int = 49407) -> TextEncoderConfig:
-        return cls(
+    def from_diffusers(
+        cls, cfg: dict[str, Any], pad_token_id: int = 49407, source: str = "transformers CLIP text config"
+    ) -> TextEncoderConfig:
+        """The config of transformers' `CLIPTextModel` (its config.json, parsed); `source` names it in errors."""
+        _require_keys(cfg, ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"), source)
+        return _from_diffusers(cls, dict(
             vocab_size=cfg.get("vocab_size", 49408),
             max_length=cfg.get("max_position_embeddings", 77),
             width=cfg["hidden_size"],
@@ -204,7 +297,7 @@ class TextEncoderConfig:
             bos_token_id=cfg.get("bos_token_id", 49406),
             eos_token_id=cfg.get("eos_token_id", 49407),
             projection_dim=cfg.get("projection_dim", 768),
-        )
+        ), source)
 
 
 @dataclass(frozen=True)
@@ -215,6 +308,23 @@ class ScheduleConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
+
+    def __post_init__(self) -> None:
+        _check_sizes("schedule", num_train_timesteps=self.num_train_timesteps)
+        _check(0 < self.beta_start <= self.beta_end < 1,
+               f"schedule config: need 0 < beta_start <= beta_end < 1, not {self.beta_start} and {self.beta_end}")
+        _check(self.beta_schedule in BETA_SCHEDULES,
+               f"schedule config: beta_schedule {self.beta_schedule!r} is not one of {', '.join(BETA_SCHEDULES)}")
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict[str, Any], source: str = "diffusers scheduler config") -> ScheduleConfig:
+        """The training schedule of a diffusers scheduler_config.json (parsed); `source` names it in errors."""
+        return _from_diffusers(cls, dict(
+            num_train_timesteps=cfg.get("num_train_timesteps", 1000),
+            beta_start=cfg.get("beta_start", 0.00085),
+            beta_end=cfg.get("beta_end", 0.012),
+            beta_schedule=cfg.get("beta_schedule", "scaled_linear"),
+        ), source)
 
 
 @dataclass(frozen=True)
@@ -227,6 +337,11 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.family in FAMILIES, f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
+        _check(self.prediction_type in PREDICTION_TYPES,
+               f"prediction_type {self.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
 
     @property
     def is_inpainting(self) -> bool:
@@ -243,19 +358,9 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        def build(kind: type, values: dict[str, Any]) -> Any:
-            names = {f.name for f in dataclasses.fields(kind)}
-            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
-
-        return cls(
-            family=d.get("family", "sd1"),
-            prediction_type=d.get("prediction_type", "epsilon"),
-            unet=build(UNetConfig, d.get("unet", {})),
-            vae=build(VAEConfig, d.get("vae", {})),
-            text_encoder=build(TextEncoderConfig, d.get("text_encoder", {})),
-            schedule=build(ScheduleConfig, d.get("schedule", {})),
-        )
+    def from_dict(cls, d: dict[str, Any], source: str = "model config") -> ModelConfig:
+        """The config of `to_dict` (or a TOML table); unknown keys and wrong types are errors naming `source`."""
+        return from_table(cls, d, source=source)
 
 
 # Weight dtypes by name, for the command line and recipe files.

@@ -1,49 +1,48 @@
 """Generation: txt2img, img2img and inpainting on a Pipeline's parts, with diffusers' numerics.
 
-    prompt -> encode_prompts -> context (B, 77k, D)
+    prompt -> encode_conditioning -> Conditioning: contexts (77k, D) per model evaluation, AND weights
     seed -> CPU noise (B,4,h,w) -> [img2img: VAE.encode(image) * scale + noise] -> sample() -> latents
     latents / scale -> decode_latents -> PIL images with the A1111 "parameters" text
 
-The order in which a single explicit `generator` is drawn from (VAE samples, noise, sampler noise)
+`run(model, request)` validates a GenerationRequest, resolves it against the model (`plan` -> a Job) and
+generates. The order in which a single explicit `generator` is drawn from (VAE samples, noise, sampler noise)
 follows diffusers' pipelines, so the same generator gives diffusers' image.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
-import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
+from .configs import ModelConfig
 from .decoding import decode_latents
 from .errors import InvalidInputError
 from .images import (
-    check_size, crop_for_inpaint, crop_region, expand_to_aspect, image_to_tensor, load_image, load_mask,
-    mask_to_latent, masked_image, paste_back, resize_image, tensor_to_images,
+    crop_for_inpaint, crop_region, expand_to_aspect, image_to_tensor, load_image, load_mask, mask_to_latent,
+    masked_image, paste_back, resize_image, tensor_to_images,
 )
-from .infotext import GenerationParams, format_infotext, schedule_label
-from .prompts import encode_prompts
+from .infotext import format_infotext, schedule_label
+from .models.tokenizer import CLIPTokenizer
+from .models.vae import AutoencoderKL
+from .prompt_schedule import encode_conditioning, split_and
+from .request import MAX_SEED, GenerationRequest, Limits
 from .sampling.common import Callback
-from .sampling.denoiser import Denoiser
+from .sampling.denoiser import Conditioning, Denoiser
 from .sampling.samplers import resolve, sample
 from .sampling.schedules import DiscreteSchedule
 
-if TYPE_CHECKING:
-    from .pipeline import Pipeline
-
-MAX_SEED = 2**32 - 1
-HIRES_UPSCALERS = ("Latent", "Latent (nearest)", "Lanczos")
-
-
 @dataclass
-class Request:
-    """Everything one call generates from, validated; one entry per output image where it varies."""
+class Job:
+    """A validated request resolved against a model: one entry per output image where it varies."""
 
+    source: GenerationRequest
     prompts: list[str]
     negative_prompts: list[str]
     seeds: list[int]
@@ -58,12 +57,53 @@ class Request:
     eta: float | None = None
     guidance_rescale: float = 0.0
     image: Image.Image | None = None
-    strength: float = 0.8
+    strength: float = 0.75
     mask: Image.Image | None = None
+    region: tuple[int, int, int, int] | None = None  # "only masked": the part of the image generated
+    hires_size: tuple[int, int] | None = None  # (width, height) of the hires fix's second pass
+    warnings: list[str] = dataclasses.field(default_factory=list)  # what was adjusted or fell back, for the user
 
 
-def generate(pipe: Pipeline, request: Request, callback: Callback | None, options: dict) -> list[Image.Image]:
-    """Run one request end to end and return PIL images carrying their infotext."""
+class GenerationResult(list):
+    """The images of one generation (a list of PIL images), with the resolved request and any warnings.
+
+    Each image carries its A1111 text in `img.info["parameters"]` and its seed in `img.info["seed"]`.
+    """
+
+    def __init__(self, images: list[Image.Image], request: GenerationRequest, warnings: list[str]):
+        super().__init__(images)
+        self.request = request  # with the model's defaults filled in (size, CFG, schedule, seed)
+        self.warnings = warnings
+
+
+class Model(Protocol):
+    """What generation needs of a model (a Pipeline is one)."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: nn.Module
+    unet: nn.Module
+    vae: AutoencoderKL
+    config: ModelConfig
+    vae_scale_factor: int
+    default_size: int
+    default_cfg_scale: float
+    model_hash: str | None
+    model_name: str | None
+
+
+def run(
+    model: Model, request: GenerationRequest, generator: torch.Generator | None = None,
+    callback: Callback | None = None, limits: Limits | None = None,
+) -> GenerationResult:
+    """Validate `request`, resolve it against `model` and generate: txt2img, img2img, inpainting, hires fix."""
+    limits = limits or Limits()
+    job = plan(model, request.validate(limits), generator, limits)
+    images = _generate(model, job, callback, job.warnings)
+    return GenerationResult(images, resolved_request(job), job.warnings)
+
+
+def _generate(pipe: Model, request: Job, callback: Callback | None, warnings: list[str]) -> list[Image.Image]:
+    """Run one job end to end and return PIL images carrying their infotext; decoding warnings go to `warnings`."""
     unet_dtype = next(pipe.unet.parameters()).dtype
     device = next(pipe.unet.parameters()).device
 
@@ -74,40 +114,44 @@ def generate(pipe: Pipeline, request: Request, callback: Callback | None, option
     denoiser = Denoiser(unet, DiscreteSchedule(pipe.config.schedule), pipe.config.prediction_type)
     with torch.inference_mode():
         cond, uncond = _conditioning(pipe, request)
-        region = options.get("inpaint_region")
-        if region is not None:
-            images = _inpaint_only_masked(pipe, denoiser, request, region, cond, uncond, callback, options)
+        if request.region is not None:
+            images = _inpaint_only_masked(pipe, denoiser, request, cond, uncond, callback, warnings)
         else:
-            latents = _sample(pipe, denoiser, request, cond, uncond, callback, options)
-            if options.get("enable_hr"):
-                latents = _hires_pass(pipe, denoiser, request, latents, cond, uncond, callback, options)
-            images = _decode(pipe, latents, options)
-            if request.mask is not None and options.get("mask_overlay", True):
+            latents = _sample(pipe, denoiser, request, cond, uncond, callback)
+            if request.hires_size is not None:
+                latents = _hires_pass(pipe, denoiser, request, latents, callback, warnings)
+            images = _decode(pipe, latents, request, warnings)
+            if request.mask is not None and request.source.inpaint.mask_overlay:
                 images = [paste_back(request.image, img, None, request.mask) for img in images]
-    return _with_infotext(pipe, request, images, options)
+    return _with_infotext(pipe, request, images)
 
 
-def _conditioning(pipe: Pipeline, request: Request) -> tuple[Tensor, Tensor | None]:
-    """(cond, uncond) contexts (B, 77k, D), encoded in one batch so both have the same length."""
-    guided = request.guidance_scale != 1.0
-    texts = request.prompts + (request.negative_prompts if guided else [])
-    context = encode_prompts(pipe.tokenizer, pipe.text_encoder, texts, clip_skip=request.clip_skip).float()
-    n = len(request.prompts)
-    return context[:n], (context[n:] if guided else None)
+def _conditioning(
+    pipe: Model, request: Job, hires_steps: int | None = None,
+) -> tuple[Conditioning, Conditioning | None]:
+    """(cond, uncond) of the first pass, or of a hires pass of `hires_steps` steps after it: A1111 prompt
+    editing over the sampler's model evaluations, and AND. The negative side is left out where guidance
+    does not use it (CFG scale 1 without AND weights)."""
+    info, _ = resolve(request.sampler)
+    composed = any(len(parts) > 1 or parts[0][1] != 1.0 for parts in map(split_and, request.prompts))
+    negatives = request.negative_prompts if request.guidance_scale != 1.0 or composed else None
+    return encode_conditioning(
+        pipe.tokenizer, pipe.text_encoder, request.prompts, negatives, info.prompt_steps(request.steps),
+        hires_steps=None if hires_steps is None else info.prompt_steps(hires_steps), clip_skip=request.clip_skip)
 
 
-def _noise(request: Request, shape: tuple[int, ...]) -> Tensor:
+def _noise(request: Job, shape: tuple[int, ...]) -> Tensor:
     """Initial noise on the CPU: per-image seeds (A1111: image i gets seed + i) or one diffusers-style generator."""
     if request.generator is not None:
         return torch.randn(shape, generator=request.generator, device=request.generator.device).cpu()
     return torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator("cpu").manual_seed(s)) for s in request.seeds])
 
 
-def _sampler_generator(request: Request) -> torch.Generator:
+def _sampler_generator(request: Job) -> torch.Generator:
     return request.generator or torch.Generator("cpu").manual_seed(request.seeds[0])
 
 
-def _encode_image(pipe: Pipeline, image: Image.Image | Tensor, batch: int, generator: torch.Generator) -> Tensor:
+def _encode_image(pipe: Model, image: Image.Image | Tensor, batch: int, generator: torch.Generator) -> Tensor:
     """VAE latents (batch,4,h,w) of an image (PIL, or (1,3,H,W) in [-1,1]), sampled and scaled, as diffusers does."""
     parameter = next(pipe.vae.parameters())
     pixels = image_to_tensor(image) if isinstance(image, Image.Image) else image  # (1,3,H,W) in [-1,1]
@@ -117,8 +161,8 @@ def _encode_image(pipe: Pipeline, image: Image.Image | Tensor, batch: int, gener
 
 
 def _sample(
-    pipe: Pipeline, denoiser: Denoiser, request: Request, cond: Tensor, uncond: Tensor | None,
-    callback: Callback | None, options: dict,
+    pipe: Model, denoiser: Denoiser, request: Job, cond: Conditioning, uncond: Conditioning | None,
+    callback: Callback | None,
 ) -> Tensor:
     """Latents (B,4,h,w) for txt2img, img2img or inpainting at the request's size."""
     batch, f = len(request.prompts), pipe.vae_scale_factor
@@ -135,7 +179,7 @@ def _sample(
     return _inpaint(pipe, denoiser, request, shape, common)
 
 
-def _inpaint(pipe: Pipeline, denoiser: Denoiser, request: Request, shape: tuple, common: dict) -> Tensor:
+def _inpaint(pipe: Model, denoiser: Denoiser, request: Job, shape: tuple, common: dict) -> Tensor:
     """Inpainting, in diffusers' order of draws: image latents (if needed), noise, masked-image latents."""
     batch, generator = shape[0], common["generator"]
     mask = mask_to_latent(request.mask, shape[2], shape[3]).expand(batch, -1, -1, -1)  # (B,1,h,w), 1 = repaint
@@ -154,75 +198,70 @@ def _inpaint(pipe: Pipeline, denoiser: Denoiser, request: Request, shape: tuple,
 
 
 def _inpaint_only_masked(
-    pipe: Pipeline, denoiser: Denoiser, request: Request, region: tuple[int, int, int, int], cond: Tensor,
-    uncond: Tensor | None, callback: Callback | None, options: dict,
+    pipe: Model, denoiser: Denoiser, request: Job, cond: Conditioning, uncond: Conditioning | None,
+    callback: Callback | None,
+    warnings: list[str],
 ) -> list[Image.Image]:
     """A1111's "inpaint only masked": generate the masked region (plus padding) at the full request size,
     then paste it back into the original image through the mask."""
-    original, full_mask = request.image, request.mask  # at the image's own size
-    crop = Request(**{**request.__dict__, "image": crop_for_inpaint(original, region, request.width, request.height),
-                      "mask": crop_for_inpaint(full_mask, region, request.width, request.height)})
-    latents = _sample(pipe, denoiser, crop, cond, uncond, callback, options)
-    return [paste_back(original, img, region, full_mask) for img in _decode(pipe, latents, options)]
+    original, full_mask, region = request.image, request.mask, request.region  # at the image's own size
+    crop = dataclasses.replace(request, image=crop_for_inpaint(original, region, request.width, request.height),
+                               mask=crop_for_inpaint(full_mask, region, request.width, request.height))
+    latents = _sample(pipe, denoiser, crop, cond, uncond, callback)
+    return [paste_back(original, img, region, full_mask) for img in _decode(pipe, latents, request, warnings)]
 
 
 def _hires_pass(
-    pipe: Pipeline, denoiser: Denoiser, request: Request, latents: Tensor, cond: Tensor, uncond: Tensor | None,
-    callback: Callback | None, options: dict,
+    pipe: Model, denoiser: Denoiser, request: Job, latents: Tensor, callback: Callback | None, warnings: list[str],
 ) -> Tensor:
     """A1111's hires fix: upscale the first pass (in latent or pixel space) and denoise it again at the target size."""
-    width, height, f = options["hr_width"], options["hr_height"], pipe.vae_scale_factor
-    upscaler = options.get("hr_upscaler", "Latent")
+    (width, height), f, hires = request.hires_size, pipe.vae_scale_factor, request.source.hires
+    upscaler = hires.hr_upscaler
     if upscaler == "Lanczos":
-        images = _decode(pipe, latents, options)
+        images = _decode(pipe, latents, request, warnings)
         init = torch.cat([_encode_image(pipe, img.resize((width, height), Image.LANCZOS), 1, _sampler_generator(request))
                           for img in images])
     else:
         mode = "nearest" if upscaler == "Latent (nearest)" else "bilinear"
         init = F.interpolate(latents, size=(height // f, width // f), mode=mode)  # (B,4,H/f,W/f)
-    second = Request(**{**request.__dict__, "width": width, "height": height,
-                        "steps": options.get("hr_second_pass_steps") or request.steps})
+    second = dataclasses.replace(request, width=width, height=height,
+                                 steps=hires.hr_second_pass_steps or request.steps)
     noise = _noise(second, (*latents.shape[:2], height // f, width // f))
+    cond, uncond = _conditioning(pipe, request, hires_steps=second.steps)  # A1111 schedules the pass anew
     return sample(denoiser, noise, sampler=request.sampler, schedule=request.schedule, steps=second.steps,
                   context=cond, uncond_context=uncond, guidance_scale=request.guidance_scale,
                   guidance_rescale=request.guidance_rescale, eta=request.eta,
                   generator=_sampler_generator(request), callback=callback,
-                  init_latents=init, strength=options.get("hr_denoising_strength", 0.7))
+                  init_latents=init, strength=hires.hr_denoising_strength)
 
 
-def _decode(pipe: Pipeline, latents: Tensor, options: dict) -> list[Image.Image]:
+def _decode(pipe: Model, latents: Tensor, request: Job, warnings: list[str]) -> list[Image.Image]:
     vae = pipe.vae
     z = (latents / vae.scaling_factor).to(next(vae.parameters()).device)
-    pixels, messages = decode_latents(vae, z, tiled=options.get("tiled_decode"))
-    for message in messages:
-        warnings.warn(message, stacklevel=3)
-        options.setdefault("warnings", []).append(message)
+    pixels, messages = decode_latents(vae, z, tiled=request.source.tiled_decode)
+    warnings += [m for m in messages if m not in warnings]
     return tensor_to_images(pixels)
 
 
-def _with_infotext(pipe: Pipeline, request: Request, images: list[Image.Image], options: dict) -> list[Image.Image]:
+def resolved_request(job: Job, index: int | None = None) -> GenerationRequest:
+    """The request with the model's defaults filled in; for one image (its prompt and seed) when `index` is given."""
+    request = job.source.replace(
+        steps=job.steps, sampler_name=job.sampler,
+        scheduler=schedule_label("sgm_uniform" if job.schedule == "trailing" else job.schedule),
+        cfg_scale=job.guidance_scale, seed=job.seeds[0], width=job.width, height=job.height,
+    )
+    if index is not None:
+        request = request.replace(prompt=job.prompts[index], negative_prompt=job.negative_prompts[index],
+                                  seed=job.seeds[index], batch_size=1)
+    return request
+
+
+def _with_infotext(pipe: Model, job: Job, images: list[Image.Image]) -> list[Image.Image]:
     """Attach A1111's "parameters" text and the seed to each image."""
-    hires = bool(options.get("enable_hr"))
-    if request.image is not None:
-        strength = request.strength
-    else:
-        strength = options.get("hr_denoising_strength", 0.7) if hires else None
     for i, img in enumerate(images):
-        params = GenerationParams(
-            prompt=request.prompts[i], negative_prompt=request.negative_prompts[i], steps=request.steps,
-            sampler=request.sampler,
-            schedule=schedule_label("sgm_uniform" if request.schedule == "trailing" else request.schedule),
-            cfg_scale=request.guidance_scale, seed=request.seeds[i], width=request.width, height=request.height,
-            model_hash=pipe.model_hash, model_name=pipe.model_name, denoising_strength=strength,
-            clip_skip=request.clip_skip, eta=request.eta,
-            hires_upscale=options.get("hr_scale") if hires else None,
-            hires_steps=options.get("hr_second_pass_steps") if hires else None,
-            hires_upscaler=options.get("hr_upscaler", "Latent") if hires else None,
-            mask_blur=options.get("mask_blur") if request.mask is not None else None,
-            version=f"sdtorch {_version()}",
-        )
-        img.info["parameters"] = format_infotext(params)
-        img.info["seed"] = request.seeds[i]
+        img.info["parameters"] = format_infotext(resolved_request(job, i), model_hash=pipe.model_hash,
+                                                 model_name=pipe.model_name, version=f"sdtorch {_version()}")
+        img.info["seed"] = job.seeds[i]
     return images
 
 
@@ -235,71 +274,64 @@ def _version() -> str:
         return "dev"
 
 
-def build_request(pipe: Pipeline, prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, schedule,
-                  seed, generator, height, width, num_images_per_prompt, image, strength, mask_image, clip_skip,
-                  options: dict) -> Request:
-    """Validate the user's arguments into a Request (clear errors for every bad value)."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts:
-        raise InvalidInputError("prompt must be a string or a non-empty list of strings")
-    negatives = negative_prompt if isinstance(negative_prompt, (list, tuple)) else [negative_prompt or ""] * len(prompts)
-    if len(negatives) != len(prompts):
-        raise InvalidInputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-        raise InvalidInputError(f"num_images_per_prompt must be a positive integer, not {num_images_per_prompt!r}")
-    if guidance_scale < 0:
-        raise InvalidInputError(f"guidance scale must be >= 0, not {guidance_scale}")
-    if not 0 < strength <= 1:
-        raise InvalidInputError(f"strength must be in (0, 1], not {strength}")
-    info, kind = resolve(sampler, schedule)
-    prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-    negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+def plan(model: Model, request: GenerationRequest, generator: torch.Generator | None, limits: Limits) -> Job:
+    """Resolve a validated request against a model: defaults, seeds, images and masks, sizes (checked on `limits`)."""
+    prompts = request.prompts()
+    negatives = request.negative_prompt if isinstance(request.negative_prompt, list) else [request.negative_prompt] * len(prompts)
+    info, kind = resolve(request.sampler_name, request.scheduler)
+    if request.clip_skip > model.config.text_encoder.num_layers:
+        raise InvalidInputError(f"clip_skip {request.clip_skip} is more than the text encoder's "
+                                f"{model.config.text_encoder.num_layers} layers")
+    if model.config.is_inpainting and request.mask is None:
+        raise InvalidInputError("this is an inpainting model (9-channel UNet): pass an init image and a mask")
+    batch = request.batch_size
+    prompts = [p for p in prompts for _ in range(batch)]
+    negatives = [n for n in negatives for _ in range(batch)]
     if generator is not None:
         seed = generator.initial_seed()  # reported only: a given generator drives all the noise (diffusers)
     else:
-        if seed is None or seed == -1:
-            seed = random.randrange(MAX_SEED - len(prompts))
-        if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - len(prompts):
-            raise InvalidInputError(f"seed must be an integer in [0, {MAX_SEED}] or -1 (random), not {seed!r}")
+        seed = random.randrange(MAX_SEED - len(prompts)) if request.seed == -1 else request.seed
 
-    init = mask = None
-    if image is not None:
-        init = load_image(image)
+    init = mask = region = None
+    width, height = request.width, request.height
+    warnings = []
+    if request.init_image is not None:
+        init = load_image(request.init_image)
         width, height = width or init.width // 8 * 8, height or init.height // 8 * 8
-    if pipe.config.is_inpainting and mask_image is None:
-        raise InvalidInputError("this is an inpainting model (9-channel UNet): pass image and mask_image")
-    if mask_image is not None:
-        if init is None:
-            raise InvalidInputError("mask_image needs an image to inpaint")
-        mask_size = load_image(mask_image).size
+        if width < 8 or height < 8:
+            raise InvalidInputError(f"the init image is {init.width}x{init.height}: give a width and height")
+        if (request.width or init.width, request.height or init.height) != (width, height):
+            warnings.append(f"the init image is {init.width}x{init.height}; generating at {width}x{height} "
+                            "(multiples of 8)")
+    native = model.default_size
+    width, height = width or native, height or native
+    request.check_size(width, height, limits)
+    settings = request.inpaint
+    if request.mask is not None:
+        mask_size = load_image(request.mask).size
         if mask_size != init.size:
             raise InvalidInputError(f"mask is {mask_size[0]}x{mask_size[1]} but the image is {init.width}x{init.height}")
-    native = pipe.default_size
-    width, height = width or native, height or native
-    check_size(width, height)
-    resize_mode = options.get("resize_mode", "just resize")
-    if mask_image is not None:
-        mask_options = dict(blur=options.get("mask_blur", 4), invert=options.get("inpainting_mask_invert", False))
-        full_mask = load_mask(mask_image, *init.size, **mask_options)
-        padding = options.get("inpaint_full_res_padding", 0)
-        region = crop_region(full_mask, padding) if options.get("inpaint_full_res") else None
-        if region is not None:  # only the masked region is generated; an empty mask falls back to the whole picture
-            options["inpaint_region"] = expand_to_aspect(region, width, height, *init.size)
+        mask_options = dict(blur=settings.mask_blur, invert=settings.inpainting_mask_invert)
+        full_mask = load_mask(request.mask, *init.size, **mask_options)
+        found = crop_region(full_mask, settings.inpaint_full_res_padding) if settings.inpaint_full_res else None
+        if found is not None:  # only the masked region is generated; an empty mask falls back to the whole picture
+            region = expand_to_aspect(found, width, height, *init.size)
             mask = full_mask
         else:
-            mask = load_mask(mask_image, width, height, resize_mode=resize_mode, **mask_options)
-    if init is not None and "inpaint_region" not in options:
-        init = resize_image(init, width, height, resize_mode)
-    if options.get("enable_hr"):
-        scale = options.get("hr_scale", 2.0)
-        options["hr_width"] = options.get("hr_resize_x") or int(width * scale) // 8 * 8
-        options["hr_height"] = options.get("hr_resize_y") or int(height * scale) // 8 * 8
-        check_size(options["hr_width"], options["hr_height"])
-        if options.get("hr_upscaler", "Latent") not in HIRES_UPSCALERS:
-            raise InvalidInputError(f"unknown hires upscaler {options['hr_upscaler']!r}; use one of {HIRES_UPSCALERS}")
-    return Request(
-        prompts=prompts, negative_prompts=negatives, seeds=[seed + i for i in range(len(prompts))],
-        width=width, height=height, steps=num_inference_steps, guidance_scale=guidance_scale, sampler=info.name,
-        schedule=kind, clip_skip=clip_skip, generator=generator, eta=options.get("eta"),
-        guidance_rescale=options.get("guidance_rescale", 0.0), image=init, strength=strength, mask=mask,
+            mask = load_mask(request.mask, width, height, resize_mode=request.resize_mode, **mask_options)
+    if init is not None and region is None:
+        init = resize_image(init, width, height, request.resize_mode)
+    hires_size = None
+    if request.hires is not None:
+        hires_size = request.hires.target_size(width, height)
+        if min(hires_size) < 8:
+            raise InvalidInputError(f"the hires fix's target {hires_size[0]}x{hires_size[1]} is too small")
+        request.check_size(*hires_size, limits)
+    return Job(
+        source=request, prompts=prompts, negative_prompts=negatives, seeds=[seed + i for i in range(len(prompts))],
+        width=width, height=height, steps=request.steps,
+        guidance_scale=model.default_cfg_scale if request.cfg_scale is None else float(request.cfg_scale),
+        sampler=info.name, schedule=kind, clip_skip=request.clip_skip, generator=generator, eta=request.eta,
+        guidance_rescale=request.guidance_rescale, image=init, strength=request.denoising_strength, mask=mask,
+        region=region, hires_size=hires_size, warnings=warnings,
     )

@@ -16,19 +16,22 @@ before v1.9 names the schedule inside the sampler). PNG files keep the text in a
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 import re
 import struct
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .checkpoints.io import atomic_write
 from .errors import InvalidInputError
+from .request import BOOLEAN_LABELS, GenerationRequest, HiresFix, Inpainting, fields_of
 
 # A1111's parameter-line regex (modules/infotext_utils.py), byte for byte: readers everywhere use it
 PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -57,46 +60,44 @@ _TAIL_KEYS = ("Version", "User")
 
 
 @dataclass
-class GenerationParams:
-    """Everything an infotext says about how an image was made.
+class Infotext:
+    """What an infotext says: the request it describes (the fields the text holds; the others keep the
+    request's defaults, `None` meaning the model's own), the model it names, and every other key as text."""
 
-    `denoising_strength` is A1111's "Denoising strength": the img2img strength, or, in a txt2img run with
-    the hires fix, the strength of the second pass (A1111 writes both under that one key).
-    `schedule` holds A1111's label ("Automatic", "Karras", "Exponential", "Uniform", "SGM Uniform", ...).
-    `extra` keeps every other key of the text, as strings, in the order read.
-    """
-
-    prompt: str
-    negative_prompt: str = ""
-    steps: int = 20
-    sampler: str = "DPM++ 2M"
-    schedule: str = "Karras"
-    cfg_scale: float = 7.0
-    seed: int = -1
-    width: int = 512
-    height: int = 512
+    request: GenerationRequest
     model_hash: str | None = None
     model_name: str | None = None
-    denoising_strength: float | None = None
-    clip_skip: int = 1
-    hires_upscale: float | None = None
-    hires_steps: int | None = None
-    hires_upscaler: str | None = None
-    mask_blur: int | None = None
-    eta: float | None = None
     version: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
 
-# (field, infotext key, type); "Size" stands for width and height together
-_FIELDS = (
-    ("steps", "Steps", int), ("sampler", "Sampler", str), ("schedule", "Schedule type", str),
-    ("cfg_scale", "CFG scale", float), ("seed", "Seed", int), ("model_hash", "Model hash", str),
-    ("model_name", "Model", str), ("denoising_strength", "Denoising strength", float),
-    ("clip_skip", "Clip skip", int), ("hires_upscale", "Hires upscale", float), ("hires_steps", "Hires steps", int),
-    ("hires_upscaler", "Hires upscaler", str), ("mask_blur", "Mask blur", int), ("eta", "Eta", float),
-    ("version", "Version", str),
-)
+def _keyed_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    return [(f, hint) for f, hint in fields_of(cls) if f.metadata.get("key")]
+
+
+_REQUEST_KEYS = {f.metadata["key"] for cls in (GenerationRequest, HiresFix, Inpainting) for f, _ in _keyed_fields(cls)}
+HIRES_RESIZE = "Hires resize"  # the hires fix's target size, "WxH", as A1111 writes it
+_KEYS = _REQUEST_KEYS | {"Size", HIRES_RESIZE, "Model hash", "Model", "Version"}  # keys `extra` may not use
+
+
+def _applies(request: GenerationRequest) -> dict[str, object]:
+    """The objects whose keyed fields this request's infotext holds: the hires fix when on, the inpainting
+    settings when there is a mask, and the request itself (last: its free keys, such as Eta, follow theirs as in
+    A1111's texts). "Denoising strength" belongs to img2img, else to the hires fix."""
+    owners: dict[str, object] = {}
+    if request.hires is not None:
+        owners["hires"] = request.hires
+    if request.mask is not None:
+        owners["inpaint"] = request.inpaint
+    owners["request"] = request
+    return owners
+
+
+def _size(text: str, key: str) -> tuple[int, int]:
+    match = SIZE_RE.match(text)
+    if match is None:
+        raise InvalidInputError(f"infotext: {key} {text!r} is not WIDTHxHEIGHT")
+    return int(match.group(1)), int(match.group(2))
 
 
 def schedule_label(name: str) -> str:
@@ -137,30 +138,65 @@ def _position(key: str) -> tuple[int, int]:
     return 1, 0
 
 
-def format_infotext(params: GenerationParams) -> str:
-    """The A1111 "parameters" text for `params` (what A1111 shows under an image and stores in its PNG)."""
-    values: dict[str, object] = {key: getattr(params, name) for name, key, _ in _FIELDS}
-    values["Size"] = f"{params.width}x{params.height}"
-    values["Schedule type"] = schedule_label(params.schedule) if params.schedule else None
-    if params.clip_skip <= 1:
-        values["Clip skip"] = None  # A1111 writes it only when it is not the default
-    for key, value in params.extra.items():
-        if key in values:
-            raise InvalidInputError(f"infotext extra key {key!r} repeats a GenerationParams field; set the field")
+def _value(f: dataclasses.Field, value: object) -> object:
+    """A field's value as the infotext holds it (booleans as A1111's labels)."""
+    if isinstance(value, bool):
+        return BOOLEAN_LABELS[f.metadata["key"]][value]
+    return value
+
+
+def format_infotext(
+    request: GenerationRequest, *, model_hash: str | None = None, model_name: str | None = None,
+    version: str | None = None, extra: dict[str, object] | None = None,
+) -> str:
+    """The A1111 "parameters" text of one image (what A1111 shows under an image and stores in its PNG).
+
+    `request` is resolved for that image: one prompt, its seed, size and CFG filled in. A keyed field is written
+    when its value is not the default (or always, for the keys A1111 always writes); the hires fix's keys only
+    when it is on, the inpainting keys only with a mask.
+    """
+    values: dict[str, object] = {}
+    if request.width is not None and request.height is not None:
+        values["Size"] = f"{request.width}x{request.height}"
+    for owner, obj in _applies(request).items():
+        for f, _ in _keyed_fields(type(obj)):
+            value, key = getattr(obj, f.name), f.metadata["key"]
+            if key == "Denoising strength" and (owner == "hires") == (request.init_image is not None):
+                continue  # img2img's strength, or the hires fix's in txt2img
+            if key == "Masked area padding" and not request.inpaint.inpaint_full_res:
+                continue
+            if key == "Hires upscale" and (obj.hr_resize_x or obj.hr_resize_y):  # the target size instead
+                values[HIRES_RESIZE] = f"{obj.hr_resize_x}x{obj.hr_resize_y}"
+                continue
+            if value is None or (value == f.default and not f.metadata["always"]):
+                continue
+            values[key] = schedule_label(value) if key == "Schedule type" else _value(f, value)
+    values |= {"Model hash": model_hash, "Model": model_name, "Version": version}
+    for key, value in (extra or {}).items():
+        if key in values or key in _KEYS:
+            raise InvalidInputError(f"infotext extra key {key!r} is a request field's key; set the field")
         if not KEY_RE.fullmatch(key):
             raise InvalidInputError(f"infotext key {key!r} cannot be read back: use letters, digits, spaces, - or /")
         values[key] = value
     written = {key: _text(value) for key, value in values.items() if value is not None and _text(value) != ""}
     line = ", ".join(f"{key}: {_quote(written[key])}" for key in sorted(written, key=_position))
-    negative = f"\n{NEGATIVE_PREFIX} {params.negative_prompt}" if params.negative_prompt else ""
-    return f"{params.prompt}{negative}\n{line}".strip()
+    prompt = request.prompt if isinstance(request.prompt, str) else "\n".join(request.prompt)
+    negative = request.negative_prompt if isinstance(request.negative_prompt, str) else "\n".join(request.negative_prompt)
+    negative_line = f"\n{NEGATIVE_PREFIX} {negative}" if negative else ""
+    return f"{prompt}{negative_line}\n{line}".strip()
 
 
 def _append_line(text: str, line: str) -> str:
     return line if text == "" else f"{text}\n{line}"
 
 
-def _convert(key: str, value: str, kind: type) -> object:
+def _convert(f: dataclasses.Field, hint: Any, value: str) -> object:
+    """An infotext value as the field's type; a value that does not fit raises InvalidInputError."""
+    key = f.metadata["key"]
+    if key in BOOLEAN_LABELS:
+        return value == BOOLEAN_LABELS[key][1]
+    kinds = [t for t in typing.get_args(hint) or (hint,) if t in (int, float, str)]
+    kind = kinds[0] if kinds else str
     try:
         return kind(value)
     except ValueError:
@@ -175,12 +211,12 @@ def split_legacy_sampler(sampler: str) -> tuple[str, str | None]:
     return sampler, None
 
 
-def parse_infotext(text: str) -> GenerationParams:
-    """Read an A1111 "parameters" text, by A1111's rules.
+def parse_infotext(text: str) -> Infotext:
+    """Read an A1111 "parameters" text, by A1111's rules, into the request it describes.
 
-    Keys this class has no field for go to `extra`; a missing "Clip skip" means 1, a missing
-    "Schedule type" means "Automatic" unless the sampler name carries one (the legacy form).
-    A value that should be a number and is not raises InvalidInputError.
+    Keys with no request field go to `extra`; a missing "Schedule type" means "Automatic" unless the sampler
+    name carries one (the legacy form). Hires keys turn the hires fix on; "Denoising strength" is then the
+    second pass's. A value that should be a number and is not raises InvalidInputError.
     """
     if not isinstance(text, str):
         raise InvalidInputError(f"infotext must be a string, not {type(text).__name__}")
@@ -202,24 +238,33 @@ def parse_infotext(text: str) -> GenerationParams:
             prompt = _append_line(prompt, line)
 
     values = {key: _unquote(raw) for key, raw in pairs if raw}  # A1111 drops keys with empty values
-    params = GenerationParams(prompt=prompt, negative_prompt=negative)
-    names_schedule = "Schedule type" in values
-    for name, key, kind in _FIELDS:
-        if key in values:
-            setattr(params, name, _convert(key, values.pop(key), kind))
+    found: dict[str, dict[str, object]] = {"request": {}, "hires": {}, "inpaint": {}}
+    hires_keys = {f.metadata["key"] for f, _ in _keyed_fields(HiresFix)} - {"Denoising strength"} | {HIRES_RESIZE}
+    strength_owner = "hires" if hires_keys & values.keys() else "request"
+    for owner, cls in (("request", GenerationRequest), ("hires", HiresFix), ("inpaint", Inpainting)):
+        for f, hint in _keyed_fields(cls):
+            key = f.metadata["key"]
+            if key in values and (key != "Denoising strength" or owner == strength_owner):
+                found[owner][f.name] = _convert(f, hint, values[key])
+    for key in _REQUEST_KEYS:
+        values.pop(key, None)
+    fields = found["request"]
     if "Size" in values:
-        size = values.pop("Size")
-        match = SIZE_RE.match(size)
-        if match is None:
-            raise InvalidInputError(f"infotext: Size {size!r} is not WIDTHxHEIGHT")
-        params.width, params.height = int(match.group(1)), int(match.group(2))
-    if names_schedule:
-        params.schedule = schedule_label(params.schedule)
-    else:
-        params.sampler, legacy = split_legacy_sampler(params.sampler)
-        params.schedule = legacy or "Automatic"
-    params.extra = values
-    return params
+        fields["width"], fields["height"] = _size(values.pop("Size"), "Size")
+    if HIRES_RESIZE in values:
+        found["hires"]["hr_resize_x"], found["hires"]["hr_resize_y"] = _size(values.pop(HIRES_RESIZE), HIRES_RESIZE)
+    if "scheduler" in fields:
+        fields["scheduler"] = schedule_label(fields["scheduler"])
+    elif "sampler_name" in fields:
+        fields["sampler_name"], legacy = split_legacy_sampler(fields["sampler_name"])
+        fields["scheduler"] = legacy or "Automatic"
+    if found["hires"]:
+        fields["hires"] = HiresFix(**found["hires"])
+    if found["inpaint"]:
+        fields["inpaint"] = Inpainting(**found["inpaint"])
+    meta = {name: values.pop(key, None) for name, key in (("model_hash", "Model hash"), ("model_name", "Model"),
+                                                            ("version", "Version"))}
+    return Infotext(GenerationRequest(prompt=prompt, negative_prompt=negative, **fields), extra=values, **meta)
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, infotext: str) -> Path:

@@ -1,6 +1,7 @@
 """The Pipeline: Stable Diffusion's four parts, where they came from, and `__call__` to generate.
 
-`sdtorch.load()` returns one; `pipe("a prompt")` returns images (see `generation.py` for the flow).
+`sdtorch.load()` returns one; `pipe("a prompt", steps=20)` returns images: the settings make a
+`GenerationRequest` (request.py) and `generation.py` runs it.
 """
 
 from __future__ import annotations
@@ -9,18 +10,23 @@ import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from PIL import Image
-
 from .configs import ModelConfig
+from .errors import InvalidInputError
+from .generation import GenerationResult, run
 from .models.clip import CLIPTextEncoder
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
+from .request import GenerationRequest, Limits
 from .sampling.common import Callback
+
+
+DEFAULT_CFG_SCALE = 7.5  # A1111's and diffusers' habit, for the checkpoints users bring
 
 
 @dataclass
@@ -51,6 +57,8 @@ class Pipeline:
         self.vae = vae
         self.config = config
         self.report = report
+        self.default_cfg_scale = DEFAULT_CFG_SCALE  # the guidance scale a request without one gets
+        self.limits = Limits()  # upper bounds every request is checked against before any work
 
     @property
     def modules(self) -> dict[str, nn.Module]:
@@ -97,44 +105,37 @@ class Pipeline:
 
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 7.5,
-        sampler: str = "DPM++ 2M",
-        schedule: str | None = None,
-        seed: int | None = None,
+        *,
+        request: GenerationRequest | None = None,
         generator: torch.Generator | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_images_per_prompt: int = 1,
-        image: str | Path | Image.Image | None = None,
-        strength: float = 0.8,
-        mask_image: str | Path | Image.Image | None = None,
-        clip_skip: int = 1,
         callback: Callback | None = None,
-        **options,
-    ) -> list[Image.Image]:
+        **settings: Any,
+    ) -> GenerationResult:
         """Generate images: txt2img, img2img (`image`, `strength`) or inpainting (`image` + `mask_image`).
 
-        sampler / schedule: A1111 names; schedule None means the sampler's A1111 default (Karras for DPM++ 2M).
-        seed: image i of the batch uses seed + i (A1111); None or -1 picks one (reported in the infotext).
+        settings: the fields of `GenerationRequest` by their A1111 names (`steps`, `cfg_scale`, `sampler_name`,
+            `scheduler`, `seed`, `width`, `height`, `batch_size`, `denoising_strength`, `clip_skip`, `eta`,
+            `resize_mode`, `enable_hr` with `hr_scale` / `hr_upscaler` / `hr_second_pass_steps` / `hr_resize_x` /
+            `hr_resize_y` / `hr_denoising_strength`, `mask_blur`, `inpainting_mask_invert`, `inpaint_full_res`,
+            `inpaint_full_res_padding`, `mask_overlay`, `tiled_decode`) or diffusers' names (`num_inference_steps`,
+            `guidance_scale`, `sampler`, `schedule`, `num_images_per_prompt`, `image`, `strength`, `mask_image`).
+            An unknown name is an error naming the closest valid one. Or pass a whole `request`.
+        seed: image i of the batch uses seed + i (A1111); -1 (the default) picks one (reported in the infotext).
         generator: instead of seeds, one torch.Generator drives all noise in diffusers' order.
-        options (A1111 names): resize_mode ("just resize" | "crop and resize" | "resize and fill"),
-            mask_blur (px, default 4), inpainting_mask_invert, inpaint_full_res (only the masked region, at
-            full size) with inpaint_full_res_padding, mask_overlay (paste onto the original, default True),
-            eta, guidance_rescale, enable_hr with hr_scale / hr_resize_x / hr_resize_y, hr_upscaler
-            ("Latent" | "Latent (nearest)" | "Lanczos"), hr_second_pass_steps, hr_denoising_strength (0.7),
-            tiled_decode (None: automatic above 1024 px).
-        Returns PIL images; each carries its A1111 text in `img.info["parameters"]` and its seed in `img.info["seed"]`.
+        Returns a list of PIL images (a GenerationResult, which also has `.request` and `.warnings`); each image
+        carries its A1111 text in `img.info["parameters"]` and its seed in `img.info["seed"]`.
         """
-        from .generation import build_request, generate
-
-        options.setdefault("mask_blur", 4)
-        request = build_request(self, prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, schedule,
-                                seed, generator, height, width, num_images_per_prompt, image, strength, mask_image,
-                                clip_skip, options)
-        return generate(self, request, callback, options)
+        if request is None:
+            if prompt is not None:
+                settings["prompt"] = prompt
+            if negative_prompt is not None:
+                settings["negative_prompt"] = negative_prompt
+            request = GenerationRequest.from_kwargs(**settings)
+        elif prompt is not None or negative_prompt is not None or settings:
+            raise InvalidInputError("pass either a request or prompt and settings, not both")
+        return run(self, request, generator=generator, callback=callback, limits=self.limits)
 
     def parameter_counts(self) -> dict[str, int]:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules.items()}

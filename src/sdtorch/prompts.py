@@ -11,7 +11,8 @@ A prompt becomes the UNet's context in three steps, each giving what A1111 gives
    words after its last comma to the next chunk when that comma lies within the last 20 tokens.
 3. `encode_prompts` encodes every chunk of every prompt in one text-encoder call, scales each
    token's vector by its weight, restores each chunk's original mean, and concatenates a prompt's
-   chunks along the token axis: (B, 77 * chunks, D).
+   chunks along the token axis: (B, 77 * chunks, D). `encode_prompt_groups` does the same for the
+   texts of prompt-editing schedules, restoring means over each schedule's texts together, as A1111.
 """
 
 from __future__ import annotations
@@ -181,10 +182,10 @@ def encode_prompts(
     All chunks of all prompts go through `text_encoder(ids, clip_skip=clip_skip)` in one call.
     Each chunk's output is scaled token by token by its weights, then multiplied by
     (mean before) / (mean after), both means over the chunk's whole (77, D) output: A1111 takes the
-    mean over the batch it encodes, which holds one prompt (its prompt-editing variants aside).
-    k is the largest chunk count among `prompts`; shorter prompts are padded with the encoding of an
-    empty chunk. Prompts of at most 75 tokens with no emphasis give exactly
-    `text_encoder(tokenizer(prompts), clip_skip)`.
+    mean over the batch it encodes, which holds one prompt (`encode_prompt_groups` for its
+    prompt-editing variants). k is the largest chunk count among `prompts`; shorter prompts are
+    padded with the encoding of an empty chunk. Prompts of at most 75 tokens with no emphasis give
+    exactly `text_encoder(tokenizer(prompts), clip_skip)`.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -194,15 +195,61 @@ def encode_prompts(
     k = max(len(chunks) for chunks in per_prompt)
     empty = tokenize_prompt(tokenizer, "")[0]
     chunks = [c for cs in per_prompt for c in cs + [empty] * (k - len(cs))]  # prompt-major, B * k
-
-    device = _device_of(text_encoder)
-    ids = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=device)  # (B*k, 77)
-    z = text_encoder(ids, clip_skip=clip_skip)  # (B*k, 77, D)
-    weights = torch.tensor([c.multipliers for c in chunks], dtype=z.dtype, device=z.device)  # (B*k, 77)
-    original_mean = z.mean(dim=(1, 2), keepdim=True)  # (B*k, 1, 1)
-    z = z * weights.unsqueeze(-1)  # (B*k, 77, D)
-    z = z * (original_mean / z.mean(dim=(1, 2), keepdim=True))
+    z = _encode_chunks(text_encoder, chunks, list(range(len(chunks))), clip_skip)  # (B*k, 77, D)
     return z.reshape(len(prompts), k * z.shape[1], z.shape[2])  # (B, 77*k, D)
+
+
+def encode_prompt_groups(
+    tokenizer: CLIPTokenizer, text_encoder: nn.Module, groups: list[list[str]], clip_skip: int = 1
+) -> list[torch.Tensor]:
+    """Encode groups of prompts as A1111 encodes one prompt's editing schedule: (n, 77 * k, D) per group.
+
+    A group's n prompts are padded with empty chunks to its longest (k chunks), and each chunk position
+    is mean-restored over the whole group's (n, 77, D) outputs (A1111 takes the means over the batch it
+    encodes: the schedule's texts). Every chunk of every group goes through the text encoder in one call.
+    A group of one prompt gives what `encode_prompts` gives for that prompt.
+    """
+    if not groups or not all(isinstance(g, (list, tuple)) and g for g in groups):
+        raise InvalidInputError("groups must be a non-empty list of non-empty lists of prompts")
+    empty = tokenize_prompt(tokenizer, "")[0]
+    chunks: list[PromptChunk] = []
+    positions: list[int] = []  # for each chunk, the index of its (group, chunk position)
+    shapes: list[tuple[int, int]] = []  # (n, k) per group
+    first = 0  # the first position index of the group
+    for group in groups:
+        per_prompt = [tokenize_prompt(tokenizer, p) for p in group]
+        k = max(len(cs) for cs in per_prompt)
+        for cs in per_prompt:
+            chunks += cs + [empty] * (k - len(cs))
+            positions += range(first, first + k)
+        shapes.append((len(group), k))
+        first += k
+    z = _encode_chunks(text_encoder, chunks, positions, clip_skip)  # (R, 77, D)
+    out, row = [], 0
+    for n, k in shapes:
+        out.append(z[row : row + n * k].reshape(n, k * z.shape[1], z.shape[2]))  # (n, 77*k, D)
+        row += n * k
+    return out
+
+
+def _encode_chunks(
+    text_encoder: nn.Module, chunks: list[PromptChunk], positions: list[int], clip_skip: int
+) -> torch.Tensor:
+    """Encode chunks in one call (R, 77, D), weight each token, and restore the mean of every set of
+    chunks that share a `positions` index (R indices)."""
+    device = _device_of(text_encoder)
+    ids = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=device)  # (R, 77)
+    z = text_encoder(ids, clip_skip=clip_skip)  # (R, 77, D)
+    weights = torch.tensor([c.multipliers for c in chunks], dtype=z.dtype, device=z.device)  # (R, 77)
+    index = torch.tensor(positions, device=z.device)  # (R,)
+    original_mean = z.mean(dim=(1, 2))  # (R,)
+    z = z * weights.unsqueeze(-1)  # (R, 77, D)
+    weighted_mean = z.mean(dim=(1, 2))  # (R,)
+    sets = int(index.max()) + 1
+    count = torch.zeros(sets, dtype=z.dtype, device=z.device).index_add_(0, index, torch.ones_like(original_mean))
+    before = torch.zeros_like(count).index_add_(0, index, original_mean) / count  # (sets,) mean of each set
+    after = torch.zeros_like(count).index_add_(0, index, weighted_mean) / count
+    return z * (before / after)[index][:, None, None]
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -70,6 +70,9 @@ class Limits:
         return cls(**values)
 
 
+_RAISE = "raise it with Limits({0}=...) or --limit {0}=N"
+
+
 # ---- the field table ---------------------------------------------------------------------------------
 
 
@@ -96,7 +99,7 @@ def above(low: float) -> Check:
 def at_most(limit: str) -> Check:
     """`value <= limits.<limit>`; the message names the limit so a user can raise it."""
     return lambda v, limits: (None if v <= getattr(limits, limit)
-                              else f"is over the limit {limit}={getattr(limits, limit)} (raise it with --limit {limit}=N)")
+                              else f"is over the limit {limit}={getattr(limits, limit)} ({_RAISE.format(limit)})")
 
 
 def at_most_one(v: float, _: Limits) -> str | None:
@@ -145,21 +148,26 @@ class HiresFix:
 
     hr_scale: float = setting(2.0, "upscale factor of the second pass", cli="--hires-scale", key="Hires upscale", always=True,
                               checks=(finite, at_least(1.0), at_most("max_hr_scale")))
-    hr_upscaler: str = setting("Latent", "how the first pass is enlarged", cli="--hires-upscaler", key="Hires upscaler", always=True,
-                               checks=(one_of(HIRES_UPSCALERS),), choices=HIRES_UPSCALERS)
     hr_second_pass_steps: int = setting(0, "second-pass steps (0: the same as steps)", cli="--hires-steps",
                                         key="Hires steps", checks=(at_least(0), at_most("max_steps")))
-    hr_resize_x: int = setting(0, "second-pass width instead of the scale (0: width x scale)", cli="--hires-width",
-                               key="Hires resize-1", checks=(at_least(0), multiple_of_8, at_most("max_width")))
-    hr_resize_y: int = setting(0, "second-pass height instead of the scale (0: height x scale)", cli="--hires-height",
-                               key="Hires resize-2", checks=(at_least(0), multiple_of_8, at_most("max_height")))
+    hr_upscaler: str = setting("Latent", "how the first pass is enlarged", cli="--hires-upscaler", key="Hires upscaler",
+                               always=True, checks=(one_of(HIRES_UPSCALERS),), choices=HIRES_UPSCALERS)
+    # the target size: infotext "Hires resize: WxH" (written with the size, see infotext.py)
+    hr_resize_x: int = setting(0, "second-pass width instead of the scale (0: from the height and the aspect ratio, "
+                               "or width x scale)", cli="--hires-width",
+                               checks=(at_least(0), multiple_of_8, at_most("max_width")))
+    hr_resize_y: int = setting(0, "second-pass height instead of the scale (0: from the width and the aspect ratio, "
+                               "or height x scale)", cli="--hires-height",
+                               checks=(at_least(0), multiple_of_8, at_most("max_height")))
     hr_denoising_strength: float = setting(0.7, "second-pass denoising strength", cli="--hires-denoise",
                                            key="Denoising strength", always=True, checks=(finite, above(0.0), at_most_one))
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) of the second pass for a first pass of width x height."""
-        return (self.hr_resize_x or int(width * self.hr_scale) // 8 * 8,
-                self.hr_resize_y or int(height * self.hr_scale) // 8 * 8)
+        x, y = self.hr_resize_x, self.hr_resize_y
+        if not x and not y:
+            return int(width * self.hr_scale) // 8 * 8, int(height * self.hr_scale) // 8 * 8
+        return x or y * width // height // 8 * 8, y or x * height // width // 8 * 8  # A1111: keep the aspect
 
 
 @dataclass
@@ -173,7 +181,7 @@ class Inpainting:
     inpaint_full_res: bool = setting(False, "generate only the masked region, at the full size", cli="--only-masked",
                                      key="Inpaint area")
     inpaint_full_res_padding: int = setting(0, "pixels around the masked region (with --only-masked)",
-                                            cli="--only-masked-padding", key="Masked area padding",
+                                            cli="--only-masked-padding", key="Masked area padding", always=True,
                                             checks=(at_least(0), at_most("max_width")))
     mask_overlay: bool = setting(True, "paste the result onto the original through the mask")
 
@@ -215,6 +223,7 @@ class GenerationRequest:
     eta: float | None = setting(None, "noise of DDIM and the ancestral samplers (None: the sampler's own)",
                                 cli="--eta", key="Eta", checks=(finite, at_least(0.0)))
     guidance_rescale: float = setting(0.0, "guidance rescale phi (Lin et al. 2023)", cli="--guidance-rescale",
+                                      key="CFG Rescale phi",
                                       checks=(finite, at_least(0.0), at_most_one))
     init_image: ImageInput | None = setting(None, "img2img / inpainting source image", cli="--init-image",
                                             aliases=("image",))
@@ -286,6 +295,20 @@ class GenerationRequest:
             raise InvalidInputError(f"seed {self.seed} + {images} images passes the largest seed {MAX_SEED}")
         if self.mask is not None and self.init_image is None:
             raise InvalidInputError("a mask needs an init image to inpaint (image / --init-image)")
+        if self.init_image is not None and self.hires is not None:
+            raise InvalidInputError("the hires fix is for txt2img; for a larger img2img, give the larger width and height")
+        if self.init_image is not None and int(self.steps * self.denoising_strength) < 1:
+            raise InvalidInputError(f"denoising_strength {self.denoising_strength} with {self.steps} steps runs no "
+                                    "step; raise either")
+        if self.hires is not None:
+            steps = self.hires.hr_second_pass_steps or self.steps
+            if int(steps * self.hires.hr_denoising_strength) < 1:
+                raise InvalidInputError(f"hr_denoising_strength {self.hires.hr_denoising_strength} with {steps} "
+                                        "second-pass steps runs no step; raise either")
+        if self.width is not None and self.height is not None:  # else known once the model or init image is
+            self.check_size(self.width, self.height, limits)
+            if self.hires is not None:
+                self.check_size(*self.hires.target_size(self.width, self.height), limits)
         for name, check in (("sampler_name", _known_sampler), ("scheduler", _known_schedule)):  # last: they import torch
             value = getattr(self, name)
             problem = None if value is None else check(value, limits)
@@ -298,10 +321,11 @@ class GenerationRequest:
         pixels = width * height * len(self.prompts()) * self.batch_size
         if pixels > limits.max_pixels:
             raise InvalidInputError(f"{width}x{height} x {pixels // (width * height)} image(s) = {pixels:,} pixels is "
-                                    f"over the limit max_pixels={limits.max_pixels:,} (raise it with --limit max_pixels=N)")
+                                    f"over the limit max_pixels={limits.max_pixels:,} ({_RAISE.format('max_pixels')})")
         for value, name, limit in ((width, "width", "max_width"), (height, "height", "max_height")):
             if value > getattr(limits, limit):
-                raise InvalidInputError(f"{name} {value} is over the limit {limit}={getattr(limits, limit)}")
+                raise InvalidInputError(f"{name} {value} is over the limit {limit}={getattr(limits, limit)} "
+                                        f"({_RAISE.format(limit)})")
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)

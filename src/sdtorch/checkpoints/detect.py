@@ -13,11 +13,11 @@ from collections import Counter
 
 from torch import Tensor
 
-from ..configs import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ..configs import PREDICTION_TYPES, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from ..errors import ArchitectureError, InvalidInputError
 from .keymaps import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, canonical_key
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+CONV, LINEAR = (4,), (2,)  # dimensions of a conv / linear (or embedding) weight
 
 # Layouts recognised only to say clearly why they cannot be loaded: (key prefix, what it is).
 _UNSUPPORTED = [
@@ -42,10 +42,15 @@ def _sub(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def _shape(sd: dict[str, Tensor], key: str, part: str) -> tuple[int, ...]:
+def _shape(sd: dict[str, Tensor], key: str, part: str, ndim: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of `sd[key]`, which must have one of the numbers of dimensions `ndim`."""
     if key not in sd:
         raise ArchitectureError(f"{part}: checkpoint lacks {key}, which every Stable Diffusion {part} has")
-    return tuple(sd[key].shape)
+    shape = tuple(sd[key].shape)
+    if len(shape) not in ndim:
+        raise ArchitectureError(f"{part}: {key} has shape {shape}; a Stable Diffusion {part} has a "
+                                f"{' or '.join(map(str, ndim))}-dimensional one")
+    return shape
 
 
 def _indices(sd: dict[str, Tensor], prefix: str) -> list[int]:
@@ -63,16 +68,16 @@ def _unet_config(sd: dict[str, Tensor]) -> UNetConfig:
     if per < 1 or len(inputs) != levels * group:
         raise ArchitectureError(f"{part}: {len(inputs)} input blocks do not form levels of ResBlocks and downsamplers")
     first = [1 + level * group for level in range(levels)]  # each level's first ResBlock
-    channels = tuple(_shape(sd, f"input_blocks.{k}.0.out_layers.3.weight", part)[0] for k in first)
-    linear = len(_shape(sd, "middle_block.1.proj_in.weight", part)) == 2
+    channels = tuple(_shape(sd, f"input_blocks.{k}.0.out_layers.3.weight", part, CONV)[0] for k in first)
+    linear = len(_shape(sd, "middle_block.1.proj_in.weight", part, LINEAR + CONV)) == 2
     return UNetConfig(
-        in_channels=_shape(sd, "input_blocks.0.0.weight", part)[1],
-        out_channels=_shape(sd, "out.2.weight", part)[0],
+        in_channels=_shape(sd, "input_blocks.0.0.weight", part, CONV)[1],
+        out_channels=_shape(sd, "out.2.weight", part, CONV)[0],
         block_channels=channels,
         attention_levels=tuple(f"input_blocks.{k}.1.proj_in.weight" in sd for k in first),
         layers_per_block=per,
         num_heads=tuple(c // 64 for c in channels) if linear else (8,) * levels,
-        context_dim=_shape(sd, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", part)[1],
+        context_dim=_shape(sd, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", part, LINEAR)[1],
         use_linear_proj=linear,
         transformer_depth=len(_indices(sd, "middle_block.1.transformer_blocks.")),
     )
@@ -82,10 +87,10 @@ def _vae_config(sd: dict[str, Tensor]) -> VAEConfig:
     part = "VAE"
     levels = _indices(sd, "encoder.down.")
     return VAEConfig(
-        in_channels=_shape(sd, "encoder.conv_in.weight", part)[1],
-        out_channels=_shape(sd, "decoder.conv_out.weight", part)[0],
-        latent_channels=_shape(sd, "post_quant_conv.weight", part)[0],
-        block_channels=tuple(_shape(sd, f"encoder.down.{i}.block.0.conv2.weight", part)[0] for i in levels),
+        in_channels=_shape(sd, "encoder.conv_in.weight", part, CONV)[1],
+        out_channels=_shape(sd, "decoder.conv_out.weight", part, CONV)[0],
+        latent_channels=_shape(sd, "post_quant_conv.weight", part, CONV)[0],
+        block_channels=tuple(_shape(sd, f"encoder.down.{i}.block.0.conv2.weight", part, CONV)[0] for i in levels),
         layers_per_block=len(_indices(sd, "encoder.down.0.block.")),
     )
 
@@ -93,14 +98,14 @@ def _vae_config(sd: dict[str, Tensor]) -> VAEConfig:
 def _clip_config(sd: dict[str, Tensor]) -> TextEncoderConfig:
     """SD1: OpenAI CLIP in transformers' layout."""
     part = "text encoder"
-    vocab, width = _shape(sd, "embeddings.token_embedding.weight", part)
+    vocab, width = _shape(sd, "embeddings.token_embedding.weight", part, LINEAR)
     return TextEncoderConfig(
         vocab_size=vocab,
-        max_length=_shape(sd, "embeddings.position_embedding.weight", part)[0],
+        max_length=_shape(sd, "embeddings.position_embedding.weight", part, LINEAR)[0],
         width=width,
         num_layers=len(_indices(sd, "encoder.layers.")),
         num_heads=width // 64,
-        mlp_width=_shape(sd, "encoder.layers.0.mlp.fc1.weight", part)[0],
+        mlp_width=_shape(sd, "encoder.layers.0.mlp.fc1.weight", part, LINEAR)[0],
         activation="quick_gelu",
         pad_token_id=49407,
         projection_dim=width,
@@ -110,21 +115,21 @@ def _clip_config(sd: dict[str, Tensor]) -> TextEncoderConfig:
 def _openclip_config(sd: dict[str, Tensor]) -> TextEncoderConfig:
     """SD2: OpenCLIP; sdtorch keeps all blocks but the last (SD2 conditions on the penultimate)."""
     part = "text encoder"
-    vocab, width = _shape(sd, "token_embedding.weight", part)
+    vocab, width = _shape(sd, "token_embedding.weight", part, LINEAR)
     blocks = len(_indices(sd, "transformer.resblocks."))
     if blocks < 2:
         raise ArchitectureError(f"{part}: OpenCLIP text tower has {blocks} block(s); SD2 needs at least 2")
-    projection = sd.get("text_projection")
+    projection = _shape(sd, "text_projection", part, LINEAR) if "text_projection" in sd else None
     return TextEncoderConfig(
         vocab_size=vocab,
-        max_length=_shape(sd, "positional_embedding", part)[0],
+        max_length=_shape(sd, "positional_embedding", part, LINEAR)[0],
         width=width,
         num_layers=blocks - 1,
         num_heads=width // 64,
-        mlp_width=_shape(sd, "transformer.resblocks.0.mlp.c_fc.weight", part)[0],
+        mlp_width=_shape(sd, "transformer.resblocks.0.mlp.c_fc.weight", part, LINEAR)[0],
         activation="gelu",
         pad_token_id=0,
-        projection_dim=projection.shape[1] if projection is not None else width,
+        projection_dim=projection[1] if projection is not None else width,
     )
 
 

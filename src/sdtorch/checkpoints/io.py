@@ -11,13 +11,17 @@ model plus one tensor, with no float32 detour and no second copy.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
+import re
+import reprlib
 import struct
 import tempfile
-import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -31,22 +35,45 @@ SAFETENSORS_DTYPES = {
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-def detect_format(path: str | os.PathLike) -> str:
-    """Return "safetensors", "zip" (torch.save archive) or "pickle" (legacy torch.save), by content."""
-    path = Path(path)
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors header: its dtype, shape and byte range [begin, end) in the data section."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def describe_error(e: BaseException) -> str:
+    """The exception as "Type: first sentence of its message", for wrapping a library's error in an sdtorch one."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0].split('. ')[0]}" if lines else type(e).__name__
+
+
+def _open(path: Path) -> BinaryIO:
+    """`open(path, "rb")`, failing with a CheckpointError that says why (a folder, missing, no permission)."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(16)
+        return open(path, "rb")
     except IsADirectoryError:
         raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
     except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
-    if len(head) >= 9:
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if 0 < header_len <= MAX_HEADER_BYTES and head[8:9] == b"{":
-            return "safetensors"
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """Return "safetensors", "zip" (torch.save archive) or "pickle" (legacy torch.save), by content."""
+    path = Path(path)
+    with _open(path) as f:
+        head = f.read(16)
+    if not head:
+        raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint")
     if head.startswith(b"PK\x03\x04"):
         return "zip"
+    if head[8:9] == b"{":  # 8-byte header length, then the JSON header
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if head[:1] != b"\x80" or header_len <= MAX_HEADER_BYTES:  # a pickle may have "{" at byte 8 too
+            return "safetensors"
     if head[:1] == b"\x80":
         return "pickle"
     raise CheckpointError(
@@ -54,41 +81,80 @@ def detect_format(path: str | os.PathLike) -> str:
     )
 
 
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str], int]:
-    """Parse and validate the header: (tensor entries, metadata, offset of the data section)."""
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[str, str], int]:
+    """Parse and validate the header: (tensor entries in file order, metadata, offset of the data section).
+
+    Checked as strictly as the safetensors library does, before any tensor is read: a JSON object of
+    entries with a known dtype, a shape and a byte range of exactly the shape's size, the ranges
+    tiling the data section with no gap or overlap and ending at the end of the file.
+    """
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with _open(path) as f:
+        size = os.fstat(f.fileno()).st_size
         raw_len = f.read(8)
         if len(raw_len) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header runs past the end)")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + header_len
-    for name, entry in header.items():
-        try:
-            begin, end = entry["data_offsets"]
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            numel = 1
-            for d in entry["shape"]:
-                numel *= int(d)
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors entry for {name!r}") from None
-        if end - begin != numel * dtype.itemsize or begin < 0:
-            raise CheckpointError(f"{path}: corrupt safetensors entry for {name!r} (size does not match shape)")
-        if data_start + end > size:
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
             raise CheckpointError(
-                f"{path}: truncated safetensors file ({size} bytes, tensor {name!r} needs {data_start + end})"
+                f"{path}: truncated or corrupt safetensors file (a {header_len}-byte header in a {size}-byte file)"
             )
-    return header, metadata, data_start
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, an integer too long to parse, deep nesting
+        raise CheckpointError(f"{path}: corrupt safetensors header ({describe_error(e)})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not a map of strings to strings)")
+    entries = dict(sorted(
+        ((name, _tensor_entry(path, name, value)) for name, value in header.items()),
+        key=lambda item: (item[1].begin, item[1].end),
+    ))
+    data_start, data_size, covered = 8 + header_len, size - 8 - header_len, 0
+    for name, entry in entries.items():
+        if entry.begin < covered:
+            raise CheckpointError(f"{path}: corrupt safetensors file (tensor {name!r} overlaps the one before it)")
+        if entry.begin > covered:
+            raise CheckpointError(f"{path}: corrupt safetensors file (bytes {covered}-{entry.begin} are in no tensor)")
+        covered = entry.end
+    if covered > data_size:
+        raise CheckpointError(
+            f"{path}: truncated safetensors file ({size} bytes; the tensors end at {data_start + covered})"
+        )
+    if covered < data_size:
+        raise CheckpointError(f"{path}: corrupt safetensors file ({data_size - covered} bytes after the last tensor)")
+    return entries, metadata, data_start
+
+
+def _tensor_entry(path: Path, name: str, value: object) -> TensorEntry:
+    """One header entry, validated: a known dtype, a shape of non-negative ints, [begin, end) of the shape's size."""
+
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt safetensors entry for tensor {name!r} ({why})")
+
+    def is_count(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63
+
+    if not isinstance(value, dict):
+        raise corrupt(f"a JSON {type(value).__name__}, not an object")
+    dtype, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise corrupt(f"dtype {reprlib.repr(dtype)} is not one of {', '.join(SAFETENSORS_DTYPES)}")
+    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
+        raise corrupt(f"shape {reprlib.repr(shape)} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise corrupt(f"data_offsets {reprlib.repr(offsets)} are not [begin, end] with 0 <= begin <= end")
+    entry = TensorEntry(SAFETENSORS_DTYPES[dtype], tuple(shape), offsets[0], offsets[1])
+    needed = math.prod(shape) * entry.dtype.itemsize
+    if entry.end - entry.begin != needed:
+        raise corrupt(f"{entry.end - entry.begin} bytes for shape {list(shape)} of {dtype}, which takes {needed}")
+    return entry
 
 
 def read_safetensors(
@@ -98,20 +164,26 @@ def read_safetensors(
 
     With dtype=None tensors keep their stored dtype. With device "meta" in mind, see `read_shapes`.
     """
-    header, metadata, data_start = read_safetensors_header(path)
+    entries, metadata, data_start = read_safetensors_header(path)
     tensors: dict[str, torch.Tensor] = {}
-    with open(path, "rb") as f:
-        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+    with _open(Path(path)) as f:
+        for name, entry in entries.items():
             if keep is not None and not keep(name):
                 continue
-            begin, end = entry["data_offsets"]
-            stored = SAFETENSORS_DTYPES[entry["dtype"]]
-            buffer = torch.empty(end - begin, dtype=torch.uint8)
-            f.seek(data_start + begin)
-            if f.readinto(memoryview(buffer.numpy())) != end - begin:
+            nbytes = entry.end - entry.begin
+            try:
+                buffer = torch.empty(nbytes, dtype=torch.uint8)
+            except (MemoryError, RuntimeError):  # torch reports a failed allocation as a RuntimeError
+                raise CheckpointError(f"{path}: not enough memory for tensor {name!r} ({nbytes:,} bytes)") from None
+            try:
+                f.seek(data_start + entry.begin)
+                complete = f.readinto(memoryview(buffer.numpy())) == nbytes
+            except OSError as e:
+                raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+            if not complete:  # the file shrank since its header was checked
                 raise CheckpointError(f"{path}: truncated safetensors file (tensor {name!r})")
-            tensor = buffer.view(stored).reshape(entry["shape"])  # bytes -> (shape) in the stored dtype
-            if dtype is not None and tensor.is_floating_point() and stored != dtype:
+            tensor = buffer.view(entry.dtype).reshape(entry.shape)  # bytes -> (shape) in the stored dtype
+            if dtype is not None and tensor.is_floating_point() and entry.dtype != dtype:
                 tensor = tensor.to(dtype)  # one tensor at a time: peak = model + this tensor
             tensors[name] = tensor
     return tensors, metadata
@@ -119,27 +191,28 @@ def read_safetensors(
 
 def read_shapes(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Meta tensors (shape and dtype, no data) for every entry of a safetensors file; cheap for any size."""
-    header, metadata, _ = read_safetensors_header(path)
-    return {
-        name: torch.empty(e["shape"], dtype=SAFETENSORS_DTYPES[e["dtype"]], device="meta") for name, e in header.items()
-    }, metadata
+    entries, metadata, _ = read_safetensors_header(path)
+    return {name: torch.empty(e.shape, dtype=e.dtype, device="meta") for name, e in entries.items()}, metadata
 
 
-def read_pickle_checkpoint(path: str | os.PathLike) -> dict:
+def read_pickle_checkpoint(path: str | os.PathLike) -> object:
     """`torch.load(weights_only=True)`; anything that would build an object or run code is refused."""
     path = Path(path)
-    try:
-        # a file object, not the path: torch.load would judge a path by its extension (".safetensors")
-        with open(path, "rb") as f:
+    # a file object, not the path: torch.load would judge a path by its extension (".safetensors")
+    with _open(path) as f:
+        try:
             return torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsafeCheckpointError(
-            f"{path}: refused to unpickle: the file asks for more than tensors ({first_line}). "
-            "Only weights are loaded from .ckpt files; convert trusted files to .safetensors."
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        except pickle.UnpicklingError as e:
+            if "Unsupported operand" in str(e):  # bytes that are no pickle instruction: damage, not a refusal
+                raise CheckpointError(f"{path}: corrupt PyTorch checkpoint (its pickle is unreadable)") from None
+            wanted = re.search(r"GLOBAL (\S+)", str(e))
+            raise UnsafeCheckpointError(
+                f"{path}: refused to unpickle: the file asks for "
+                f"{wanted[1] if wanted else 'more than tensors'}, which is not a tensor or a plain container. "
+                "Only weights are loaded from .ckpt files; convert trusted files to .safetensors."
+            ) from None
+        except Exception as e:  # torch.load of a damaged archive or pickle can fail with nearly any exception type
+            raise CheckpointError(f"{path}: corrupt or truncated PyTorch checkpoint ({describe_error(e)})") from None
 
 
 def read_checkpoint(
@@ -147,47 +220,91 @@ def read_checkpoint(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read any supported checkpoint file into (flat tensors, metadata strings).
 
-    Nested `state_dict` entries are unwrapped; non-tensor entries of a pickle (e.g. `global_step`) are
-    returned as metadata strings.
+    Nested `state_dict` entries are unwrapped; scalar entries of a pickle (e.g. `global_step`) are
+    returned as metadata strings, other non-tensor entries (optimizer state, ...) are skipped.
     """
     kind = detect_format(path)
     if kind == "safetensors":
         return read_safetensors(path, dtype)
     obj = read_pickle_checkpoint(path)
     metadata: dict[str, str] = {}
-    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        metadata.update({k: str(v) for k, v in obj.items() if not isinstance(v, (dict, torch.Tensor))})
-        obj = obj["state_dict"]
+    where = "its top level"
+    while isinstance(obj, dict) and "state_dict" in obj:
+        metadata.update({k: str(v) for k, v in obj.items() if isinstance(k, str) and isinstance(v, (str, int, float))})
+        obj, where = obj["state_dict"], "its state_dict"
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dictionary of tensors")
+        raise CheckpointError(f"{path}: {where} is a {type(obj).__name__}, not a dictionary of tensors")
     tensors = {}
     for name, value in obj.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{path}: {where} has a key {reprlib.repr(name)}; tensor names are strings")
         if isinstance(value, torch.Tensor):
             tensors[name] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
-        elif not isinstance(value, dict):
+        elif isinstance(value, (str, int, float)):
             metadata[name] = str(value)
     return tensors, metadata
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Run `write(temp_path)` for a temp file beside `path`, then rename it over `path`.
+_FILLING: set[str] = set()  # absolute paths of the temp files atomic_write calls are filling now
 
-    On any failure (full disk, interrupted write) the temp file is removed and `path` is untouched.
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], exclusive: bool = False) -> None:
+    """Run `write(temp_path)` for a temp file beside `path`, then move the finished file to `path`.
+
+    exclusive=False replaces an existing `path`. exclusive=True never does: the file is linked into
+    place, which fails with FileExistsError when the name is taken (atomically, so concurrent writers
+    never share a name). On any failure (full disk, interrupted write) the temp file is removed and
+    `path` is untouched; OSErrors other than that FileExistsError become CheckpointError.
+
+    A `write` may call a writer that is itself atomic (`save_png`, `write_safetensors`) on its temp path:
+    that inner atomic_write writes the temp file directly, so the outer call's rules and messages hold.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if os.path.abspath(path) in _FILLING:
+        write(str(path))
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(f"could not write {path}: {e.strerror or e} ({e.filename}); nothing was changed") from None
     os.close(fd)
+    _FILLING.add(os.path.abspath(tmp))
     try:
         write(tmp)
         # mkstemp makes 0600 (and a writer may replace the file itself): give the result an ordinary file's mode
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        if exclusive:
+            _link_new(tmp, path)
+        else:
+            os.replace(tmp, path)
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
+        if exclusive and isinstance(e, FileExistsError):
+            raise
         raise CheckpointError(f"could not write {path}: {e.strerror or e}; nothing was changed") from None
-    except BaseException:
+    finally:
+        _FILLING.discard(os.path.abspath(tmp))
         Path(tmp).unlink(missing_ok=True)
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    """Give the finished file `tmp` the name `path` only if no file has it (FileExistsError otherwise).
+
+    A hard link does this in one step. Where the file system has none (FAT, some network shares) the
+    name is claimed with O_CREAT | O_EXCL and the file renamed over the claim.
+    """
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise
+    except OSError:
+        pass  # no hard links here
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        path.unlink(missing_ok=True)
         raise
 
 

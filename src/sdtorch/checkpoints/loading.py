@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..configs import ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ..configs import PREDICTION_TYPES, ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from ..errors import ArchitectureError, CheckpointError, InvalidInputError, MissingKeysError
 from ..models.clip import CLIPTextEncoder
 from ..models.tokenizer import CLIPTokenizer
@@ -21,12 +22,13 @@ from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
 from ..pipeline import LoadReport, Pipeline
 from .detect import infer_config
-from .io import detect_format, read_checkpoint, read_pickle_checkpoint, read_safetensors, read_shapes
+from .io import describe_error, detect_format, read_checkpoint, read_shapes
 from .keymaps import original_to_parts
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 CONFIG_METADATA_KEY = "sdtorch_config"
+TOKENIZER_METADATA_KEY = "sdtorch_tokenizer"  # a vocabulary other than CLIP's travels in the file (JSON)
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapes"  # trained by configs/shapes.toml
+BUILT_IN_MODEL_CFG_SCALE = 4.0  # the shapes model's best (`sdtorch eval`: all correct 90.5% at 4, 86.2% at 7.5)
 SD2_EPSILON_GLOBAL_STEP = "875000"  # the 512px SD2 base checkpoint; other SD2 files predict v (diffusers' rule)
 
 # Weight files of a diffusers folder's parts, in order of preference.
@@ -37,6 +39,7 @@ PART_WEIGHT_FILES = {
             "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
     "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
 }
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # a missing one is a file, not a hub id
 HUB_FILES = [
     "model_index.json", "scheduler/scheduler_config.json", "tokenizer/*",
     "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
@@ -67,35 +70,98 @@ def load(
     if source is None:
         if not DEFAULT_MODEL.is_dir():
             raise CheckpointError(f"the default model is missing from this installation ({DEFAULT_MODEL}); pass a model")
-        source = DEFAULT_MODEL
+        pipe = load(DEFAULT_MODEL, dtype, device, prediction_type, config)
+        pipe.default_cfg_scale = BUILT_IN_MODEL_CFG_SCALE
+        return pipe
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise InvalidInputError(f"prediction_type must be one of {PREDICTION_TYPES}, not {prediction_type!r}")
     dtype = dtype or torch.float32
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InvalidInputError(f"dtype must be a floating-point torch.dtype (torch.float16, ...), not {dtype!r}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise InvalidInputError(f"device {device!r} is not a torch device ({describe_error(e)})") from None
+    if not isinstance(source, (str, os.PathLike)):
+        raise InvalidInputError(f"source must be a path or a hub id, not a {type(source).__name__}")
     path = Path(source).expanduser()
-    if path.is_file():
-        return _load_single_file(path, dtype, device, prediction_type, config)
-    if path.is_dir():
-        return _load_diffusers_folder(path, dtype, device, prediction_type, str(source))
-    if _looks_like_hub_id(str(source)):
-        return _load_diffusers_folder(_download(str(source)), dtype, device, prediction_type, str(source))
+    try:
+        if path.is_file():
+            return _load_single_file(path, dtype, device, prediction_type, config)
+        if path.is_dir():
+            return _load_diffusers_folder(path, dtype, device, prediction_type, str(source))
+        if path.exists():
+            raise CheckpointError(f"{source} is neither a regular file nor a folder")
+        if _looks_like_hub_id(str(source)):
+            return _load_diffusers_folder(_download(str(source)), dtype, device, prediction_type, str(source))
+    except CheckpointError as e:
+        if str(source) not in str(e):  # most messages name the file at fault; the others get the model's name
+            e.args = (f"{source}: {e}",)
+        raise
     raise CheckpointError(f"no such file or folder: {source}")
 
 
 def _looks_like_hub_id(source: str) -> bool:
     parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and "\\" not in source
+    return (len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and "\\" not in source
+            and not source.lower().endswith(CHECKPOINT_SUFFIXES))
 
 
 def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+    """Fetch the files of HUB_FILES into huggingface_hub's cache; returns the snapshot folder.
+
+    huggingface_hub looks a repo up with no timeout, so a hub that accepts the connection and never
+    answers would hang the load: the look-up is made here, bounded by HF_HUB_ETAG_TIMEOUT (10 s by
+    default), and that commit's files are then fetched (each request bounded by huggingface_hub's own
+    timeouts, HF_HUB_ETAG_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT). When the hub cannot be reached
+    (offline, HF_HUB_OFFLINE=1, a timeout, the hub failing), a copy in the cache is used.
+    """
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
-    except Exception as e:  # huggingface_hub raises many kinds: offline, not found, gated, ...
+        revision = huggingface_hub.HfApi().model_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT).sha
+    except (RepositoryNotFoundError, HFValidationError) as e:  # gated ones too: the hub answered, no cache helps
+        raise _hub_error(repo_id, e) from None
+    except Exception as unreachable:  # no network, offline mode, a timeout, the hub failing: try the cache
+        return _cached_snapshot(repo_id, unreachable)
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+    except Exception as e:  # huggingface_hub raises many kinds: a dropped connection, a full disk, ...
+        raise _hub_error(repo_id, e) from None
+
+
+def _cached_snapshot(repo_id: str, unreachable: Exception) -> Path:
+    """The copy of `repo_id` in huggingface_hub's cache, used when the hub could not be asked (`unreachable`)."""
+    import huggingface_hub
+
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:  # not cached, or cached only in part
         raise CheckpointError(
-            f"could not fetch {repo_id!r} from the hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "pass a local file or folder instead"
+            f"could not reach the Hugging Face hub for {repo_id!r} ({describe_error(unreachable)}) and it is not in "
+            "the local cache: check the network (HF_ENDPOINT, a proxy; a slow link may need a larger "
+            "HF_HUB_ETAG_TIMEOUT) or pass a local file or folder"
         ) from None
+
+
+def _hub_error(repo_id: str, error: Exception) -> CheckpointError:
+    """Why fetching `repo_id` from the hub failed, and what to do about it."""
+    from huggingface_hub.utils import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    if isinstance(error, HFValidationError):
+        return CheckpointError(f"no such file or folder: {repo_id} (nor is it a valid hub id: org/name)")
+    login = "log in with `hf auth login` or set HF_TOKEN"
+    if isinstance(error, GatedRepoError):
+        return CheckpointError(f"{repo_id!r} is gated on the hub: accept its terms at https://huggingface.co/{repo_id} "
+                               f"and {login}")
+    if isinstance(error, RepositoryNotFoundError):
+        return CheckpointError(f"no such file or folder, and no model {repo_id!r} on the hub "
+                               f"(if it is private, {login})")
+    return CheckpointError(f"could not fetch {repo_id!r} from the hub ({describe_error(error)}); "
+                           "try again, or pass a local file or folder instead")
 
 
 def _load_single_file(
@@ -107,7 +173,7 @@ def _load_single_file(
         tensors, metadata = read_checkpoint(path, dtype)
     origin = "user" if prediction_type else "detected"
     if config is None and CONFIG_METADATA_KEY in metadata:
-        config = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+        config = _metadata_config(metadata[CONFIG_METADATA_KEY])
         origin = "user" if prediction_type else "file"
     elif config is None:
         guess = prediction_type
@@ -118,9 +184,33 @@ def _load_single_file(
         config = config.replace(prediction_type=prediction_type)
     parts, ignored = original_to_parts(tensors, config)
     del tensors
-    pad = "<|endoftext|>" if config.text_encoder.pad_token_id == 49407 else "!"
     report = LoadReport(str(path), "single_file", origin, ignored)
-    return _assemble(parts, config, CLIPTokenizer.default(pad_token=pad), dtype, device, report)
+    return _assemble(parts, config, single_file_tokenizer(metadata, config), dtype, device, report)
+
+
+def _metadata_config(text: str) -> ModelConfig:
+    """The ModelConfig sdtorch stores in a single file's metadata; ArchitectureError when it is malformed."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ArchitectureError(f"the file's {CONFIG_METADATA_KEY} metadata is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ArchitectureError(f"the file's {CONFIG_METADATA_KEY} metadata is not a JSON object")
+    try:
+        return ModelConfig.from_dict(data, source=f"the file's {CONFIG_METADATA_KEY} metadata")
+    except InvalidInputError as e:
+        raise ArchitectureError(str(e)) from None
+
+
+def single_file_tokenizer(metadata: dict[str, str], config: ModelConfig) -> CLIPTokenizer:
+    """The tokenizer a single file carries in its metadata (sdtorch stores any but CLIP's own), else CLIP's."""
+    if TOKENIZER_METADATA_KEY not in metadata:
+        return CLIPTokenizer.default(pad_token="<|endoftext|>" if config.text_encoder.pad_token_id == 49407 else "!")
+    try:
+        data = json.loads(metadata[TOKENIZER_METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"the file's tokenizer metadata is not valid JSON ({e})") from None
+    return CLIPTokenizer.from_dict(data)
 
 
 def _load_diffusers_folder(
@@ -131,27 +221,27 @@ def _load_diffusers_folder(
         raise CheckpointError(
             f"{source} is a folder but not a diffusers Stable Diffusion model: no {', '.join(missing)} subfolder(s)"
         )
-    unet_cfg = UNetConfig.from_diffusers(_read_json(folder / "unet" / "config.json"))
-    vae_cfg = VAEConfig.from_diffusers(_read_json(folder / "vae" / "config.json"))
+    unet_file, vae_file, text_file = (folder / part / "config.json" for part in ("unet", "vae", "text_encoder"))
+    unet_cfg = UNetConfig.from_diffusers(_read_json(unet_file), source=str(unet_file))
+    vae_cfg = VAEConfig.from_diffusers(_read_json(vae_file), source=str(vae_file))
     tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
     text_cfg = TextEncoderConfig.from_diffusers(
-        _read_json(folder / "text_encoder" / "config.json"), pad_token_id=tokenizer.pad_token_id
+        _read_json(text_file), pad_token_id=tokenizer.pad_token_id, source=str(text_file)
     )
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_file) if scheduler_file.is_file() else {}
     origin = "user" if prediction_type else "file"
+    prediction_type = prediction_type or scheduler.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ArchitectureError(f"{scheduler_file}: prediction_type {reprlib.repr(prediction_type)} is not supported "
+                                f"(sdtorch runs {' and '.join(PREDICTION_TYPES)} models)")
     config = ModelConfig(
         family="sd2" if text_cfg.activation == "gelu" else "sd1",  # OpenCLIP (SD2) uses GELU, OpenAI CLIP QuickGELU
-        prediction_type=prediction_type or scheduler.get("prediction_type", "epsilon"),
+        prediction_type=prediction_type,
         unet=unet_cfg,
         vae=vae_cfg,
         text_encoder=text_cfg,
-        schedule=ScheduleConfig(
-            num_train_timesteps=scheduler.get("num_train_timesteps", 1000),
-            beta_start=scheduler.get("beta_start", 0.00085),
-            beta_end=scheduler.get("beta_end", 0.012),
-            beta_schedule=scheduler.get("beta_schedule", "scaled_linear"),
-        ),
+        schedule=ScheduleConfig.from_diffusers(scheduler, source=str(scheduler_file)),
     )
     parts, ignored = {}, []
     for part in MODEL_CLASSES:
@@ -165,12 +255,18 @@ def _load_diffusers_folder(
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from `path`; a missing, unreadable or malformed file is a CheckpointError naming it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"missing {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, an integer too long to parse, deep nesting
+        raise CheckpointError(f"{path} is not valid JSON ({describe_error(e)})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def _read_part(folder: Path, part: str, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
@@ -178,10 +274,9 @@ def _read_part(folder: Path, part: str, dtype: torch.dtype, device) -> dict[str,
         file = folder / name
         if not file.is_file():
             continue
-        if detect_format(file) == "safetensors":
-            return read_shapes(file)[0] if str(device) == "meta" else read_safetensors(file, dtype)[0]
-        state = read_pickle_checkpoint(file)
-        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if str(device) == "meta" and detect_format(file) == "safetensors":
+            return read_shapes(file)[0]
+        return read_checkpoint(file, dtype)[0]
     raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(PART_WEIGHT_FILES[part])})")
 
 
@@ -225,9 +320,17 @@ def build_model(
         raise ArchitectureError(f"{part}: checkpoint has tensors the model does not: {', '.join(unexpected[:10])}")
     wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if tensors[k].shape != v.shape]
     if wrong:
-        raise ArchitectureError(f"{part}: tensor shapes differ from the config: {'; '.join(wrong[:5])}")
+        raise ArchitectureError(f"{part}: {len(wrong)} tensor shape(s) differ from the config (file vs config): "
+                                f"{'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
+    not_float = [f"{k} ({tensors[k].dtype})" for k, v in expected.items()
+                 if v.is_floating_point() and not tensors[k].is_floating_point()]
+    if not_float:
+        raise ArchitectureError(f"{part}: weights that are not floating point: {', '.join(not_float[:5])}")
     tensors = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in tensors.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     if device is not None and str(device) != "meta":
-        model.to(device)
+        try:
+            model.to(device)
+        except (RuntimeError, AssertionError) as e:  # no such device, no CUDA in this torch, out of its memory
+            raise InvalidInputError(f"cannot move the {part} to {device}: {describe_error(e)}") from None
     return model.eval().requires_grad_(False)

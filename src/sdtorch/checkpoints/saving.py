@@ -2,6 +2,8 @@
 
 Every write is atomic: a folder is written beside its destination and renamed into place; a file is
 written to a temp file and renamed. A failure (full disk, bad path) leaves the destination as it was.
+An existing destination is replaced only when asked (overwrite=True), and only if it is a model of the
+same kind: a user's other files are never deleted to make room.
 """
 
 from __future__ import annotations
@@ -10,44 +12,114 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 from ..errors import CheckpointError, InvalidInputError
 from ..pipeline import Pipeline
-from .io import write_json, write_safetensors
+from .io import atomic_write, detect_format, write_json, write_safetensors
 from .keymaps import parts_to_original
-from .loading import CONFIG_METADATA_KEY
+from .loading import CONFIG_METADATA_KEY, TOKENIZER_METADATA_KEY, single_file_tokenizer
 
 FORMATS = ("diffusers", "single_file")
+# What a diffusers Stable Diffusion folder holds (hub repositories add the README, licence and git files);
+# a folder holding anything else is not one and is never replaced.
+DIFFUSERS_ENTRIES = frozenset({
+    "model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "feature_extractor",
+    "safety_checker", "README.md", "LICENSE", "LICENSE.md", ".gitattributes", ".gitignore",
+})
 
 
-def save(pipe: Pipeline, path: str | os.PathLike, format: str = "diffusers") -> Path:
-    """Write `pipe` to `path` as a diffusers folder or an original-layout `.safetensors`; returns the path."""
-    format = format.replace("-", "_")
-    if format not in FORMATS:
-        raise InvalidInputError(f"unknown save format {format!r}: use one of {', '.join(FORMATS)}")
+def save(pipe: Pipeline, path: str | os.PathLike, format: str = "diffusers", overwrite: bool = False) -> Path:
+    """Write `pipe` to `path` as a diffusers folder or an original-layout `.safetensors`; returns the path.
+
+    An existing `path` is refused unless `overwrite`, and even then replaced only if it is a model of
+    the same kind (see `check_destination`).
+    """
+    format = _format(format)
     if str(pipe.device) == "meta":
         raise InvalidInputError("this pipeline was loaded on the meta device (shapes only): there are no weights to save")
     path = Path(path).expanduser()
+    check_destination(path, format, overwrite)
     if format == "single_file":
-        _save_single_file(pipe, path)
+        _save_single_file(pipe, path, overwrite)
     else:
         _save_diffusers(pipe, path)
     return path
 
 
-def _save_single_file(pipe: Pipeline, path: Path) -> None:
-    if path.is_dir():
+def check_destination(path: str | os.PathLike, format: str, overwrite: bool = False) -> None:
+    """Raise InvalidInputError unless `save` may write `path` (cheap: call it before loading what to save).
+
+    Free to write: nothing there, or an empty folder. With `overwrite`, also a model of the same kind: a
+    diffusers folder holding nothing but what such a folder holds, or a safetensors / PyTorch checkpoint.
+    """
+    format, path = _format(format), Path(path).expanduser()
+    exists = os.path.lexists(path)
+    if format == "single_file" and path.is_dir():
         raise InvalidInputError(f"{path} is a folder; a single-file checkpoint needs a file name (*.safetensors)")
+    if format == "diffusers" and exists and not path.is_dir():
+        raise InvalidInputError(f"{path} is a file; a diffusers model is a folder")
+    if not exists or (path.is_dir() and not any(path.iterdir())):
+        return
+    if not overwrite:
+        raise InvalidInputError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+    problem = _not_a_diffusers_model(path) if format == "diffusers" else _not_a_checkpoint(path)
+    if problem:
+        raise InvalidInputError(
+            f"{path} is not replaced: {problem}. Only a model of the same kind is overwritten; choose another name"
+        )
+
+
+def _format(format: str) -> str:
+    """The canonical spelling of a save format ("single-file" -> "single_file"); unknown ones are refused."""
+    format = format.replace("-", "_")
+    if format not in FORMATS:
+        raise InvalidInputError(f"unknown save format {format!r}: use one of {', '.join(FORMATS)}")
+    return format
+
+
+def _not_a_diffusers_model(folder: Path) -> str | None:
+    """Why `folder` is not a diffusers Stable Diffusion folder, or None when it is one."""
+    names = {entry.name for entry in folder.iterdir()}
+    if "model_index.json" not in names:
+        return "it has no model_index.json, so it is not a diffusers model folder"
+    others = sorted(names - DIFFUSERS_ENTRIES)
+    if others:
+        shown = ", ".join(others[:5]) + (" ..." if len(others) > 5 else "")
+        return f"it holds files a diffusers model does not ({shown})"
+    return None
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why `path` is not a checkpoint file (safetensors, or a torch.save archive or pickle), or None."""
+    if not path.is_file():
+        return "it is not a regular file"
+    try:
+        kind = detect_format(path)
+        if kind == "zip":  # any zip archive starts like this; torch.save's hold a data.pkl
+            with zipfile.ZipFile(path) as archive:
+                if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                    return "it is a zip archive but not a PyTorch checkpoint"
+    except (CheckpointError, zipfile.BadZipFile, OSError) as e:
+        return f"it is not a checkpoint file ({e})"
+    return None
+
+
+def _save_single_file(pipe: Pipeline, path: Path, overwrite: bool) -> None:
     parts = {name: module.state_dict() for name, module in pipe.modules.items()}
     tensors = parts_to_original(parts, pipe.config)
     metadata = {CONFIG_METADATA_KEY: json.dumps(pipe.config.to_dict()), "format": "pt"}
-    write_safetensors(tensors, path, metadata)
+    tokenizer = pipe.tokenizer.to_dict()
+    if tokenizer != single_file_tokenizer({}, pipe.config).to_dict():  # not CLIP's: loading could not rebuild it
+        metadata[TOKENIZER_METADATA_KEY] = json.dumps(tokenizer, ensure_ascii=False)
+    try:  # write_safetensors writes straight into the temp file (nested atomic writes do)
+        atomic_write(path, lambda tmp: write_safetensors(tensors, tmp, metadata), exclusive=not overwrite)
+    except FileExistsError:
+        raise InvalidInputError(f"{path} appeared while saving and was left as it is; pass overwrite=True") from None
 
 
 def _save_diffusers(pipe: Pipeline, path: Path) -> None:
-    if path.is_file():
-        raise InvalidInputError(f"{path} is a file; a diffusers model is a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -66,8 +138,7 @@ def _replace_folder(new: Path, dst: Path) -> None:
     if not dst.exists():
         os.replace(new, dst)
         return
-    old = dst.with_name(f".{dst.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
+    old = new.with_name(f"{new.name}.old")  # `new` has a unique name (mkdtemp), so this one is free too
     os.replace(dst, old)
     try:
         os.replace(new, dst)

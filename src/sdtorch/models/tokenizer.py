@@ -78,6 +78,8 @@ def _read_files(vocab_path: Path, merges_path: Path) -> tuple[dict[str, int], li
         lines = merges_path.read_text(encoding="utf-8").split("\n")
     except OSError as e:
         raise CheckpointError(f"could not read merges file {merges_path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"merges file {merges_path} is not UTF-8 text ({e})") from None
     if lines and lines[0].startswith("#version"):
         lines = lines[1:]
     return vocab, [_parse_merge(line) for line in lines if line.strip("\r")]
@@ -168,14 +170,36 @@ class CLIPTokenizer:
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             vocab, merges = _read_files(folder / "vocab.json", folder / "merges.txt")
         elif (folder / "tokenizer.json").is_file():
-            model = _read_json(folder / "tokenizer.json").get("model", {})
-            if model.get("type") != "BPE":
+            model = _read_json(folder / "tokenizer.json").get("model")
+            if not isinstance(model, dict) or model.get("type") != "BPE":
                 raise CheckpointError(f"{folder / 'tokenizer.json'}: not a BPE tokenizer")
-            vocab = model["vocab"]
-            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+            try:
+                vocab = model["vocab"]
+                merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+            except (KeyError, TypeError) as e:
+                raise CheckpointError(f"{folder / 'tokenizer.json'}: malformed BPE model ({e!r})") from None
         else:
             raise CheckpointError(f"{folder}: no vocab.json + merges.txt or tokenizer.json; not a tokenizer folder")
-        return cls(vocab, merges, tokens["pad"], max_length, tokens["bos"], tokens["eos"])
+        try:
+            return cls(vocab, merges, tokens["pad"], max_length, tokens["bos"], tokens["eos"])
+        except InvalidInputError as e:
+            raise CheckpointError(f"tokenizer {folder}: {e}") from None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CLIPTokenizer:
+        """Rebuild a tokenizer from what `to_dict` returned."""
+        try:
+            merges = [_parse_merge(line) for line in data["merges"]]
+            return cls(data["vocab"], merges, data["pad_token"], data["max_length"], data["bos_token"], data["eos_token"])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"tokenizer data is incomplete or malformed ({type(e).__name__}: {e})") from None
+
+    def to_dict(self) -> dict:
+        """Everything that defines this tokenizer, as JSON-ready data; `from_dict` rebuilds it."""
+        return {
+            "vocab": dict(self._vocab), "merges": [f"{a} {b}" for a, b in self._merges],
+            "bos_token": self._bos, "eos_token": self._eos, "pad_token": self._pad, "max_length": self._max_length,
+        }
 
     def save(self, folder: str | os.PathLike) -> None:
         """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json (each
@@ -258,12 +282,16 @@ class CLIPTokenizer:
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from a tokenizer file; CheckpointError naming the file if it is unreadable or not an object."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise CheckpointError(f"could not read {path}: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return data
 
 
 def pre_tokenize(segment: str) -> list[str]:

@@ -85,14 +85,14 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double the resolution: nearest-neighbour 2x, then a 3x3 conv."""
+    """Double the resolution (or match the skip's, for odd sizes, as diffusers does): nearest, then a 3x3 conv."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B,C,H,W) -> (B,C,2H,2W)
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))  # (B,C,H,W) -> (B,C,2H,2W) or `size`
 
 
 def _transformer(channels: int, heads: int, config: UNetConfig) -> SpatialTransformer:
@@ -181,8 +181,8 @@ class UpBlock(nn.Module):
             x = resnet(x, emb)
             if self.attentions is not None:
                 x = self.attentions[j](x, context)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)  # (B,C,H,W) -> (B,C,2H,2W)
+        if self.upsamplers is not None:  # to the next level's skip size: 2H, or 2H - 1 where a downsample rounded up
+            x = self.upsamplers[0](x, skips[-1].shape[2:])  # (B,C,H,W) -> (B,C,~2H,~2W)
         return x
 
 
@@ -221,21 +221,11 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(config.norm_groups, channels[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, kernel_size=3, padding=1)
 
-    @property
-    def downsampling_factor(self) -> int:
-        """Latent height and width must be multiples of this."""
-        return 2 ** (len(self.config.block_channels) - 1)
-
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> None:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise InvalidInputError(
                 f"UNet input must be (B, {cfg.in_channels}, H, W) latents; got shape {tuple(x.shape)}"
-            )
-        f = self.downsampling_factor
-        if x.shape[2] % f or x.shape[3] % f:
-            raise InvalidInputError(
-                f"UNet latent height and width must be multiples of {f}; got {x.shape[2]}x{x.shape[3]}"
             )
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise InvalidInputError(

@@ -6,7 +6,8 @@ epsilon vs v, or guidance.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -15,6 +16,77 @@ from ..errors import InvalidInputError
 from .schedules import DiscreteSchedule, SamplingSchedule
 
 PARAMETERISATIONS = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass(frozen=True)
+class ScheduledContext:
+    """One prompt's context over a sampler run (A1111 prompt editing), with its AND weight.
+
+    Model evaluations are counted from 0; `contexts[i]` (L, D) holds up to and including evaluation
+    `ends[i]` (ascending). All segments have one length L.
+    """
+
+    ends: tuple[int, ...]
+    contexts: tuple[Tensor, ...]
+    weight: float = 1.0
+
+    def at(self, step: int) -> Tensor:
+        """The context (L, D) of evaluation `step`: the first segment with step <= end, or past the
+        last end the first segment (A1111 `reconstruct_cond_batch`)."""
+        return next((c for end, c in zip(self.ends, self.contexts) if step <= end), self.contexts[0])
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Text conditioning of a batch over a sampler run: per image its prompts (one, or several joined
+    with A1111's AND), each a `ScheduledContext`.
+
+    `padding` (77, D), the empty prompt's encoding, lengthens the prompt or the negative side so both
+    fit one UNet batch (A1111 `pad_cond`); without it both sides must have one length.
+    """
+
+    images: tuple[tuple[ScheduledContext, ...], ...]
+    padding: Tensor | None = None
+
+    @classmethod
+    def constant(cls, context: Tensor) -> Conditioning:
+        """A fixed context (B, L, D): one prompt of weight 1 per image."""
+        return cls(tuple((ScheduledContext((0,), (c,)),) for c in context))
+
+    @property
+    def weights(self) -> list[list[float]]:
+        """The AND weights of each image's prompts."""
+        return [[p.weight for p in prompts] for prompts in self.images]
+
+    def at(self, step: int) -> Tensor:
+        """Every image's prompt contexts at evaluation `step`, image-major (N, L, D). Shorter ones are
+        lengthened by repeating their last token vector (A1111 `stack_conds`; negatives of different
+        lengths, which A1111 cannot batch, the same way)."""
+        contexts = [p.at(step) for prompts in self.images for p in prompts]
+        length = max(c.shape[0] for c in contexts)
+        return torch.stack([torch.cat([c, c[-1:].expand(length - len(c), -1)]) if len(c) < length else c
+                            for c in contexts])
+
+
+def pad_to_match(context: Tensor, uncond: Tensor, padding: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(context (N, L, D), uncond (B, L', D)) brought to one length by appending `padding` (77, D) to
+    the shorter, as many times as the difference holds it: A1111's `pad_cond_uncond`, its "pad prompt/
+    negative prompt" setting (without it A1111 runs the two sides in separate UNet batches)."""
+    difference = context.shape[1] - uncond.shape[1]
+    if difference == 0:
+        return context, uncond
+    if padding is None or difference % padding.shape[0]:
+        raise InvalidInputError(
+            f"prompt and negative contexts have {context.shape[1]} and {uncond.shape[1]} tokens: "
+            "pass contexts of one length, or a Conditioning with padding"
+        )
+
+    def lengthen(x: Tensor, repeats: int) -> Tensor:
+        return torch.cat([x, padding.to(x).repeat(x.shape[0], repeats, 1)], dim=1)
+
+    if difference > 0:
+        return context, lengthen(uncond, difference // padding.shape[0])
+    return lengthen(context, -difference // padding.shape[0]), uncond
 
 
 class Denoiser:
@@ -27,6 +99,10 @@ class Denoiser:
         sample:       x0 = out
     Classifier-free guidance runs cond and uncond in one batch, on the UNet output:
         out = uncond + scale * (cond - uncond), optionally rescaled (Lin et al. 2023, eq. 15-16).
+    Composable prompts (A1111's AND; Liu et al. 2022, eq. 10) sum one such term per prompt i of an image:
+        out = uncond + sum_i w_i * scale * (cond_i - uncond).
+    A1111 combines the x0 estimates; x0 is affine in the output with coefficients fixed by x and sigma,
+    and the weights multiply differences, so combining the outputs gives the same x0.
     """
 
     def __init__(
@@ -67,15 +143,21 @@ class Denoiser:
         guidance_scale: float = 1.0,
         guidance_rescale: float = 0.0,
         extra_channels: Tensor | None = None,
+        weights: Sequence[Sequence[float]] | None = None,
     ) -> Tensor:
         """x0 estimate for x (B,C,H,W) at noise level sigma (scalar or (B,)).
 
-        context (B,L,D) is the prompt's; with `uncond_context` and a scale != 1, guidance is applied.
+        context (B,L,D) is the prompt's; with `uncond_context` (B,L,D) and a scale != 1, guidance is applied.
+        With `weights` (image b's AND weights, per image), context (N,L,D) holds every image's prompts
+        in order, N = the number of weights, and the guidance sums them (always needs `uncond_context`).
         extra_channels (B,5,H,W), for inpainting UNets, are appended to the scaled input unchanged.
         """
         if guidance_scale < 0:
             raise InvalidInputError(f"guidance scale must be >= 0, not {guidance_scale}")
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
+        if weights is not None and any(list(w) != [1.0] for w in weights):
+            return self._composed(x, sigma, context, uncond_context, guidance_scale, guidance_rescale,
+                                  extra_channels, weights)
         guided = uncond_context is not None and guidance_scale != 1.0
         if guided:
             x_in, sigma_in = torch.cat([x, x]), torch.cat([sigma, sigma])
@@ -83,11 +165,7 @@ class Denoiser:
             extra_channels = None if extra_channels is None else torch.cat([extra_channels, extra_channels])
         else:
             x_in, sigma_in = x, sigma
-        s_in = sigma_in.to(x.dtype)[:, None, None, None]  # (2B|B,1,1,1)
-        unet_in = x_in / (1 + s_in**2).sqrt()
-        if extra_channels is not None:
-            unet_in = torch.cat([unet_in, extra_channels.to(unet_in.dtype)], dim=1)  # (.., 4+5, H, W)
-        out = self.unet(unet_in, self.timestep(sigma_in), context)  # eps | v | x0, as trained
+        out = self._predict(x_in, sigma_in, context, extra_channels)  # (2B|B, C, H, W)
         if guided:  # guidance on the raw output, as diffusers applies it (x0 is affine in it)
             out_uncond, out_cond = out.chunk(2)
             out = out_uncond + guidance_scale * (out_cond - out_uncond)
@@ -95,6 +173,38 @@ class Denoiser:
                 out = _rescale(out, out_cond, guidance_rescale)
         s = sigma.to(x.dtype)[:, None, None, None]  # (B,1,1,1)
         return self._to_x0(x, s, out)
+
+    def _composed(
+        self, x: Tensor, sigma: Tensor, context: Tensor, uncond_context: Tensor | None, guidance_scale: float,
+        guidance_rescale: float, extra_channels: Tensor | None, weights: Sequence[Sequence[float]],
+    ) -> Tensor:
+        """Guidance over several prompts per image: uncond + sum_i w_i * scale * (cond_i - uncond)."""
+        if uncond_context is None:
+            raise InvalidInputError("composable prompts (AND, or a prompt weight) need a negative context")
+        counts = [len(w) for w in weights]
+        if len(counts) != x.shape[0] or sum(counts) != context.shape[0]:
+            raise InvalidInputError(f"{context.shape[0]} prompt contexts for {x.shape[0]} images with AND weights "
+                                    f"{[list(w) for w in weights]}")
+        image = torch.tensor([b for b, n in enumerate(counts) for _ in range(n)], device=x.device)  # (N,) image of each
+        x_in, sigma_in = torch.cat([x, x[image]]), torch.cat([sigma, sigma[image]])  # (B+N, ...)
+        if extra_channels is not None:
+            extra_channels = torch.cat([extra_channels, extra_channels[image]])
+        out = self._predict(x_in, sigma_in, torch.cat([uncond_context, context]), extra_channels)
+        out_uncond, out_cond = out[: x.shape[0]], out[x.shape[0] :]  # (B, C, H, W), (N, C, H, W)
+        scale = torch.tensor([w * guidance_scale for ws in weights for w in ws], dtype=out.dtype, device=out.device)
+        out = out_uncond.index_add(0, image, (out_cond - out_uncond[image]) * scale[:, None, None, None])
+        if guidance_rescale > 0:  # against each image's first prompt, the one A1111 previews
+            first = [sum(counts[:b]) for b in range(len(counts))]
+            out = _rescale(out, out_cond[first], guidance_rescale)
+        return self._to_x0(x, sigma.to(x.dtype)[:, None, None, None], out)
+
+    def _predict(self, x: Tensor, sigma: Tensor, context: Tensor, extra_channels: Tensor | None) -> Tensor:
+        """The UNet's raw output (eps | v | x0, as trained) for x (B,C,H,W) at sigma (B,)."""
+        s = sigma.to(x.dtype)[:, None, None, None]  # (B,1,1,1)
+        unet_in = x / (1 + s**2).sqrt()
+        if extra_channels is not None:
+            unet_in = torch.cat([unet_in, extra_channels.to(unet_in.dtype)], dim=1)  # (B, 4+5, H, W)
+        return self.unet(unet_in, self.timestep(sigma), context)
 
     def _to_x0(self, x: Tensor, s: Tensor, out: Tensor) -> Tensor:
         if self.prediction_type == "epsilon":

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..errors import InvalidInputError
 from . import dpmpp, k_samplers, timestep_samplers
 from .common import Callback
-from .denoiser import Denoiser
+from .denoiser import Conditioning, Denoiser, pad_to_match
 from .schedules import SamplingSchedule, sampling_schedule
 
 SamplerFn = Callable[..., Tensor]
@@ -31,24 +31,32 @@ class SamplerInfo:
     discard_penultimate_sigma: bool = False  # DPM2, DPM2 a, DPM++ 3M SDE (as A1111 does)
     build_schedule: Callable[..., SamplingSchedule] = sampling_schedule  # diffusers' grid for this sampler
     variance_preserving: bool = False  # starts from pure VP noise: x_T = noise * sqrt(1 + sigma_max^2)
+    second_order: bool = False  # A1111's "second_order": prompt schedules count two evaluations a step
+
+    def prompt_steps(self, steps: int) -> int:
+        """The steps a prompt-editing schedule is written over. A1111 advances the schedule once per
+        model evaluation and, for its second-order samplers, doubles the steps (`SamplerData.total_steps`)."""
+        return 2 * steps if self.second_order else steps
 
 
 SAMPLERS: tuple[SamplerInfo, ...] = (
     SamplerInfo("DPM++ 2M", dpmpp.sample_dpmpp_2m, ("dpmpp_2m", "k_dpmpp_2m"), "karras",
                 build_schedule=dpmpp.multistep_schedule, variance_preserving=True),
-    SamplerInfo("DPM++ SDE", dpmpp.sample_dpmpp_sde, ("dpmpp_sde", "k_dpmpp_sde"), "karras"),
+    SamplerInfo("DPM++ SDE", dpmpp.sample_dpmpp_sde, ("dpmpp_sde", "k_dpmpp_sde"), "karras", second_order=True),
     SamplerInfo("DPM++ 2M SDE", dpmpp.sample_dpmpp_2m_sde, ("dpmpp_2m_sde", "k_dpmpp_2m_sde"), "exponential",
                 build_schedule=dpmpp.multistep_schedule, variance_preserving=True),
     SamplerInfo("DPM++ 3M SDE", dpmpp.sample_dpmpp_3m_sde, ("dpmpp_3m_sde", "k_dpmpp_3m_sde"), "exponential",
                 discard_penultimate_sigma=True),
-    SamplerInfo("DPM++ 2S a", dpmpp.sample_dpmpp_2s_ancestral, ("dpmpp_2s_ancestral", "k_dpmpp_2s_a"), "karras"),
+    SamplerInfo("DPM++ 2S a", dpmpp.sample_dpmpp_2s_ancestral, ("dpmpp_2s_ancestral", "k_dpmpp_2s_a"), "karras",
+                second_order=True),
     SamplerInfo("Euler a", k_samplers.sample_euler_ancestral, ("euler_ancestral", "k_euler_a")),
     SamplerInfo("Euler", k_samplers.sample_euler, ("euler", "k_euler")),
     SamplerInfo("LMS", k_samplers.sample_lms, ("lms", "k_lms")),
-    SamplerInfo("Heun", k_samplers.sample_heun, ("heun", "k_heun")),
-    SamplerInfo("DPM2", k_samplers.sample_dpm_2, ("dpm_2", "k_dpm_2"), "karras", discard_penultimate_sigma=True),
+    SamplerInfo("Heun", k_samplers.sample_heun, ("heun", "k_heun"), second_order=True),
+    SamplerInfo("DPM2", k_samplers.sample_dpm_2, ("dpm_2", "k_dpm_2"), "karras", discard_penultimate_sigma=True,
+                second_order=True),
     SamplerInfo("DPM2 a", k_samplers.sample_dpm_2_ancestral, ("dpm_2_ancestral", "k_dpm_2_a"), "karras",
-                discard_penultimate_sigma=True),
+                discard_penultimate_sigma=True, second_order=True),
     SamplerInfo("DDIM", timestep_samplers.sample_ddim, ("ddim",),
                 build_schedule=timestep_samplers.ddim_schedule, variance_preserving=True),
     SamplerInfo("PLMS", timestep_samplers.sample_plms, ("plms", "pndm"),
@@ -100,14 +108,27 @@ def resolve(sampler: str, schedule: str | None = None) -> tuple[SamplerInfo, str
 
 
 class _Conditioned:
-    """The denoiser with its conditioning fixed: model(x, sigma) -> x0, as samplers expect."""
+    """The denoiser with its conditioning bound: model(x, sigma) -> x0, as samplers expect.
 
-    def __init__(self, denoiser: Denoiser, kwargs: dict):
-        self.denoiser, self.kwargs = denoiser, kwargs
+    The conditioning's step is the number of model evaluations made so far in this run (A1111's
+    `CFGDenoiser.step`, advanced once per call), so a second-order sampler moves through a schedule
+    twice as fast as its steps; `SamplerInfo.prompt_steps` doubles the schedule's steps to match.
+    """
+
+    def __init__(self, denoiser: Denoiser, cond: Conditioning, uncond: Conditioning | None, kwargs: dict):
+        self.denoiser, self.cond, self.uncond, self.kwargs = denoiser, cond, uncond, kwargs
         self.prediction_type = denoiser.prediction_type  # PLMS combines raw model outputs, as diffusers does
+        self.evaluations = 0
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
-        return self.denoiser(x, sigma, **self.kwargs)
+        context = self.cond.at(self.evaluations)  # (N, L, D)
+        uncond = None
+        if self.uncond is not None:
+            padding = self.cond.padding if self.cond.padding is not None else self.uncond.padding
+            context, uncond = pad_to_match(context, self.uncond.at(self.evaluations), padding)
+        self.evaluations += 1
+        return self.denoiser(x, sigma, context=context, uncond_context=uncond, weights=self.cond.weights,
+                             **self.kwargs)
 
     def timestep(self, sigma: Tensor) -> Tensor:
         return self.denoiser.timestep(torch.as_tensor(sigma, dtype=torch.float64).reshape(-1))
@@ -117,8 +138,9 @@ class _Inpainting(_Conditioned):
     """Also keeps the area outside the mask on the noised original at every step after the first, as
     diffusers' inpainting pipeline does for ordinary (4-channel) models."""
 
-    def __init__(self, denoiser: Denoiser, kwargs: dict, sigmas: Tensor, keep: Tensor, mask: Tensor, noise: Tensor):
-        super().__init__(denoiser, kwargs)
+    def __init__(self, denoiser: Denoiser, cond: Conditioning, uncond: Conditioning | None, kwargs: dict,
+                 sigmas: Tensor, keep: Tensor, mask: Tensor, noise: Tensor):
+        super().__init__(denoiser, cond, uncond, kwargs)
         self.sigmas, self.keep, self.mask, self.noise = sigmas, keep, mask, noise
 
     def step_input(self, i: int, x: Tensor) -> Tensor:
@@ -136,8 +158,8 @@ def sample(
     schedule: str | None = None,
     steps: int = 20,
     spacing: str = "leading",
-    context: Tensor,
-    uncond_context: Tensor | None = None,
+    context: Tensor | Conditioning,
+    uncond_context: Tensor | Conditioning | None = None,
     guidance_scale: float = 1.0,
     guidance_rescale: float = 0.0,
     extra_channels: Tensor | None = None,
@@ -158,6 +180,10 @@ def sample(
 
     Inpainting with an ordinary model: `keep_latents` (B,4,h,w) are held outside `keep_mask` (B,1,h,w),
     1 = repaint, re-noised with `noise` to each step's sigma.
+
+    `context` / `uncond_context`: fixed (B,L,D) tensors, or `Conditioning`s that change with the model
+    evaluation (prompt editing, counted from 0 in this run, img2img included: A1111 does the same) and
+    may hold several weighted prompts per image (AND).
     """
     info, kind = resolve(sampler, schedule)
     if eta is not None and eta < 0:
@@ -178,12 +204,15 @@ def sample(
     else:  # diffusers' starting scale: VP noise for VP solvers and for the leading-spaced default grid
         vp = info.variance_preserving or (kind == "automatic" and spacing == "leading")
         x = noise * (((1 + sigmas[0] ** 2).sqrt() if vp else sigmas[0]).to(noise.dtype))  # (B,4,h,w)
-    kwargs = dict(context=context, uncond_context=uncond_context, guidance_scale=guidance_scale,
-                  guidance_rescale=guidance_rescale, extra_channels=extra_channels)
+    cond = context if isinstance(context, Conditioning) else Conditioning.constant(context)
+    uncond = uncond_context
+    if isinstance(uncond, Tensor):
+        uncond = Conditioning.constant(uncond)
+    kwargs = dict(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, extra_channels=extra_channels)
     if keep_latents is not None and keep_mask is not None:
-        model = _Inpainting(denoiser, kwargs, sigmas, keep_latents, keep_mask.to(noise.dtype), noise)
+        model = _Inpainting(denoiser, cond, uncond, kwargs, sigmas, keep_latents, keep_mask.to(noise.dtype), noise)
     else:
-        model = _Conditioned(denoiser, kwargs)
+        model = _Conditioned(denoiser, cond, uncond, kwargs)
     try:
         x = info.function(model, x, sigmas, generator=generator, callback=callback, eta=eta, s_noise=s_noise)
     finally:

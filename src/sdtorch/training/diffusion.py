@@ -20,13 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..configs import PREDICTION_TYPES
 from ..errors import InvalidInputError
 from ..models.unet import UNet
 from ..sampling.schedules import DiscreteSchedule
 from .contrastive import Tokenizer
 from .loop import StepFn, TrainState, batch_indices, step_generator
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 class TextConditioner:

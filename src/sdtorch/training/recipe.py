@@ -22,16 +22,16 @@ import json
 import logging
 import random
 import time
-import tomllib
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import tomlconfig
 from ..checkpoints.io import write_json
 from ..configs import DTYPES, ModelConfig
 from ..data.shapes import ScenesDataset, ShapesDataset, distinct_items
@@ -64,69 +64,99 @@ class StageConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
     checkpoint_every: int = 250
-    extra: dict[str, Any] = field(default_factory=dict)  # the stage's own settings (kl_weight, cfg_dropout, ...)
+
+
+@dataclass(frozen=True)
+class AutoencoderStageConfig(StageConfig):
+    """The loss terms and pictures the vae and decoder stages share."""
+
+    edge_weight: float = 0.0  # weight of the L1 loss on image gradients (edges)
+    mse_weight: float = 0.0  # weight of the squared-error loss, next to L1
+    foreground_weight: float = 0.0  # object pixels weigh 1 + this times the background's
+    max_objects: int = 1  # > 1: train on scenes of 1 to this many objects instead of the captioned renders
+
+
+@dataclass(frozen=True)
+class VAEStageConfig(AutoencoderStageConfig):
+    """[vae]: the autoencoder, L1 + KL (+ edge, MSE) loss."""
+
+    kl_weight: float = 1e-4
+
+
+@dataclass(frozen=True)
+class DecoderStageConfig(AutoencoderStageConfig):
+    """[decoder]: the VAE's decoder fine-tuned with its encoder frozen (no KL term: the latents stay the same)."""
+
+
+@dataclass(frozen=True)
+class CLIPStageConfig(StageConfig):
+    """[clip]: the text and image towers, contrastive."""
+
+    image_channels: tuple[int, ...] = ImageEncoderConfig.channels  # the image tower's channels per stride-2 stage
+
+
+@dataclass(frozen=True)
+class UNetStageConfig(StageConfig):
+    """[unet]: denoising on the cached latents."""
+
+    cfg_dropout: float = 0.1  # probability of dropping a caption (classifier-free guidance)
+    ema_decay: float = 0.999
+    snr_gamma: float | None = None  # Min-SNR-gamma loss weighting; None: plain MSE
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """[data]: the training set, ShapesDataset(items, seed, "train") of image_size px pictures."""
+
+    items: int
+    image_size: int = 64
+
+
+@dataclass(frozen=True)
+class TokenizerStageConfig:
+    """[tokenizer]: the BPE vocabulary learned from the training captions."""
+
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """[export]: the shipped model folder."""
+
+    dtype: str = "float16"  # a name in configs.DTYPES
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise InvalidInputError(f"dtype must be one of {', '.join(sorted(DTYPES))}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: the sizes of the evaluation sets."""
+
+    vae_images: int = 512  # held-out renders (and as many fresh held-in ones) for the VAE's PSNR
+    clip_captions: int = 200  # distinct held-in renders for CLIP's retrieval top-1
 
 
 @dataclass(frozen=True)
 class RecipeConfig:
-    """A parsed recipe file (see configs/shapes.toml)."""
+    """A parsed recipe file (see configs/shapes.toml): one field per key or [section]."""
 
-    seed: int
-    items: int
-    image_size: int
+    data: DataConfig
     model: ModelConfig
-    vocab_size: int
-    vae: StageConfig
-    clip: StageConfig
-    unet: StageConfig
-    decoder: StageConfig | None = None  # decoder fine-tuning, when the recipe has a [decoder] section
-    export_dtype: str = "float16"
-    vae_eval_images: int = 512  # held-out renders (and as many fresh held-in ones) for the VAE's PSNR
-    clip_eval_captions: int = 200  # distinct held-in renders for CLIP's retrieval top-1
-    raw: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RecipeConfig:
-        def stage(name: str) -> StageConfig:
-            values = dict(d.get(name, {}))
-            names = {f.name for f in dataclasses.fields(StageConfig)} - {"extra"}
-            missing = {"steps", "batch_size", "lr"} - set(values)
-            if missing:
-                raise InvalidInputError(f"recipe: [{name}] needs {', '.join(sorted(missing))}")
-            known = {k: values.pop(k) for k in list(values) if k in names}
-            return StageConfig(**known, extra=values)
-
-        try:
-            config = cls(
-                seed=int(d.get("seed", 0)),
-                items=int(d["data"]["items"]),
-                image_size=int(d["data"].get("image_size", 64)),
-                model=ModelConfig.from_dict(d["model"]),
-                vocab_size=int(d["tokenizer"]["vocab_size"]),
-                vae=stage("vae"),
-                clip=stage("clip"),
-                unet=stage("unet"),
-                decoder=stage("decoder") if "decoder" in d else None,
-                export_dtype=d.get("export", {}).get("dtype", "float16"),
-                vae_eval_images=int(d.get("metrics", {}).get("vae_images", 512)),
-                clip_eval_captions=int(d.get("metrics", {}).get("clip_captions", 200)),
-                raw=d,
-            )
-        except KeyError as e:
-            raise InvalidInputError(f"recipe: missing setting {e}") from None
-        if config.export_dtype not in DTYPES:
-            raise InvalidInputError(f"recipe: export dtype must be one of {sorted(DTYPES)}")
-        return config
+    tokenizer: TokenizerStageConfig
+    vae: VAEStageConfig
+    clip: CLIPStageConfig
+    unet: UNetStageConfig
+    decoder: DecoderStageConfig | None = None  # decoder fine-tuning, when the recipe has a [decoder] section
+    seed: int = 0
+    export: ExportConfig = field(default_factory=ExportConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @classmethod
     def from_file(cls, path: str | Path) -> RecipeConfig:
-        try:
-            with open(path, "rb") as f:
-                return cls.from_dict(tomllib.load(f))
-        except OSError as e:
-            raise InvalidInputError(f"cannot read recipe {path}: {e.strerror or e}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise InvalidInputError(f"recipe {path} is not valid TOML: {e}") from None
+        """Parse a recipe; a typo, a wrong type or a missing key is an InvalidInputError naming the file and key."""
+        return tomlconfig.load(cls, path, kind="recipe")
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -185,7 +215,7 @@ class Recipe:
     def __init__(self, config: RecipeConfig, workdir: str | Path):
         self.config = config
         self.workdir = Path(workdir)
-        self.dataset = ShapesDataset(config.items, seed=config.seed, split="train", size=config.image_size)
+        self.dataset = ShapesDataset(config.data.items, seed=config.seed, split="train", size=config.data.image_size)
 
     # the parts, built from the config and (once trained) their stage's checkpoint
 
@@ -211,8 +241,8 @@ class Recipe:
     def _vae_state(self) -> TrainState:
         with _seeded_init(self.config.seed, "vae"):
             vae = AutoencoderKL(self.config.model.vae)
-        return _state({"vae": vae}, self.config.vae, self.config.seed, {"vae": self.config.raw.get("vae"),
-                                                                       "model": self.config.raw["model"].get("vae")})
+        return _state({"vae": vae}, self.config.vae, self.config.seed,
+                      {"vae": asdict(self.config.vae), "model": asdict(self.config.model.vae)})
 
     def _decoder_state(self) -> TrainState:
         """A VAE with everything but its decoder frozen (`stage_decoder` starts it from the vae stage's weights)."""
@@ -221,23 +251,21 @@ class Recipe:
         for part in (vae.post_quant_conv, vae.decoder):
             part.requires_grad_(True)
         return _state({"vae": vae}, self.config.decoder, self.config.seed,
-                      {"decoder": self.config.raw.get("decoder"), "model": self.config.raw["model"].get("vae")})
+                      {"decoder": asdict(self.config.decoder), "model": asdict(self.config.model.vae)})
 
     def _clip_state(self) -> TrainState:
-        extra = self.config.clip.extra
-        image = ImageEncoderConfig(image_size=self.config.image_size,
-                                   channels=tuple(extra.get("image_channels", ImageEncoderConfig.channels)))
+        image = ImageEncoderConfig(image_size=self.config.data.image_size, channels=self.config.clip.image_channels)
         with _seeded_init(self.config.seed, "clip"):
             clip = CLIPModel(CLIPConfig(text=self.model_config.text_encoder, image=image))
         return _state({"clip": clip}, self.config.clip, self.config.seed,
-                      {"clip": self.config.raw.get("clip"), "text": self.config.raw["model"].get("text_encoder")})
+                      {"clip": asdict(self.config.clip), "text": asdict(self.config.model.text_encoder)})
 
     def _unet_state(self) -> TrainState:
         with _seeded_init(self.config.seed, "unet"):
             unet = UNet(self.config.model.unet)
         return _state({"unet": unet}, self.config.unet, self.config.seed,
-                      {"unet": self.config.raw.get("unet"), "model": self.config.raw["model"].get("unet")},
-                      ema=self.config.unet.extra.get("ema_decay", 0.999))
+                      {"unet": asdict(self.config.unet), "model": asdict(self.config.model.unet)},
+                      ema=self.config.unet.ema_decay)
 
     def trained(self, name: str) -> TrainState:
         """The state of a trained stage ("vae", "decoder", "clip" or "unet"), restored from its checkpoint."""
@@ -259,7 +287,7 @@ class Recipe:
         if until is not None and until not in STAGES:
             raise InvalidInputError(f"unknown stage {until!r}; stages are {', '.join(STAGES)}")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        write_json(self.config.raw, self.workdir / "recipe.json")
+        write_json(asdict(self.config), self.workdir / "recipe.json")
         for name in STAGES:
             if not _done(self.workdir, name):
                 logger.info("stage %s", name)
@@ -270,27 +298,26 @@ class Recipe:
     def stage_tokenizer(self) -> None:
         def build() -> None:
             captions = [self.dataset.describe(i)[1] for i in range(len(self.dataset))]
-            vocab, merges = train_bpe(captions, self.config.vocab_size)
+            vocab, merges = train_bpe(captions, self.config.tokenizer.vocab_size)
             save_bpe(vocab, merges, self.workdir / "tokenizer")
 
         _timed(self.workdir, "tokenizer", build)
 
     def stage_vae(self) -> None:
         state = self._vae_state()
-        step = self._autoencoder_step(state, self.config.vae, kl_weight=self.config.vae.extra.get("kl_weight", 1e-4))
+        step = self._autoencoder_step(state, self.config.vae, kl_weight=self.config.vae.kl_weight)
         _run(state, self.config.vae, step, self.workdir / "vae", "vae")
         _merge_timings(self.workdir, self.workdir / "vae", "vae")
 
-    def _autoencoder_step(self, state: TrainState, stage: StageConfig, kl_weight: float):
+    def _autoencoder_step(self, state: TrainState, stage: AutoencoderStageConfig, kl_weight: float):
         """The vae or decoder stage's step: its loss weights and pictures (the captioned renders, or with
         `max_objects` scenes of up to that many objects each) from the stage's settings."""
-        extra, cfg = stage.extra, self.config
-        max_objects = extra.get("max_objects", 1)
-        images: Sequence[dict[str, Any]] = self.dataset if max_objects == 1 else ScenesDataset(
-            cfg.items, seed=cfg.seed, split="train", size=cfg.image_size, max_objects=max_objects)
+        data, seed = self.config.data, self.config.seed
+        images: Sequence[dict[str, Any]] = self.dataset if stage.max_objects == 1 else ScenesDataset(
+            data.items, seed=seed, split="train", size=data.image_size, max_objects=stage.max_objects)
         return vae_step(state.models["vae"], images, batch_size=stage.batch_size, kl_weight=kl_weight,
-                        edge_weight=extra.get("edge_weight", 0.0), mse_weight=extra.get("mse_weight", 0.0),
-                        foreground_weight=extra.get("foreground_weight", 0.0))
+                        edge_weight=stage.edge_weight, mse_weight=stage.mse_weight,
+                        foreground_weight=stage.foreground_weight)
 
     def stage_decoder(self) -> None:
         if self.config.decoder is None:
@@ -326,10 +353,10 @@ class Recipe:
         conditioner = TextConditioner(text_encoder, self.tokenizer())
         conditioner.precompute(info["captions"])
         schedule = DiscreteSchedule(self.config.model.schedule)
-        extra = self.config.unet.extra
+        stage = self.config.unet
         step = unet_step(state.models["unet"], latents, info["captions"], conditioner, schedule,
-                         batch_size=self.config.unet.batch_size, cfg_dropout=extra.get("cfg_dropout", 0.1),
-                         prediction_type=self.config.model.prediction_type, snr_gamma=extra.get("snr_gamma"))
+                         batch_size=stage.batch_size, cfg_dropout=stage.cfg_dropout,
+                         prediction_type=self.config.model.prediction_type, snr_gamma=stage.snr_gamma)
         _run(state, self.config.unet, step, self.workdir / "unet", "unet")
         _merge_timings(self.workdir, self.workdir / "unet", "unet")
 
@@ -351,26 +378,26 @@ class Recipe:
         from ..checkpoints.saving import save
 
         def build() -> None:
-            pipe = self.pipeline().to(dtype=DTYPES[self.config.export_dtype])
-            save(pipe, self.workdir / "model")
+            pipe = self.pipeline().to(dtype=DTYPES[self.config.export.dtype])
+            save(pipe, self.workdir / "model", overwrite=True)  # the recipe owns this folder (a rerun after a stop)
 
         _timed(self.workdir, "model", build)
 
     def stage_metrics(self) -> None:
         def build() -> dict[str, Any]:
-            cfg = self.config
+            cfg, size = self.config, self.config.data.image_size
             vae = self.vae()
 
             def renders(split: str) -> ShapesDataset:
-                return ShapesDataset(cfg.vae_eval_images, seed=f"{cfg.seed}:vae-eval", split=split, size=cfg.image_size)
+                return ShapesDataset(cfg.metrics.vae_images, seed=f"{cfg.seed}:vae-eval", split=split, size=size)
 
             metrics = {
                 "vae_psnr_held_out_pairs": vae_psnr(vae, renders("held_out")),
                 "vae_psnr_fresh_held_in": vae_psnr(vae, renders("train")),
                 "vae_judged_fresh_held_in": vae_judged(vae, renders("train"), load_judge()),
                 "clip_top1": clip_retrieval(self.trained("clip").models["clip"], self.tokenizer(), seed=cfg.seed,
-                                            count=cfg.clip_eval_captions, image_size=cfg.image_size),
-                "clip_captions": cfg.clip_eval_captions,
+                                            count=cfg.metrics.clip_captions, image_size=size),
+                "clip_captions": cfg.metrics.clip_captions,
             }
             write_json(metrics, self.workdir / "metrics.json")
             logger.info("metrics: %s", metrics)
@@ -427,4 +454,8 @@ def run_recipe(config_path: str | Path, workdir: str | Path, until: str | None =
     return recipe.workdir / "model"
 
 
-__all__ = ["Recipe", "RecipeConfig", "StageConfig", "STAGES", "run_recipe", "vae_psnr", "vae_judged", "clip_retrieval"]
+__all__ = [
+    "Recipe", "RecipeConfig", "StageConfig", "AutoencoderStageConfig", "VAEStageConfig", "DecoderStageConfig",
+    "CLIPStageConfig", "UNetStageConfig", "DataConfig", "TokenizerStageConfig", "ExportConfig", "MetricsConfig",
+    "STAGES", "run_recipe", "vae_psnr", "vae_judged", "clip_retrieval",
+]
