@@ -54,14 +54,14 @@ def test_a_perfect_painter_scores_everything_and_a_wrong_colour_scores_none():
     wrong = generate_and_score(painter, prompts, judge, seed=7, batch_size=5, guidance_scale=3.0)
     assert wrong["all"]["accuracy"]["colour"] == 0.0 and wrong["all"]["all_correct"] == 0.0
     assert wrong["all"]["accuracy"]["shape"] >= 0.9  # the other attributes are still drawn as asked
-    assert [c["seed"] for c in painter.calls] == [7, 12, 17, 22] and painter.calls[0]["guidance_scale"] == 3.0
+    assert [c["seed"] for c in painter.calls] == [7, 12, 17, 22] and painter.calls[0]["cfg_scale"] == 3.0
 
 
 def test_evaluate_compares_guidance_and_formats_a_table():
     prompts = eval_prompts(6, 2, seed=0)
     painter = Painter(prompts)
     report = evaluate(painter, 6, 2, guidance_scale=5.0)
-    assert [c["guidance_scale"] for c in painter.calls] == [5.0, 1.0]
+    assert [c["cfg_scale"] for c in painter.calls] == [5.0, 1.0]
     assert report["guided"]["all"]["all_correct"] == report["unguided"]["all"]["all_correct"] == 1.0
     table = format_report(report)
     assert "CFG 5" in table and "CFG 1 (off)" in table and "held-out all correct" in table

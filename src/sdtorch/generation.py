@@ -199,8 +199,7 @@ def _inpaint(pipe: Model, denoiser: Denoiser, request: Job, shape: tuple, common
 
 def _inpaint_only_masked(
     pipe: Model, denoiser: Denoiser, request: Job, cond: Conditioning, uncond: Conditioning | None,
-    callback: Callback | None,
-    warnings: list[str],
+    callback: Callback | None, warnings: list[str],
 ) -> list[Image.Image]:
     """A1111's "inpaint only masked": generate the masked region (plus padding) at the full request size,
     then paste it back into the original image through the mask."""

@@ -57,8 +57,8 @@ def generate_and_score(
     images = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        images += pipe([p.text for p in batch], num_inference_steps=steps, guidance_scale=guidance_scale,
-                       sampler=sampler, schedule=schedule, seed=seed + start)
+        images += pipe([p.text for p in batch], steps=steps, cfg_scale=guidance_scale, sampler_name=sampler,
+                       scheduler=schedule, seed=seed + start)
         if progress is not None:
             progress(len(images), len(prompts))
     predictions = judge.predict(images)
@@ -86,7 +86,11 @@ def evaluate(
     guidance_scale: float = 7.5,
     compare_guidance: bool = True,
     judge: AttributeJudge | None = None,
-    **options: Any,
+    steps: int = 20,
+    sampler: str = "DPM++ 2M",
+    schedule: str = "Karras",
+    batch_size: int = 50,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Score `count` held-in and `held_out` held-out prompts at `guidance_scale` (and at 1 when comparing).
 
@@ -97,13 +101,14 @@ def evaluate(
     prompts = eval_prompts(count, held_out, seed)
     report: dict[str, Any] = {
         "settings": {"prompts": count, "held_out_prompts": held_out, "seed": seed, "guidance_scale": guidance_scale,
-                     **{k: v for k, v in options.items() if k != "progress"}},
+                     "steps": steps, "sampler": sampler, "schedule": schedule},
         "guided": None,
         "unguided": None,
     }
     runs = {"guided": guidance_scale, "unguided": 1.0} if compare_guidance else {"guided": guidance_scale}
     for key, scale in runs.items():
-        results = generate_and_score(pipe, prompts, judge, seed=seed, guidance_scale=scale, **options)
+        results = generate_and_score(pipe, prompts, judge, seed=seed, guidance_scale=scale, steps=steps,
+                                     sampler=sampler, schedule=schedule, batch_size=batch_size, progress=progress)
         results.pop("images")
         report[key] = results
     return report
