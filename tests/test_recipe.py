@@ -68,7 +68,7 @@ def test_shipped_recipe_parses_to_typed_values():
         snr_gamma=5.0,
     )
     assert config.decoder is None
-    assert config.export == ExportConfig(dtype="float16") and config.metrics == MetricsConfig(512, 200)
+    assert config.export == ExportConfig(dtype="float16", cfg_scale=4.0) and config.metrics == MetricsConfig(512, 200)
     assert isinstance(config.vae.max_objects, int) and isinstance(config.vae.foreground_weight, float)
 
 

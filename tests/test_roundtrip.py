@@ -29,9 +29,20 @@ def test_built_in_model_generates_the_same_pixels_from_a_single_file(built_in, t
     copy = sdtorch.load(path)
     assert copy.tokenizer.vocab_size == built_in.tokenizer.vocab_size == 678  # its own BPE, not CLIP's 49,408
     assert copy.tokenizer.to_dict() == built_in.tokenizer.to_dict()
-    settings = {"num_inference_steps": 4, "seed": 1, "guidance_scale": 4.0}
+    settings = {"num_inference_steps": 4, "seed": 1}  # and the model's own CFG, which travels with it
     (ours,), (reference,) = copy("a red circle", **settings), built_in("a red circle", **settings)
     assert np.array_equal(np.asarray(ours), np.asarray(reference))
+    assert "CFG scale: 4," in ours.info["parameters"]
+
+
+@pytest.mark.parametrize("format", ["single_file", "diffusers"])
+def test_the_models_default_cfg_travels_with_it(built_in, tmp_path, format):
+    assert built_in.default_cfg_scale == 4.0  # from the shipped folder's model_index.json
+    copy = sdtorch.load(sdtorch.save(built_in, tmp_path / "a.safetensors", format=format))
+    assert copy.default_cfg_scale == 4.0
+    copy.default_cfg_scale = 7.5  # SD's: nothing is written, and a reload gets 7.5 again
+    again = sdtorch.load(sdtorch.save(copy, tmp_path / "b.safetensors", format=format))
+    assert again.default_cfg_scale == 7.5
 
 
 def test_broken_tokenizer_metadata_is_a_clear_error(built_in, tmp_path):
@@ -106,3 +117,14 @@ def test_python_m_sdtorch_is_the_sdtorch_command():
     assert "kind:" in result.stdout
     missing = subprocess.run([*run, "/no/such/model"], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+@pytest.mark.parametrize("value", ["abc", -1, float("nan"), True])
+def test_a_bad_default_cfg_in_model_index_is_a_clear_error(built_in, tmp_path, value):
+    import json
+
+    folder = sdtorch.save(built_in, tmp_path / "model", format="diffusers")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_sdtorch_cfg_scale": value}))
+    with pytest.raises(sdtorch.errors.ArchitectureError, match="model_index.json.*sdtorch_cfg_scale"):
+        sdtorch.load(folder)

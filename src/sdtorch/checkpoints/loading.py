@@ -7,6 +7,7 @@ load holds one copy of the weights, already in the target dtype.
 from __future__ import annotations
 
 import json
+import math
 import os
 import reprlib
 from pathlib import Path
@@ -28,7 +29,8 @@ from .keymaps import original_to_parts
 CONFIG_METADATA_KEY = "sdtorch_config"
 TOKENIZER_METADATA_KEY = "sdtorch_tokenizer"  # a vocabulary other than CLIP's travels in the file (JSON)
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapes"  # trained by configs/shapes.toml
-BUILT_IN_MODEL_CFG_SCALE = 4.0  # the shapes model's best (`sdtorch eval`: all correct 90.5% at 4, 86.2% at 7.5)
+CFG_SCALE_KEY = "sdtorch_cfg_scale"  # the model's own default CFG (the shapes model's: 4), in the file's metadata
+CFG_SCALE_INDEX_KEY = "_sdtorch_cfg_scale"  # the same in a diffusers folder's model_index.json (diffusers skips "_")
 SD2_EPSILON_GLOBAL_STEP = "875000"  # the 512px SD2 base checkpoint; other SD2 files predict v (diffusers' rule)
 
 # Weight files of a diffusers folder's parts, in order of preference.
@@ -70,9 +72,7 @@ def load(
     if source is None:
         if not DEFAULT_MODEL.is_dir():
             raise CheckpointError(f"the default model is missing from this installation ({DEFAULT_MODEL}); pass a model")
-        pipe = load(DEFAULT_MODEL, dtype, device, prediction_type, config)
-        pipe.default_cfg_scale = BUILT_IN_MODEL_CFG_SCALE
-        return pipe
+        source = DEFAULT_MODEL
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise InvalidInputError(f"prediction_type must be one of {PREDICTION_TYPES}, not {prediction_type!r}")
     dtype = dtype or torch.float32
@@ -185,7 +185,8 @@ def _load_single_file(
     parts, ignored = original_to_parts(tensors, config)
     del tensors
     report = LoadReport(str(path), "single_file", origin, ignored)
-    return _assemble(parts, config, single_file_tokenizer(metadata, config), dtype, device, report)
+    pipe = _assemble(parts, config, single_file_tokenizer(metadata, config), dtype, device, report)
+    return _with_cfg_scale(pipe, metadata.get(CFG_SCALE_KEY), f"the file's {CFG_SCALE_KEY} metadata")
 
 
 def _metadata_config(text: str) -> ModelConfig:
@@ -251,7 +252,31 @@ def _load_diffusers_folder(
             ignored += [f"text_encoder/{k}" for k in skipped]
         parts[part] = tensors
     report = LoadReport(source, "diffusers", origin, ignored)
-    return _assemble(parts, config, tokenizer, dtype, device, report)
+    pipe = _assemble(parts, config, tokenizer, dtype, device, report)
+    return _with_cfg_scale(pipe, _model_index(folder).get(CFG_SCALE_INDEX_KEY), f"{folder / 'model_index.json'}")
+
+
+def _model_index(folder: Path) -> dict:
+    """model_index.json's settings, or {} where it is missing or unreadable (diffusers needs it, sdtorch does not)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def _with_cfg_scale(pipe: Pipeline, value: object, where: str) -> Pipeline:
+    """Set the model's own default CFG scale when its files name one (a positive finite number)."""
+    if value is None:
+        return pipe
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        scale = math.nan
+    if not (math.isfinite(scale) and scale > 0) or isinstance(value, bool):
+        raise ArchitectureError(f"{where}: {CFG_SCALE_INDEX_KEY.strip('_')} {value!r} is not a positive number")
+    pipe.default_cfg_scale = scale
+    return pipe
 
 
 def _read_json(path: Path) -> dict:

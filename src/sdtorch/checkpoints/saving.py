@@ -16,10 +16,10 @@ import zipfile
 from pathlib import Path
 
 from ..errors import CheckpointError, InvalidInputError
-from ..pipeline import Pipeline
+from ..pipeline import DEFAULT_CFG_SCALE, Pipeline
 from .io import atomic_write, detect_format, write_json, write_safetensors
 from .keymaps import parts_to_original
-from .loading import CONFIG_METADATA_KEY, TOKENIZER_METADATA_KEY, single_file_tokenizer
+from .loading import CFG_SCALE_INDEX_KEY, CFG_SCALE_KEY, CONFIG_METADATA_KEY, TOKENIZER_METADATA_KEY, single_file_tokenizer
 
 FORMATS = ("diffusers", "single_file")
 # What a diffusers Stable Diffusion folder holds (hub repositories add the README, licence and git files);
@@ -113,6 +113,8 @@ def _save_single_file(pipe: Pipeline, path: Path, overwrite: bool) -> None:
     tokenizer = pipe.tokenizer.to_dict()
     if tokenizer != single_file_tokenizer({}, pipe.config).to_dict():  # not CLIP's: loading could not rebuild it
         metadata[TOKENIZER_METADATA_KEY] = json.dumps(tokenizer, ensure_ascii=False)
+    if pipe.default_cfg_scale != DEFAULT_CFG_SCALE:
+        metadata[CFG_SCALE_KEY] = str(pipe.default_cfg_scale)
     try:  # write_safetensors writes straight into the temp file (nested atomic writes do)
         atomic_write(path, lambda tmp: write_safetensors(tensors, tmp, metadata), exclusive=not overwrite)
     except FileExistsError:
@@ -150,7 +152,10 @@ def _replace_folder(new: Path, dst: Path) -> None:
 
 def _write_diffusers_tree(pipe: Pipeline, root: Path) -> None:
     config = pipe.config
-    write_json(_model_index(), root / "model_index.json")
+    index = _model_index()
+    if pipe.default_cfg_scale != DEFAULT_CFG_SCALE:
+        index[CFG_SCALE_INDEX_KEY] = pipe.default_cfg_scale
+    write_json(index, root / "model_index.json")
     write_json(config.unet.to_diffusers(), root / "unet" / "config.json")
     write_safetensors(pipe.unet.state_dict(), root / "unet" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
     write_json(config.vae.to_diffusers(), root / "vae" / "config.json")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import random
 import time
 import zlib
@@ -124,10 +125,13 @@ class ExportConfig:
     """[export]: the shipped model folder."""
 
     dtype: str = "float16"  # a name in configs.DTYPES
+    cfg_scale: float | None = None  # the model's default guidance scale, stored with it (None: 7.5, as for SD)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise InvalidInputError(f"dtype must be one of {', '.join(sorted(DTYPES))}, got {self.dtype!r}")
+        if self.cfg_scale is not None and not (math.isfinite(self.cfg_scale) and self.cfg_scale > 0):
+            raise InvalidInputError(f"cfg_scale must be a positive number, got {self.cfg_scale!r}")
 
 
 @dataclass(frozen=True)
@@ -379,6 +383,8 @@ class Recipe:
 
         def build() -> None:
             pipe = self.pipeline().to(dtype=DTYPES[self.config.export.dtype])
+            if self.config.export.cfg_scale is not None:
+                pipe.default_cfg_scale = self.config.export.cfg_scale
             save(pipe, self.workdir / "model", overwrite=True)  # the recipe owns this folder (a rerun after a stop)
 
         _timed(self.workdir, "model", build)
