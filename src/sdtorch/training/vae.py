@@ -119,23 +119,30 @@ def vae_step(
 
 
 @torch.no_grad()
+def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> DiagonalGaussian:
+    """The posterior of images (B, 3, H, W) in [-1, 1], moved to the VAE's device and dtype and encoded
+    in eval mode without gradients (the VAE's train/eval mode is restored afterwards)."""
+    param = next(vae.parameters())
+    was_training = vae.training
+    vae.eval()
+    try:
+        return vae.encode(images.to(param.device, param.dtype))  # (B, C, h, w) moments
+    finally:
+        vae.train(was_training)
+
+
 def _encode(
     vae: AutoencoderKL, dataset: Sequence[dict[str, Any]], count: int, batch_size: int, sample: bool, seed: int
 ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """Unscaled latents (count, C, h, w), float32 on the CPU, of the first `count` items in order, and
     those items without their images."""
-    param = next(vae.parameters())
-    was_training = vae.training
-    vae.eval()
     chunks, rest = [], []
     for n, start in enumerate(range(0, count, batch_size)):
         items = [dataset[i] for i in range(start, min(start + batch_size, count))]
-        images = torch.stack([item["image"] for item in items]).to(param.device, param.dtype)  # (b, 3, H, W)
-        posterior = vae.encode(images)
+        posterior = encode_images(vae, torch.stack([item["image"] for item in items]))  # of (b, 3, H, W)
         z = posterior.sample(step_generator(seed, n)) if sample else posterior.mean  # (b, C, h, w)
         chunks.append(z.float().cpu())
         rest += [{k: v for k, v in item.items() if k != "image"} for item in items]
-    vae.train(was_training)
     return torch.cat(chunks), rest
 
 
