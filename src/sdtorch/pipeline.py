@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters.embeddings import load_embedding, loaded_embeddings, unload_embedding
+from .adapters.lora import LoraAdapters
 from .configs import ModelConfig
 from .errors import InvalidInputError
 from .generation import GenerationResult, run
@@ -59,6 +62,7 @@ class Pipeline:
         self.report = report
         self.default_cfg_scale = DEFAULT_CFG_SCALE  # the guidance scale a request without one gets
         self.limits = Limits()  # upper bounds every request is checked against before any work
+        self.lora_adapters = LoraAdapters()  # the LoRAs applied to the UNet and text encoder (adapters/lora.py)
 
     @property
     def modules(self) -> dict[str, nn.Module]:
@@ -136,6 +140,36 @@ class Pipeline:
         elif prompt is not None or negative_prompt is not None or settings:
             raise InvalidInputError("pass either a request or prompt and settings, not both")
         return run(self, request, generator=generator, callback=callback, limits=self.limits)
+
+    def load_embedding(self, path: str | os.PathLike, name: str | None = None) -> str:
+        """Load a textual-inversion embedding (A1111 .pt / .bin / .safetensors, diffusers learned_embeds) and return
+        its name, which prompts then use: by default the file's stem (A1111) or its token (diffusers)."""
+        return load_embedding(self.tokenizer, self.text_encoder, path, name)
+
+    def unload_embedding(self, name: str | None = None) -> None:
+        """Forget one loaded embedding (None: all of them); prompts encode exactly as before it was loaded."""
+        unload_embedding(self.text_encoder, name)
+
+    @property
+    def embeddings(self) -> dict[str, int]:
+        """The loaded textual-inversion embeddings: name -> number of vectors (token positions it takes)."""
+        return loaded_embeddings(self.text_encoder)
+
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
+        """Apply a LoRA file (kohya or diffusers; a folder: its pytorch_lora_weights.safetensors); return its name."""
+        return self.lora_adapters.load(path, {"unet": self.unet, "text_encoder": self.text_encoder}, scale, name)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA by name (None: all); the models then compute exactly what they did before."""
+        self.lora_adapters.unload(name)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        self.lora_adapters.set_scale(name, scale)
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """{name: scale} of the loaded LoRAs."""
+        return self.lora_adapters.scales
 
     def parameter_counts(self) -> dict[str, int]:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules.items()}

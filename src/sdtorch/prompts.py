@@ -9,6 +9,8 @@ A prompt becomes the UNet's context in three steps, each giving what A1111 gives
 2. `tokenize_prompt` tokenizes each run on its own and packs the tokens into chunks of 75, each
    wrapped as [BOS] + 75 + [EOS] = 77 ids with one weight per id. A chunk that fills up moves the
    words after its last comma to the next chunk when that comma lies within the last 20 tokens.
+   The name of a textual-inversion embedding the text encoder has loaded (adapters/embeddings.py) becomes
+   the ids of its n vectors, kept together in one chunk.
 3. `encode_prompts` encodes every chunk of every prompt in one text-encoder call, scales each
    token's vector by its weight, restores each chunk's original mean, and concatenates a prompt's
    chunks along the token axis: (B, 77 * chunks, D). `encode_prompt_groups` does the same for the
@@ -19,12 +21,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .errors import InvalidInputError
 from .models.tokenizer import CLIPTokenizer
+
+if TYPE_CHECKING:
+    from .adapters.embeddings import EmbeddingDatabase
 
 CHUNK_LENGTH = 75  # prompt tokens per chunk; BOS and EOS make it 77
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack
@@ -114,7 +120,10 @@ class PromptChunk:
 
 
 def tokenize_prompt(
-    tokenizer: CLIPTokenizer, text: str, comma_backtrack: int = COMMA_BACKTRACK
+    tokenizer: CLIPTokenizer,
+    text: str,
+    comma_backtrack: int = COMMA_BACKTRACK,
+    embeddings: EmbeddingDatabase | None = None,
 ) -> list[PromptChunk]:
     """Tokenize a prompt into 77-token chunks with per-token weights, as A1111's `tokenize_line`.
 
@@ -123,6 +132,10 @@ def tokenize_prompt(
     tokens (0 turns this off). BREAK closes the current chunk, even an empty one. An empty prompt
     gives one chunk. Where the tokenizer's pad id differs from EOS (SD2), every id after a chunk's
     first EOS becomes the pad id.
+
+    Where the tokens of a run start with the name of an embedding in `embeddings` (the longest name
+    wins), the name's tokens become the ids of the embedding's n vectors, each with the run's weight;
+    when they do not fit in the open chunk, they start the next one (A1111 never splits an embedding).
     """
     comma = tokenizer.encode(",")
     comma_id = comma[0] if len(comma) == 1 else None
@@ -140,7 +153,10 @@ def tokenize_prompt(
         if text_run == "BREAK" and weight == BREAK_WEIGHT:
             close_chunk()
             continue
-        for token in tokenizer.encode(text_run):
+        run = tokenizer.encode(text_run)
+        position = 0  # index in `run` of the next token to place
+        while position < len(run):
+            token = run[position]
             if token == comma_id:
                 last_comma = len(tokens)
             elif (
@@ -156,8 +172,18 @@ def tokenize_prompt(
                 tokens, weights = moved, moved_weights
             if len(tokens) == CHUNK_LENGTH:
                 close_chunk()
-            tokens.append(token)
-            weights.append(weight)
+            match = embeddings.match(run, position) if embeddings is not None else None
+            if match is None:
+                tokens.append(token)
+                weights.append(weight)
+                position += 1
+                continue
+            vector_ids, name_length = match
+            if len(tokens) + len(vector_ids) > CHUNK_LENGTH:
+                close_chunk()
+            tokens += vector_ids
+            weights += [weight] * len(vector_ids)
+            position += name_length
 
     if tokens or not chunks:
         close_chunk()
@@ -185,13 +211,15 @@ def encode_prompts(
     mean over the batch it encodes, which holds one prompt (`encode_prompt_groups` for its
     prompt-editing variants). k is the largest chunk count among `prompts`; shorter prompts are
     padded with the encoding of an empty chunk. Prompts of at most 75 tokens with no emphasis give
-    exactly `text_encoder(tokenizer(prompts), clip_skip)`.
+    exactly `text_encoder(tokenizer(prompts), clip_skip)`. Names of the embeddings the text encoder has
+    loaded (`CLIPTextEncoder.textual_inversion`) become their vectors.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise InvalidInputError("prompts must be a non-empty list of strings")
-    per_prompt = [tokenize_prompt(tokenizer, p) for p in prompts]
+    embeddings = _embeddings_of(text_encoder)
+    per_prompt = [tokenize_prompt(tokenizer, p, embeddings=embeddings) for p in prompts]
     k = max(len(chunks) for chunks in per_prompt)
     empty = tokenize_prompt(tokenizer, "")[0]
     chunks = [c for cs in per_prompt for c in cs + [empty] * (k - len(cs))]  # prompt-major, B * k
@@ -207,17 +235,18 @@ def encode_prompt_groups(
     A group's n prompts are padded with empty chunks to its longest (k chunks), and each chunk position
     is mean-restored over the whole group's (n, 77, D) outputs (A1111 takes the means over the batch it
     encodes: the schedule's texts). Every chunk of every group goes through the text encoder in one call.
-    A group of one prompt gives what `encode_prompts` gives for that prompt.
+    A group of one prompt gives what `encode_prompts` gives for that prompt, embeddings included.
     """
     if not groups or not all(isinstance(g, (list, tuple)) and g for g in groups):
         raise InvalidInputError("groups must be a non-empty list of non-empty lists of prompts")
     empty = tokenize_prompt(tokenizer, "")[0]
+    embeddings = _embeddings_of(text_encoder)
     chunks: list[PromptChunk] = []
     positions: list[int] = []  # for each chunk, the index of its (group, chunk position)
     shapes: list[tuple[int, int]] = []  # (n, k) per group
     first = 0  # the first position index of the group
     for group in groups:
-        per_prompt = [tokenize_prompt(tokenizer, p) for p in group]
+        per_prompt = [tokenize_prompt(tokenizer, p, embeddings=embeddings) for p in group]
         k = max(len(cs) for cs in per_prompt)
         for cs in per_prompt:
             chunks += cs + [empty] * (k - len(cs))
@@ -250,6 +279,11 @@ def _encode_chunks(
     before = torch.zeros_like(count).index_add_(0, index, original_mean) / count  # (sets,) mean of each set
     after = torch.zeros_like(count).index_add_(0, index, weighted_mean) / count
     return z * (before / after)[index][:, None, None]
+
+
+def _embeddings_of(text_encoder: nn.Module) -> EmbeddingDatabase | None:
+    """The textual-inversion embeddings loaded into the text encoder (None for none, or an encoder without them)."""
+    return getattr(text_encoder, "textual_inversion", None)
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -11,12 +11,17 @@ Either way the conditioning is `final_layer_norm(output of the last layer run)`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..configs import TextEncoderConfig
 from ..errors import ArchitectureError, InvalidInputError
+
+if TYPE_CHECKING:
+    from ..adapters.embeddings import EmbeddingDatabase
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -37,16 +42,28 @@ def _embedding(num: int, dim: int) -> nn.Embedding:
 
 
 class CLIPTextEmbeddings(nn.Module):
-    """Token embedding plus a learned absolute position embedding."""
+    """Token embedding plus a learned absolute position embedding.
+
+    Token ids from vocab_size on look up `added` (E, W) instead: the vectors of textual-inversion embeddings
+    (adapters/embeddings.py), kept apart from the trained table, which they never change.
+    """
 
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
         self.token_embedding = _embedding(config.vocab_size, config.width)
         self.position_embedding = _embedding(config.max_length, config.width)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, added: torch.Tensor | None = None) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (L,)
-        return self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, L, W)
+        if added is None:
+            tokens = self.token_embedding(input_ids)  # (B, L, W)
+        else:
+            vocab_size = self.token_embedding.num_embeddings
+            is_added = input_ids >= vocab_size  # (B, L)
+            tokens = self.token_embedding(input_ids.masked_fill(is_added, 0))  # (B, L, W)
+            added_rows = F.embedding((input_ids - vocab_size).clamp(min=0), added.to(tokens))  # (B, L, W)
+            tokens = torch.where(is_added.unsqueeze(-1), added_rows, tokens)
+        return tokens + self.position_embedding(positions)  # (B, L, W)
 
 
 class CLIPAttention(nn.Module):
@@ -118,6 +135,9 @@ class CLIPTextEncoder(nn.Module):
 
     `forward(input_ids, clip_skip=1)`: clip_skip follows A1111's "Clip skip": 1 uses the last kept
     layer, 2 the layer before it, and so on; the final LayerNorm is applied in every case.
+
+    `textual_inversion` holds the textual-inversion embeddings loaded into this encoder (None: none):
+    prompts.tokenize_prompt writes their names as ids from vocab_size on, which look up its vectors.
     """
 
     def __init__(self, config: TextEncoderConfig):
@@ -134,14 +154,16 @@ class CLIPTextEncoder(nn.Module):
         self.embeddings = CLIPTextEmbeddings(config)
         self.encoder = CLIPEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.textual_inversion: EmbeddingDatabase | None = None
 
     def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        self._check_inputs(input_ids, clip_skip)
-        x = self.embeddings(input_ids)  # (B, L, W)
+        added = self.textual_inversion.vectors if self.textual_inversion is not None else None  # (E, W)
+        self._check_inputs(input_ids, clip_skip, 0 if added is None else added.shape[0])
+        x = self.embeddings(input_ids, added)  # (B, L, W)
         x = self.encoder(x, num_layers=self.config.num_layers - clip_skip + 1)  # (B, L, W)
         return self.final_layer_norm(x)
 
-    def _check_inputs(self, input_ids: torch.Tensor, clip_skip: int) -> None:
+    def _check_inputs(self, input_ids: torch.Tensor, clip_skip: int, num_added: int) -> None:
         cfg = self.config
         if not isinstance(clip_skip, int) or not 1 <= clip_skip <= cfg.num_layers:
             raise InvalidInputError(
@@ -156,5 +178,8 @@ class CLIPTextEncoder(nn.Module):
                 f"input_ids have {length} tokens; the text encoder takes 1 to {cfg.max_length} "
                 "(split longer prompts into chunks first)"
             )
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size):
-            raise InvalidInputError(f"input_ids must lie in [0, {cfg.vocab_size}) (the CLIP vocabulary)")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size + num_added):
+            added = f" and {num_added} textual-inversion vectors" if num_added else ""
+            raise InvalidInputError(
+                f"input_ids must lie in [0, {cfg.vocab_size + num_added}) (the CLIP vocabulary{added})"
+            )

@@ -1,0 +1,257 @@
+"""Textual-inversion embeddings: read the files people download and use them in prompts, as A1111 does.
+
+An embedding is a name and n learned vectors (n, D) in the text encoder's token-embedding space (D: the
+encoder's width, 768 for SD1, 1024 for SD2). Writing the name in a prompt puts the n vectors where the
+name's tokens were, each vector taking one of a chunk's 75 token positions. The path of a vector:
+
+1. `read_embedding` reads a file, its format judged by content (pickles only with `weights_only`):
+   - A1111 `.pt` / `.bin`: a pickled dict with `string_to_param` = {"*": (n, D)}, `name`, `step`, ...
+   - A1111 `.safetensors`: `emb_params` (n, D)
+   - diffusers `learned_embeds.safetensors` / `.bin`: {token: (D,) or (n, D)}
+   The name is the file's stem for A1111 files and the token for diffusers files, unless the caller gives one.
+2. `load_embedding` adds it to the text encoder's `EmbeddingDatabase` (`CLIPTextEncoder.textual_inversion`),
+   which gives each vector a token id from the encoder's `vocab_size` on and keeps each name's token ids.
+3. `prompts.tokenize_prompt` finds those name token sequences in each emphasis run's tokens, as A1111's
+   `EmbeddingDatabase.find_embedding_at_position` does, and writes the vectors' ids in their place; an
+   embedding that does not fit in the open chunk starts the next one (A1111's `tokenize_line`).
+4. `CLIPTextEmbeddings` looks ids from `vocab_size` on up in the database's vector table, before the position
+   embedding is added. The trained token table is never changed, so unloading restores the outputs exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import reprlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..checkpoints.io import detect_format, read_pickle_checkpoint, read_safetensors
+from ..errors import CheckpointError, InvalidInputError
+from ..models.tokenizer import CLIPTokenizer
+from ..prompts import CHUNK_LENGTH
+
+if TYPE_CHECKING:
+    from ..models.clip import CLIPTextEncoder
+    from ..pipeline import Pipeline
+
+EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")  # the files A1111 reads from its embeddings folder as tensors
+MAX_FILE_BYTES = 64 * 1024 * 1024  # an embedding takes kilobytes; a larger file is a model in the wrong place
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """A textual-inversion embedding: its name, its vectors (n, D) in float32 and the file it came from."""
+
+    name: str
+    vectors: torch.Tensor  # (n, D)
+    path: str
+
+
+def read_embedding(path: str | os.PathLike, name: str | None = None) -> Embedding:
+    """Read an A1111 (`.pt`, `.bin`, `.safetensors`) or diffusers (`learned_embeds.*`) embedding file.
+
+    name: the name prompts use; by default the file's stem (A1111) or the file's token (diffusers).
+    Raises CheckpointError for a file that is no embedding, holds several, or has non-finite vectors,
+    and UnsafeCheckpointError for a pickle that asks for anything but tensors and plain containers.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise CheckpointError(f"cannot read embedding {path}: {e.strerror or e}") from None
+    if size > MAX_FILE_BYTES:
+        raise CheckpointError(
+            f"{path}: {size:,} bytes is far too large for a textual-inversion embedding (they take kilobytes); "
+            "is it a model checkpoint?"
+        )
+    if detect_format(path) == "safetensors":
+        data: object = read_safetensors(path)[0]
+    else:
+        data = read_pickle_checkpoint(path)
+    found_name, value = _find_vectors(path, data)
+    return Embedding(name if name is not None else found_name, _checked_vectors(path, value), str(path))
+
+
+def _find_vectors(path: Path, data: object) -> tuple[str, object]:
+    """(the name the file gives, the vectors entry) of an A1111 or diffusers embedding's contents."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a textual-inversion embedding (it holds a {type(data).__name__})")
+    if "string_to_param" in data:  # A1111 .pt / .bin
+        params = data["string_to_param"]
+        if not isinstance(params, dict) or len(params) != 1:
+            count = len(params) if isinstance(params, dict) else type(params).__name__
+            raise CheckpointError(f"{path}: string_to_param holds {count} terms; an A1111 embedding holds one")
+        return path.stem, next(iter(params.values()))
+    if "emb_params" in data:  # A1111 .safetensors
+        return path.stem, data["emb_params"]
+    if "clip_l" in data and "clip_g" in data:
+        raise CheckpointError(f"{path}: an SDXL embedding (clip_l + clip_g vectors); sdtorch runs SD1 and SD2 models")
+    if len(data) == 1:  # diffusers: {token: vectors}
+        token, value = next(iter(data.items()))
+        if isinstance(token, str):
+            return token, value
+    raise CheckpointError(
+        f"{path}: not a textual-inversion embedding: expected string_to_param (A1111 .pt), emb_params "
+        f"(A1111 .safetensors) or one {{token: vectors}} entry (diffusers), found keys {reprlib.repr(list(data))}"
+    )
+
+
+def _checked_vectors(path: Path, value: object) -> torch.Tensor:
+    """The vectors as a float32 (n, D) tensor, 1 <= n <= 75; a (D,) vector becomes (1, D)."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        kind = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+        raise CheckpointError(f"{path}: the embedding's vectors are {kind}, not floating-point numbers")
+    vectors = value.detach().reshape(1, -1) if value.ndim == 1 else value.detach()  # (n, D)
+    if vectors.ndim != 2 or not 1 <= vectors.shape[0] <= CHUNK_LENGTH or vectors.shape[1] == 0:
+        raise CheckpointError(
+            f"{path}: embedding vectors of shape {list(value.shape)}; expected (n, width) with 1 <= n <= "
+            f"{CHUNK_LENGTH} (a prompt chunk holds {CHUNK_LENGTH} tokens)"
+        )
+    if not torch.isfinite(vectors).all():
+        raise CheckpointError(f"{path}: the embedding's vectors contain NaN or infinity")
+    return vectors.to(torch.float32).contiguous()
+
+
+class EmbeddingDatabase:
+    """The embeddings one text encoder has loaded, by name, in the order loaded.
+
+    Vector i of the concatenated table `vectors` (E, D) has token id `vocab_size + i`: ids the trained
+    token table does not have, which `CLIPTextEmbeddings` looks up here instead.
+    """
+
+    def __init__(self, vocab_size: int, width: int):
+        self.vocab_size = vocab_size
+        self.width = width
+        self._entries: dict[str, tuple[Embedding, tuple[int, ...]]] = {}  # name -> (embedding, the name's token ids)
+        self._ids: dict[str, list[int]] = {}  # name -> its vectors' token ids
+        self._by_first_token: dict[int, list[tuple[tuple[int, ...], str]]] = {}  # longest name first
+        self.vectors = torch.zeros(0, width)  # (E, D)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Name -> number of vectors (token positions the name takes in a prompt)."""
+        return {name: emb.vectors.shape[0] for name, (emb, _) in self._entries.items()}
+
+    def add(self, embedding: Embedding, name_ids: Sequence[int]) -> None:
+        """Add an embedding whose name the tokenizer spells `name_ids`; one of the same name is replaced (A1111)."""
+        name_ids = tuple(name_ids)
+        if not name_ids:
+            raise InvalidInputError(f"embedding name {embedding.name!r} has no tokens: no prompt could use it")
+        if embedding.vectors.shape[1] != self.width:
+            raise CheckpointError(
+                f"{embedding.path}: embedding {embedding.name!r} has vectors of width {embedding.vectors.shape[1]}, "
+                f"but this text encoder's width is {self.width} (SD1 768, SD2 1024): it was made for another model"
+            )
+        for other, (_, other_ids) in self._entries.items():
+            if other != embedding.name and other_ids == name_ids:
+                raise InvalidInputError(
+                    f"embedding name {embedding.name!r} tokenizes as the loaded {other!r} does (names are "
+                    "lower-cased): prompts could not tell them apart; pass another name"
+                )
+        self._entries[embedding.name] = (embedding, name_ids)
+        self._rebuild()
+
+    def remove(self, name: str) -> None:
+        if name not in self._entries:
+            loaded = ", ".join(self._entries) or "none"
+            raise InvalidInputError(f"no embedding named {name!r} is loaded (loaded: {loaded})")
+        del self._entries[name]
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Number the vectors in load order and index the names by their first token, longest name first."""
+        self._ids, self._by_first_token = {}, {}
+        next_id = self.vocab_size
+        for name, (embedding, name_ids) in self._entries.items():
+            count = embedding.vectors.shape[0]
+            self._ids[name] = list(range(next_id, next_id + count))
+            next_id += count
+            self._by_first_token.setdefault(name_ids[0], []).append((name_ids, name))
+        for candidates in self._by_first_token.values():
+            candidates.sort(key=lambda candidate: len(candidate[0]), reverse=True)
+        rows = [embedding.vectors for embedding, _ in self._entries.values()]
+        self.vectors = torch.cat(rows) if rows else torch.zeros(0, self.width)  # (E, D)
+
+    def match(self, tokens: Sequence[int], offset: int) -> tuple[list[int], int] | None:
+        """(the vector ids, the number of tokens the name takes) of the embedding whose name's tokens start
+        at `tokens[offset]`, the longest name winning; None where no name starts there."""
+        for name_ids, name in self._by_first_token.get(tokens[offset], ()):
+            if tuple(tokens[offset : offset + len(name_ids)]) == name_ids:
+                return self._ids[name], len(name_ids)
+        return None
+
+
+def load_embedding(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextEncoder, path: str | os.PathLike, name: str | None = None
+) -> str:
+    """Read an embedding file and make `text_encoder` use it wherever its name is in a prompt; returns the name.
+
+    Raises CheckpointError when its width is not the text encoder's (an SD2 embedding on SD1, ...).
+    """
+    embedding = read_embedding(path, name)
+    database = text_encoder.textual_inversion
+    if database is None:
+        database = EmbeddingDatabase(text_encoder.config.vocab_size, text_encoder.config.width)
+    database.add(embedding, tokenizer.encode(embedding.name))
+    text_encoder.textual_inversion = database
+    return embedding.name
+
+
+def unload_embedding(text_encoder: CLIPTextEncoder, name: str | None = None) -> None:
+    """Forget the embedding `name` (None: all of them); prompts then encode exactly as before it was loaded."""
+    database = text_encoder.textual_inversion
+    if name is None:
+        text_encoder.textual_inversion = None
+        return
+    if database is None:
+        raise InvalidInputError(f"no embedding named {name!r} is loaded (loaded: none)")
+    database.remove(name)
+    if not len(database):
+        text_encoder.textual_inversion = None
+
+
+def loaded_embeddings(text_encoder: CLIPTextEncoder) -> dict[str, int]:
+    """Name -> number of vectors of every embedding `text_encoder` has loaded."""
+    database = text_encoder.textual_inversion
+    return database.counts if database is not None else {}
+
+
+@dataclass
+class FolderLoadReport:
+    """What `load_embeddings_dir` did: the names it loaded and a "path: why" line for every file it skipped."""
+
+    loaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def load_embeddings_dir(pipe: Pipeline, folder: str | os.PathLike) -> FolderLoadReport:
+    """Load every embedding file under `folder` and its subfolders, as A1111's `--embeddings-dir`.
+
+    Each embedding is named by its file's stem, as A1111 names them all (diffusers files included).
+    Files that are not `.pt`, `.bin` or `.safetensors`, or fail to load (not an embedding, unsafe,
+    another model's width), are skipped and listed in the report with the reason; nothing is skipped silently.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InvalidInputError(f"embeddings folder {folder} does not exist or is not a folder")
+    report = FolderLoadReport()
+    paths = sorted(Path(root) / name for root, _, names in os.walk(folder) for name in names)
+    for path in paths:
+        if path.suffix.lower() not in EMBEDDING_SUFFIXES:
+            report.skipped.append(f"{path}: not an embedding file (expected {', '.join(EMBEDDING_SUFFIXES)})")
+            continue
+        try:
+            report.loaded.append(pipe.load_embedding(path, name=path.stem))
+        except (CheckpointError, InvalidInputError) as e:
+            report.skipped.append(f"{path}: {str(e).removeprefix(f'{path}: ')}")
+    return report

@@ -1,0 +1,402 @@
+"""LoRA files users trade (kohya / A1111 and diffusers / peft), applied to the UNet and the text encoder.
+
+A LoRA adds a low-rank update to chosen layers: W' = W + scale * (alpha / rank) * up @ down (Hu et al. 2021,
+eq. 3), with down (rank, in) and up (out, rank); for a convolution (LoCon) down is a conv with the layer's
+kernel, stride and padding and up a 1x1 conv. alpha defaults to rank when the file has none.
+
+Formats, told apart per key (never by file name):
+- kohya / A1111: `lora_unet_<path>.lora_down.weight`, `.lora_up.weight`, `.alpha` and `lora_te_<path>...`, where
+  <path> is the module path with `_` for `.`: the diffusers path (`down_blocks_0_attentions_0_..._to_q`) or
+  the original ldm one (`input_blocks_1_1_..._to_q`), the text encoder's as in transformers (`text_model_...`).
+- diffusers / peft: `unet.<path>.lora_A.weight` / `.lora_B.weight` and `text_encoder.text_model.<path>...`, the
+  older `.lora.down.weight`, `.lora_linear_layer.down.weight` and `...processor.to_q_lora.down.weight` forms;
+  alpha from `.alpha` keys or diffusers' `lora_adapter_metadata` (lora_alpha, alpha_pattern, use_rslora).
+Refused with an error that names the key: SDXL files (`lora_te1_`, `text_encoder_2.`), LyCORIS' LoHa / LoKr /
+Tucker (`hada_`, `lokr_`, `lora_mid`), DoRA (`dora_scale`, `lora_magnitude_vector`), LoRA biases, and any
+key for a layer the model does not have or with a shape that does not fit it.
+
+Applied at run time, never merged: each targeted nn.Linear / nn.Conv2d gets one forward hook that adds
+sum_i scale_i * (alpha_i / rank_i) * up_i(down_i(x)) to its output, in the layer's dtype (as peft does). The
+weights are never touched, so unloading restores the outputs bit for bit, scales change without reloading,
+and any number of LoRAs stack. The cost is two rank-r products per targeted layer and step: about
+r * (in + out) / (in * out) of the layer's FLOPs (a few percent at rank <= 32 on SD1) plus the hook calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ..checkpoints.io import describe_error, detect_format, read_checkpoint, read_safetensors_header
+from ..checkpoints.keymaps import _rename, unet_table
+from ..errors import CheckpointError, InvalidInputError
+
+COMPONENTS = ("unet", "text_encoder")
+DIFFUSERS_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_")
+_KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+_DIFFUSERS_SUFFIXES = {
+    ".lora_A.weight": "down", ".lora_B.weight": "up",
+    ".lora.down.weight": "down", ".lora.up.weight": "up",
+    ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
+    "_lora.down.weight": "down", "_lora.up.weight": "up",  # old attention processors: `...processor.to_q_lora.down`
+    ".alpha": "alpha",
+}
+# the old processor keys name the attention's projections by diffusers' attention-processor names
+_OLD_PROJECTIONS = {
+    "unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
+    "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
+}
+_SDXL = ("lora_te1_", "lora_te2_", "text_encoder_2.")
+_UNSUPPORTED = {  # substring of a key -> what it is
+    "hada_": "a LyCORIS LoHa", "lokr_": "a LyCORIS LoKr", "lora_mid": "a LyCORIS LoCon with Tucker decomposition",
+    "dora_scale": "a DoRA", "lora_magnitude_vector": "a DoRA",
+}
+_HEX = re.compile(r"[0-9a-fA-F]{12,64}")
+
+
+@dataclass
+class LoraLayer:
+    """One layer's low-rank pair, already in the layer's layout, dtype and device.
+
+    Linear: down (rank, in), up (out, rank). Conv2d: down (rank, in, kh, kw), up (out, rank, 1, 1).
+    factor: alpha / rank (alpha / sqrt(rank) for rank-stabilised LoRA).
+    """
+
+    down: Tensor
+    up: Tensor
+    factor: float
+
+
+@dataclass
+class LoadedLora:
+    """A loaded LoRA: its scale and the layers it changes ((model part, module path) -> pair)."""
+
+    scale: float
+    layers: dict[tuple[str, str], LoraLayer]
+    source: Path
+
+
+class _LayerHook:
+    """Forward hook of one layer: output + sum over the layer's LoRAs of scale * factor * up(down(x))."""
+
+    def __init__(self, layer: nn.Linear | nn.Conv2d):
+        self.entries: dict[str, tuple[LoadedLora, LoraLayer]] = {}  # LoRA name -> (its record, this layer's pair)
+        self.handle: RemovableHandle = layer.register_forward_hook(self)
+
+    def __call__(self, layer: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        x = args[0]  # Linear: (..., in); Conv2d: (B, in, H, W)
+        weight = layer.weight
+        for lora, pair in self.entries.values():
+            if lora.scale == 0:
+                continue
+            if pair.down.device != weight.device or pair.down.dtype != weight.dtype:  # the model moved since loading
+                pair.down, pair.up = pair.down.to(weight), pair.up.to(weight)
+            if isinstance(layer, nn.Conv2d):
+                h = F.conv2d(x, pair.down, None, layer.stride, layer.padding, layer.dilation)  # (B, rank, H', W')
+                h = F.conv2d(h, pair.up)  # (B, out, H', W')
+            else:
+                h = F.linear(F.linear(x, pair.down), pair.up)  # (..., rank) -> (..., out)
+            output = output + h * (lora.scale * pair.factor)
+        return output
+
+
+@dataclass
+class LoraAdapters:
+    """The LoRAs applied to one pipeline's models, by name; see the module docstring for how."""
+
+    loaded: dict[str, LoadedLora] = field(default_factory=dict)
+    _hooks: dict[nn.Module, _LayerHook] = field(default_factory=dict, repr=False)  # one per targeted layer
+
+    @property
+    def scales(self) -> dict[str, float]:
+        """{name: scale} of the loaded LoRAs, in loading order."""
+        return {name: lora.scale for name, lora in self.loaded.items()}
+
+    def load(
+        self, source: str | Path, models: Mapping[str, nn.Module], scale: float = 1.0, name: str | None = None
+    ) -> str:
+        """Read a LoRA file (or a diffusers folder holding pytorch_lora_weights.safetensors), apply it; return its name.
+
+        models: {"unet": UNet, "text_encoder": CLIPTextEncoder}. name defaults to the file stem (folder name).
+        """
+        path = resolve_lora_path(source)
+        name = (Path(source).name if path != Path(source) else path.stem) if name is None else name
+        if not isinstance(name, str) or not name:
+            raise InvalidInputError(f"a LoRA name must be a non-empty string, got {name!r}")
+        if name in self.loaded:
+            raise InvalidInputError(f"a LoRA named {name!r} is already loaded: unload it first or pass another name")
+        scale = _check_scale(scale)
+        tensors, metadata = read_checkpoint(path)
+        layers = parse_lora(tensors, metadata, models, where=str(path))
+        lora = LoadedLora(scale, layers, path)
+        for (part, module_path), pair in layers.items():
+            layer = models[part].get_submodule(module_path)
+            hook = self._hooks.get(layer)
+            if hook is None:
+                hook = self._hooks[layer] = _LayerHook(layer)
+            hook.entries[name] = (lora, pair)
+        self.loaded[name] = lora
+        return name
+
+    def unload(self, name: str | None = None) -> None:
+        """Remove one LoRA (None: all); the layers it changed compute exactly what they did before."""
+        if name is not None:
+            self._get(name)  # an unknown name is an error
+        for n in list(self.loaded) if name is None else [name]:
+            del self.loaded[n]
+            for layer, hook in list(self._hooks.items()):
+                hook.entries.pop(n, None)
+                if not hook.entries:
+                    hook.handle.remove()
+                    del self._hooks[layer]
+
+    def set_scale(self, name: str, scale: float) -> None:
+        self._get(name).scale = _check_scale(scale)
+
+    def _get(self, name: str) -> LoadedLora:
+        if name not in self.loaded:
+            known = ", ".join(self.loaded) or "none"
+            raise InvalidInputError(f"no LoRA named {name!r} is loaded (loaded: {known})")
+        return self.loaded[name]
+
+
+def _check_scale(scale: float) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise InvalidInputError(f"a LoRA scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def resolve_lora_path(source: str | Path) -> Path:
+    """The LoRA file itself, or in a diffusers folder its pytorch_lora_weights.safetensors (or .bin)."""
+    path = Path(source)
+    if path.is_dir():
+        for weight_name in DIFFUSERS_WEIGHT_NAMES:
+            if (path / weight_name).is_file():
+                return path / weight_name
+        raise CheckpointError(f"{path} is a folder without {' or '.join(DIFFUSERS_WEIGHT_NAMES)}: not a LoRA")
+    if not path.exists():
+        raise CheckpointError(f"LoRA file {path} does not exist")
+    return path
+
+
+def lora_hash(path: str | Path) -> str:
+    """A1111's LoRA hash for the infotext's `Lora hashes: name: hash`: 12 hex digits.
+
+    As A1111's NetworkOnDisk: the kohya hash a safetensors file records in its metadata (`sshs_model_hash`),
+    else the sha256 of its tensor data (everything after the header, sd-scripts' `addnet_hash_safetensors`);
+    for a pickle (.pt/.ckpt) the sha256 of the whole file.
+    """
+    path = resolve_lora_path(path)
+    start = 0
+    if detect_format(path) == "safetensors":
+        _, metadata, start = read_safetensors_header(path)
+        recorded = metadata.get("sshs_model_hash", "")
+        if _HEX.fullmatch(recorded):
+            return recorded[:12]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+# ---- reading the keys ------------------------------------------------------------------------------------
+
+
+def kohya_names(models: Mapping[str, nn.Module]) -> dict[str, tuple[str, str]]:
+    """{kohya layer name: (model part, module path)} for every Linear and Conv2d a LoRA may target.
+
+    UNet layers answer to their diffusers path and their original ldm path (`lora_unet_input_blocks_1_1_...`);
+    text-encoder layers to transformers' path (`lora_te_text_model_encoder_layers_0_self_attn_q_proj`).
+    """
+    names: dict[str, tuple[str, str]] = {}
+    original = {ours: theirs for theirs, ours in unet_table(models["unet"].config).items()}
+    for path in _lora_targets(models["unet"]):
+        names["lora_unet_" + path.replace(".", "_")] = ("unet", path)
+        ldm = _rename(path, original)
+        if ldm is not None:
+            names["lora_unet_" + ldm.replace(".", "_")] = ("unet", path)
+    for path in _lora_targets(models["text_encoder"]):
+        names["lora_te_text_model_" + path.replace(".", "_")] = ("text_encoder", path)
+    return names
+
+
+def _lora_targets(model: nn.Module) -> list[str]:
+    return [path for path, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def _unsupported(key: str) -> str | None:
+    if key.startswith(_SDXL):
+        return "an SDXL LoRA (sdtorch loads SD1 and SD2 models)"
+    return next((what for part, what in _UNSUPPORTED.items() if part in key), None)
+
+
+def _split_kohya(key: str) -> tuple[str, str] | None:
+    """`lora_unet_<name>.<suffix>` -> (layer name, "down" | "up" | "alpha"); None when the key is not of that form."""
+    layer, _, suffix = key.partition(".")
+    if not layer.startswith(_KOHYA_PREFIXES) or suffix not in _KOHYA_SUFFIXES:
+        return None
+    return layer, _KOHYA_SUFFIXES[suffix]
+
+
+def _split_diffusers(key: str) -> tuple[str, str, str] | None:
+    """`unet.<path>.lora_A.weight` (or an older form) -> (model part, path as the file names it, part)."""
+    suffix = next((s for s in _DIFFUSERS_SUFFIXES if key.endswith(s)), None)
+    if suffix is None:
+        return None
+    stem = key[: -len(suffix)]
+    part = next((p for p in COMPONENTS if stem.startswith(p + ".")), None)
+    if part is None:
+        if ".processor." not in stem:  # diffusers' oldest files: UNet attention processors without a prefix
+            return None
+        part, stem = "unet", "unet." + stem
+    path = stem[len(part) + 1:].replace(".processor.", ".")
+    if suffix.startswith("_lora."):
+        head, _, projection = path.rpartition(".")
+        if projection not in _OLD_PROJECTIONS[part]:
+            return None
+        path = f"{head}.{_OLD_PROJECTIONS[part][projection]}"
+    return part, path, _DIFFUSERS_SUFFIXES[suffix]
+
+
+def _peft_config(metadata: Mapping[str, str], where: str) -> dict[str, dict]:
+    """diffusers' `lora_adapter_metadata` (peft LoraConfig fields under "unet." / "text_encoder.") by part."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        raise CheckpointError(f"{where}: lora_adapter_metadata is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: lora_adapter_metadata is not a JSON object")
+    by_part: dict[str, dict] = {}
+    for key, value in config.items():
+        part, _, field_name = key.partition(".")
+        by_part.setdefault(part, {})[field_name] = value
+    for part, fields in by_part.items():
+        if fields.get("use_dora"):
+            raise CheckpointError(f"{where}: {part} is a DoRA adapter (use_dora), which sdtorch does not load")
+    return by_part
+
+
+def _peft_alpha(fields: dict, module: str, where: str) -> float | None:
+    """The lora_alpha peft gives `module`: the first alpha_pattern key matching its path's end, else lora_alpha."""
+    try:
+        for pattern, value in dict(fields.get("alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                return _finite(value)
+        return None if fields.get("lora_alpha") is None else _finite(fields["lora_alpha"])
+    except (TypeError, ValueError, re.error) as e:
+        raise CheckpointError(f"{where}: malformed lora_adapter_metadata ({describe_error(e)})") from None
+
+
+def _finite(value: object) -> float:
+    number = float(value)  # type: ignore[arg-type]  # a TypeError / ValueError is reported by the caller
+    if not math.isfinite(number):
+        raise ValueError(f"alpha {value!r} is not finite")
+    return number
+
+
+def parse_lora(
+    tensors: Mapping[str, Tensor], metadata: Mapping[str, str], models: Mapping[str, nn.Module], where: str = "LoRA"
+) -> dict[tuple[str, str], LoraLayer]:
+    """The layers a LoRA state dict changes: {(model part, module path): pair}, checked against `models`.
+
+    Every key must be understood and name a layer the models have, with shapes that fit it; otherwise a
+    CheckpointError names the offending keys.
+    """
+    kohya = kohya_names(models)
+    targets = {part: set(_lora_targets(models[part])) for part in COMPONENTS}
+    groups: dict[tuple[str, str], dict[str, tuple[str, Tensor]]] = {}  # target -> "down"/"up"/"alpha" -> (key, tensor)
+    file_paths: dict[tuple[str, str], str] = {}  # target -> its module path as the file names it (for peft alphas)
+    bad: list[str] = []
+    for key, tensor in tensors.items():
+        if (why := _unsupported(key)) is not None:
+            raise CheckpointError(f"{where}: {key!r} belongs to {why}; only plain LoRA and LoCon files load")
+        if (split := _split_kohya(key)) is not None:
+            file_path, part = split
+            target = kohya.get(file_path)
+        elif (split := _split_diffusers(key)) is not None:
+            component, file_path, part = split
+            path = file_path.removeprefix("text_model.") if component == "text_encoder" else file_path
+            target = (component, path) if path in targets[component] else None
+        else:
+            bad.append(f"{key!r} (not a LoRA tensor name sdtorch knows)")
+            continue
+        if target is None:
+            bad.append(f"{key!r} (the model has no such Linear or Conv2d layer: a LoRA for another architecture?)")
+            continue
+        group = groups.setdefault(target, {})
+        if part in group:
+            raise CheckpointError(f"{where}: {group[part][0]!r} and {key!r} name the same layer")
+        group[part] = (key, tensor)
+        file_paths[target] = file_path
+    if bad:
+        raise CheckpointError(f"{where}: {len(bad)} key(s) not understood: " + "; ".join(bad[:10]))
+    if not groups:
+        raise CheckpointError(f"{where} holds no LoRA tensors")
+    peft = _peft_config(metadata, where)
+    layers = {}
+    for (part, path), pair in groups.items():
+        fields = peft.get(part, {})
+        default_alpha = _peft_alpha(fields, file_paths[part, path], where)
+        layer = models[part].get_submodule(path)
+        layers[part, path] = _lora_layer(layer, pair, default_alpha, bool(fields.get("use_rslora")), where)
+    return layers
+
+
+def _lora_layer(
+    layer: nn.Module, tensors: dict[str, tuple[str, Tensor]], default_alpha: float | None, rslora: bool, where: str
+) -> LoraLayer:
+    """Check one layer's down / up (/ alpha) against the layer, bring them to its layout, dtype and device."""
+    named = next(iter(tensors.values()))[0]
+    for needed in ("down", "up"):
+        if needed not in tensors:
+            raise CheckpointError(f"{where}: {named!r} has no matching {needed} weight")
+    (down_key, down), (up_key, up) = tensors["down"], tensors["up"]
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1 or layer.padding_mode != "zeros":
+            raise CheckpointError(f"{where}: {down_key!r} targets a grouped or non-zero-padded conv")
+        if layer.kernel_size == (1, 1) and down.ndim == 2:  # a Linear LoRA on a 1x1 conv (SD1's proj_in)
+            down = down[:, :, None, None]  # (rank, in) -> (rank, in, 1, 1)
+        if up.ndim == 2:
+            up = up[:, :, None, None]  # (out, rank) -> (out, rank, 1, 1)
+        rank = down.shape[0] if down.ndim else 0
+        want_down, want_up = (rank, layer.in_channels, *layer.kernel_size), (layer.out_channels, rank, 1, 1)
+    else:
+        if down.ndim == 4 and down.shape[2:] == (1, 1):  # a 1x1-conv LoRA on a Linear (SD2's proj_in)
+            down = down.flatten(1)  # (rank, in, 1, 1) -> (rank, in)
+        if up.ndim == 4 and up.shape[2:] == (1, 1):
+            up = up.flatten(1)  # (out, rank, 1, 1) -> (out, rank)
+        rank = down.shape[0] if down.ndim else 0
+        want_down, want_up = (rank, layer.in_features), (layer.out_features, rank)
+    for key, tensor, want in ((down_key, down, want_down), (up_key, up, want_up)):
+        if tuple(tensor.shape) != want or rank == 0 or not tensor.is_floating_point():
+            raise CheckpointError(
+                f"{where}: {key!r} has shape {tuple(tensor.shape)} ({tensor.dtype}); the layer needs {want}: "
+                "a LoRA for another model (SD1 vs SD2?)"
+            )
+    alpha = float(rank) if default_alpha is None else default_alpha
+    if "alpha" in tensors:
+        alpha_key, alpha_tensor = tensors["alpha"]
+        if alpha_tensor.numel() != 1 or not torch.isfinite(alpha_tensor.float()).all():
+            shape = tuple(alpha_tensor.shape)
+            raise CheckpointError(f"{where}: {alpha_key!r} must be one finite number, got shape {shape}")
+        alpha = float(alpha_tensor.float().item())
+    factor = alpha / (math.sqrt(rank) if rslora else rank)
+    weight = layer.weight
+    return LoraLayer(down.to(weight, copy=True), up.to(weight, copy=True), factor)
