@@ -158,9 +158,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .checkpoints.loading import load
     from .outputs import plan_outputs, write_images
 
+    for flag, folder in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise InvalidInputError(f"{flag} {folder} is not a folder")
     outputs = plan_outputs(args.out, len(request.prompts()) * request.batch_size, overwrite=args.overwrite)
     pipe = load(args.model, dtype=args.dtype, prediction_type=args.prediction_type)
     pipe.limits = limits
+    pipe.lora_dir = args.lora_dir and Path(args.lora_dir)
+    if args.embeddings_dir:
+        from .adapters.embeddings import load_embeddings_dir
+
+        for skipped in load_embeddings_dir(pipe, args.embeddings_dir).skipped:
+            print(f"sdtorch: warning: embedding not loaded: {printable(skipped, keep_newlines=False)}", file=sys.stderr)
     progress = _Progress(enabled=not args.quiet)
     start = time.perf_counter()
     try:
@@ -232,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_request_flags(gen)
     gen.add_argument("--hires", action="store_true", help="hires fix with its defaults (any --hires-* flag turns it on)")
     gen.add_argument("--dtype", type=_dtype, default=None, help="float32 (default), float16 or bfloat16")
+    gen.add_argument("--lora-dir", help="folder of LoRA files that <lora:name:weight> in a prompt picks by name")
+    gen.add_argument("--embeddings-dir", help="folder of textual-inversion embeddings, used by writing their name")
     gen.add_argument("--from", dest="from_image", help="re-create an image from the parameters it carries; "
                      "flags given override them")
     gen.add_argument("--out", default="outputs", help="output folder (A1111-style NNNNN-SEED.png names), or a "

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -23,7 +26,9 @@ from torch import Tensor, nn
 
 from .configs import ModelConfig
 from .decoding import decode_latents
+from .adapters.lora import lora_files, lora_hash
 from .errors import InvalidInputError
+from .extra_networks import strip_extra_networks
 from .images import (
     crop_for_inpaint, crop_region, expand_to_aspect, image_to_tensor, load_image, load_mask, mask_to_latent,
     masked_image, paste_back, resize_image, tensor_to_images,
@@ -32,7 +37,7 @@ from .infotext import format_infotext, schedule_label
 from .models.tokenizer import CLIPTokenizer
 from .models.vae import AutoencoderKL
 from .prompt_schedule import encode_conditioning, split_and
-from .request import MAX_SEED, GenerationRequest, Limits
+from .request import MAX_SEED, GenerationRequest, Limits, suggestion
 from .sampling.common import Callback
 from .sampling.denoiser import Conditioning, Denoiser
 from .sampling.samplers import resolve, sample
@@ -61,6 +66,8 @@ class Job:
     mask: Image.Image | None = None
     region: tuple[int, int, int, int] | None = None  # "only masked": the part of the image generated
     hires_size: tuple[int, int] | None = None  # (width, height) of the hires fix's second pass
+    written_prompts: list[str] = dataclasses.field(default_factory=list)  # as given, <lora:...> tags included
+    loras: dict[str, float] = dataclasses.field(default_factory=dict)  # the prompts' <lora:name:weight> tags
     warnings: list[str] = dataclasses.field(default_factory=list)  # what was adjusted or fell back, for the user
 
 
@@ -89,6 +96,11 @@ class Model(Protocol):
     default_cfg_scale: float
     model_hash: str | None
     model_name: str | None
+    lora_dir: Path | None  # where <lora:name> tags find their files
+
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str: ...
+
+    def unload_lora(self, name: str | None = None) -> None: ...
 
 
 def run(
@@ -98,11 +110,38 @@ def run(
     """Validate `request`, resolve it against `model` and generate: txt2img, img2img, inpainting, hires fix."""
     limits = limits or Limits()
     job = plan(model, request.validate(limits), generator, limits)
-    images = _generate(model, job, callback, job.warnings)
+    with _prompt_loras(model, job) as hashes:
+        images = _generate(model, job, callback, job.warnings, hashes)
     return GenerationResult(images, resolved_request(job), job.warnings)
 
 
-def _generate(pipe: Model, request: Job, callback: Callback | None, warnings: list[str]) -> list[Image.Image]:
+@contextmanager
+def _prompt_loras(model: Model, job: Job) -> Iterator[dict[str, str]]:
+    """Apply the prompts' `<lora:name:weight>` tags for this run (files found by name in `model.lora_dir`) and
+    remove them after it; yields {name: A1111 hash} for the infotext's "Lora hashes"."""
+    if not job.loras:
+        yield {}
+        return
+    if model.lora_dir is None:
+        raise InvalidInputError(f"the prompt names <lora:{next(iter(job.loras))}:...> but no LoRA folder is set "
+                                "(--lora-dir, or pipe.lora_dir)")
+    files = lora_files(model.lora_dir)
+    applied, hashes = [], {}
+    try:
+        for name, weight in job.loras.items():
+            if name not in files:
+                raise InvalidInputError(f"<lora:{name}> is not in {model.lora_dir}{suggestion(name, files)}")
+            applied.append(model.load_lora(files[name], scale=weight, name=f"<lora:{name}>"))
+            hashes[name] = lora_hash(files[name])
+        yield hashes
+    finally:
+        for name in applied:
+            model.unload_lora(name)
+
+
+def _generate(
+    pipe: Model, request: Job, callback: Callback | None, warnings: list[str], lora_hashes: dict[str, str],
+) -> list[Image.Image]:
     """Run one job end to end and return PIL images carrying their infotext; decoding warnings go to `warnings`."""
     unet_dtype = next(pipe.unet.parameters()).dtype
     device = next(pipe.unet.parameters()).device
@@ -123,7 +162,7 @@ def _generate(pipe: Model, request: Job, callback: Callback | None, warnings: li
             images = _decode(pipe, latents, request, warnings)
             if request.mask is not None and request.source.inpaint.mask_overlay:
                 images = [paste_back(request.image, img, None, request.mask) for img in images]
-    return _with_infotext(pipe, request, images)
+    return _with_infotext(pipe, request, images, lora_hashes)
 
 
 def _conditioning(
@@ -250,16 +289,17 @@ def resolved_request(job: Job, index: int | None = None) -> GenerationRequest:
         cfg_scale=job.guidance_scale, seed=job.seeds[0], width=job.width, height=job.height,
     )
     if index is not None:
-        request = request.replace(prompt=job.prompts[index], negative_prompt=job.negative_prompts[index],
+        request = request.replace(prompt=job.written_prompts[index], negative_prompt=job.negative_prompts[index],
                                   seed=job.seeds[index], batch_size=1)
     return request
 
 
-def _with_infotext(pipe: Model, job: Job, images: list[Image.Image]) -> list[Image.Image]:
+def _with_infotext(pipe: Model, job: Job, images: list[Image.Image], lora_hashes: dict[str, str]) -> list[Image.Image]:
     """Attach A1111's "parameters" text and the seed to each image."""
+    extra = {"Lora hashes": ", ".join(f"{n}: {h}" for n, h in lora_hashes.items())} if lora_hashes else None
     for i, img in enumerate(images):
         img.info["parameters"] = format_infotext(resolved_request(job, i), model_hash=pipe.model_hash,
-                                                 model_name=pipe.model_name, version=f"sdtorch {_version()}")
+                                                 model_name=pipe.model_name, version=f"sdtorch {_version()}", extra=extra)
         img.info["seed"] = job.seeds[i]
     return images
 
@@ -284,7 +324,8 @@ def plan(model: Model, request: GenerationRequest, generator: torch.Generator | 
     if model.config.is_inpainting and request.mask is None:
         raise InvalidInputError("this is an inpainting model (9-channel UNet): pass an init image and a mask")
     batch = request.batch_size
-    prompts = [p for p in prompts for _ in range(batch)]
+    written = [p for p in prompts for _ in range(batch)]
+    prompts, loras, warnings = _extra_networks(written)
     negatives = [n for n in negatives for _ in range(batch)]
     if generator is not None:
         seed = generator.initial_seed()  # reported only: a given generator drives all the noise (diffusers)
@@ -293,7 +334,6 @@ def plan(model: Model, request: GenerationRequest, generator: torch.Generator | 
 
     init = mask = region = None
     width, height = request.width, request.height
-    warnings = []
     if request.init_image is not None:
         init = load_image(request.init_image)
         width, height = width or init.width // 8 * 8, height or init.height // 8 * 8
@@ -332,5 +372,23 @@ def plan(model: Model, request: GenerationRequest, generator: torch.Generator | 
         guidance_scale=model.default_cfg_scale if request.cfg_scale is None else float(request.cfg_scale),
         sampler=info.name, schedule=kind, clip_skip=request.clip_skip, generator=generator, eta=request.eta,
         guidance_rescale=request.guidance_rescale, image=init, strength=request.denoising_strength, mask=mask,
-        region=region, hires_size=hires_size, warnings=warnings,
+        region=region, hires_size=hires_size, written_prompts=written, loras=loras, warnings=warnings,
     )
+
+
+def _extra_networks(prompts: list[str]) -> tuple[list[str], dict[str, float], list[str]]:
+    """(prompts without their <kind:...> tags, {LoRA name: weight} over the batch, warnings), as A1111 reads them."""
+    stripped, loras, warnings = [], {}, []
+    for prompt in prompts:
+        text, tags = strip_extra_networks(prompt)
+        stripped.append(text)
+        for tag in tags:
+            if tag.kind != "lora":
+                warnings.append(f"<{tag.kind}:{tag.name}> ignored: sdtorch applies only <lora:...> tags")
+            elif len(tag.args) > 1:
+                raise InvalidInputError(f"<lora:{tag.name}:{':'.join(tag.args)}>: separate text-encoder and UNet "
+                                        "weights are not supported; give one weight")
+            elif loras.setdefault(tag.name, tag.weight) != tag.weight:
+                raise InvalidInputError(f"<lora:{tag.name}> has two weights in one batch ({loras[tag.name]} and "
+                                        f"{tag.weight})")
+    return stripped, loras, list(dict.fromkeys(warnings))

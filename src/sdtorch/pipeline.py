@@ -63,6 +63,7 @@ class Pipeline:
         self.default_cfg_scale = DEFAULT_CFG_SCALE  # the guidance scale a request without one gets
         self.limits = Limits()  # upper bounds every request is checked against before any work
         self.lora_adapters = LoraAdapters()  # the LoRAs applied to the UNet and text encoder (adapters/lora.py)
+        self.lora_dir: Path | None = None  # where a prompt's <lora:name:weight> tags find their files
 
     @property
     def modules(self) -> dict[str, nn.Module]:

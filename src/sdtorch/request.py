@@ -59,7 +59,7 @@ class Limits:
             key = key.strip()
             if not sep or key not in names:
                 raise InvalidInputError(f"--limit {item!r}: use KEY=VALUE with KEY one of {', '.join(names)}"
-                                        + _suggestion(key, names))
+                                        + suggestion(key, names))
             kind = float if names[key].type in (float, "float") else int
             try:
                 values[key] = kind(raw)
@@ -128,7 +128,7 @@ def _known_sampler(v: str, _: Limits) -> str | None:
     try:
         resolve(v)
     except InvalidInputError:
-        return f"is not a sampler{_suggestion(v, sampler_names())} Valid names: {', '.join(sampler_names())}"
+        return f"is not a sampler{suggestion(v, sampler_names())} Valid names: {', '.join(sampler_names())}"
     return None
 
 
@@ -138,7 +138,7 @@ def _known_schedule(v: str, _: Limits) -> str | None:
     try:
         resolve("Euler", v)
     except InvalidInputError:
-        return f"is not a schedule{_suggestion(v, SCHEDULES)} Valid names: {', '.join(SCHEDULES)}"
+        return f"is not a schedule{suggestion(v, SCHEDULES)} Valid names: {', '.join(SCHEDULES)}"
     return None
 
 
@@ -250,7 +250,7 @@ class GenerationRequest:
         for name, value in kwargs.items():
             target = names.get(name)
             if target is None:
-                raise InvalidInputError(f"unknown argument {name!r}{_suggestion(name, [*names, 'enable_hr'])}")
+                raise InvalidInputError(f"unknown argument {name!r}{suggestion(name, [*names, 'enable_hr'])}")
             group, field_name = target
             bucket = {"hires": hires, "inpaint": inpaint}.get(group, top)
             if field_name in bucket:
@@ -354,7 +354,7 @@ def fields_of(cls: type) -> list[tuple[dataclasses.Field, Any]]:
     return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
 
 
-def _suggestion(name: str, valid: typing.Iterable[str]) -> str:
+def suggestion(name: str, valid: typing.Iterable[str]) -> str:
     """The closest valid name as "; did you mean 'x'?", or "." when none is close."""
     close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else "."

@@ -400,3 +400,22 @@ def _lora_layer(
     factor = alpha / (math.sqrt(rank) if rslora else rank)
     weight = layer.weight
     return LoraLayer(down.to(weight, copy=True), up.to(weight, copy=True), factor)
+
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+
+
+def lora_files(folder: str | Path) -> dict[str, Path]:
+    """{name: file} of the LoRA files under `folder` (A1111's `--lora-dir`), a file's name being its stem.
+
+    Prompt tags (`<lora:name>`) are matched against this listing, never joined into a path, so a name cannot
+    reach outside the folder. Two files with one stem: the first in sorted path order wins, as A1111 lists them.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InvalidInputError(f"LoRA folder {folder} does not exist or is not a folder")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in LORA_SUFFIXES and path.is_file():
+            found.setdefault(path.stem, path)
+    return found
