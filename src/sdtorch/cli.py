@@ -209,6 +209,58 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(model if model.is_dir() else args.workdir)
 
 
+# `sdtorch finetune` flags: one per FineTuneConfig field (help from the field), plus these [dataset] keys
+_FINETUNE_DATASET_FLAGS = {"data": "folder", "resolution": "resolution", "buckets": "buckets",
+                           "caption_dropout": "caption_dropout", "shuffle_tags": "shuffle_tags",
+                           "repeats": "repeats", "cache_latents": "cache_latents"}
+
+
+def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
+    from .training.datasets import DatasetConfig
+    from .training.finetune import FineTuneConfig
+
+    hints = {**typing.get_type_hints(DatasetConfig), **typing.get_type_hints(FineTuneConfig)}
+    names = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(FineTuneConfig) if f.name != "dataset"}
+    for flag, key in _FINETUNE_DATASET_FLAGS.items():
+        names[flag] = f"[dataset] {key}"
+    for name, help_text in names.items():
+        hint = hints[_FINETUNE_DATASET_FLAGS.get(name, name)]
+        flag = "--" + name.replace("_", "-")
+        if hint is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = next((t for t in typing.get_args(hint) or (hint,) if t in (int, float, str)), str)
+            parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    import tomllib
+
+    from . import tomlconfig
+    from .training.finetune import FineTuneConfig, finetune
+
+    table: dict = {}
+    if args.config:
+        try:
+            table = tomllib.loads(Path(args.config).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise InvalidInputError(f"cannot read fine-tune config {args.config}: {e}") from None
+    dataset = dict(table.get("dataset", {}))
+    for flag, key in _FINETUNE_DATASET_FLAGS.items():
+        if getattr(args, flag) is not None:
+            dataset[key] = getattr(args, flag)
+    table = {**table, "dataset": dataset}
+    for f in dataclasses.fields(FineTuneConfig):
+        if f.name != "dataset" and getattr(args, f.name) is not None:
+            table[f.name] = getattr(args, f.name)
+    source = args.config or "command line"
+    if "folder" not in dataset or "out" not in table:
+        raise InvalidInputError(f"{source}: fine-tuning needs --data DIR (or [dataset] folder) and --out DIR (or out)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    result = finetune(tomlconfig.from_table(FineTuneConfig, table, source=source))
+    print(result)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors in sdtorch's one-line form (exit code 2)."""
 
@@ -273,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", required=True, help="where stages keep checkpoints; re-run to resume")
     train.add_argument("--until", help="stop after this stage (tokenizer, vae, latents, clip, unet, model, metrics)")
     train.set_defaults(run=cmd_train)
+
+    finetune = sub.add_parser("finetune", help="fine-tune a model on a captioned image folder (LoRA or full); "
+                              "resumable; runs under accelerate launch / torchrun too")
+    finetune.add_argument("config", nargs="?", help="fine-tune config (TOML); flags given override it")
+    _add_finetune_flags(finetune)
+    finetune.set_defaults(run=cmd_finetune)
     return parser
 
 

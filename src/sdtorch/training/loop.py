@@ -337,6 +337,10 @@ def train(
     stage: str = "train",
     max_grad_norm: float | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    write: bool = True,
+    on_step: Callable[[TrainState, dict[str, torch.Tensor]], None] | None = None,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
 ) -> TrainState:
     """Train until `state.step == steps`, resuming from `folder` when it holds a checkpoint.
 
@@ -347,11 +351,18 @@ def train(
     logger, and `folder/log.jsonl`); every `checkpoint_every` steps and at the end it saves a
     checkpoint and updates this stage's entry in `folder/timings.json` (wall seconds, steps, images/s).
     A loss that turns NaN or inf stops the run before its weights are checkpointed.
+
+    Gradients are zeroed before `step_fn` runs, so a step function may itself run backward on earlier
+    micro-batches (gradient accumulation) before returning the last one's loss. `backward(loss)` runs
+    the backward pass (accelerate's `Accelerator.backward` for loss scaling). With `write` False (a
+    process other than rank 0) the run resumes from `folder` but writes nothing there. `on_step(state,
+    metrics)` runs after every step, `on_checkpoint(state)` after every checkpoint written.
     """
     if min(batch_size, checkpoint_every, log_every) < 1:
         raise InvalidInputError("batch_size, checkpoint_every and log_every must be positive integers")
     if folder is not None:
-        Path(folder).mkdir(parents=True, exist_ok=True)
+        if write:
+            Path(folder).mkdir(parents=True, exist_ok=True)
         resume(state, folder)
     params = [p for group in state.optimizer.param_groups for p in group["params"]]
     for model in state.models.values():
@@ -379,7 +390,7 @@ def train(
             "images_per_s": batch_size * window_steps / max(now - window_start, 1e-9),
         }
         (log or _log)(entry)
-        if folder is not None:
+        if folder is not None and write:
             with open(Path(folder) / LOG_JSONL, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
         window, window_steps, window_start = {}, 0, now
@@ -388,21 +399,23 @@ def train(
         if window_steps:
             window_means()  # never checkpoint weights a non-finite loss has touched
         state.seconds = run_seconds_base + time.perf_counter() - run_start
-        if folder is None:
+        if folder is None or not write:
             return
         save_checkpoint(state, folder)
         record_timing(
             Path(folder) / TIMINGS_JSON, stage, seconds=round(state.seconds, 3), steps=state.step,
             images_per_s=round(batch_size * state.step / max(state.seconds, 1e-9), 2), done=state.step >= steps,
         )
+        if on_checkpoint is not None:
+            on_checkpoint(state)
 
     if state.step >= steps:
         return state
     while state.step < steps:
+        state.optimizer.zero_grad(set_to_none=True)
         out = step_fn(state)
         metrics = out if isinstance(out, dict) else {"loss": out}
-        state.optimizer.zero_grad(set_to_none=True)
-        metrics["loss"].backward()
+        backward(metrics["loss"])
         if max_grad_norm is not None:
             metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         state.optimizer.step()
@@ -414,6 +427,8 @@ def train(
         for k, v in metrics.items():  # summed on the device; synced only at log time
             window[k] = window.get(k, 0) + torch.as_tensor(v).detach().float()
         window_steps += 1
+        if on_step is not None:
+            on_step(state, metrics)
         if state.step % log_every == 0:
             finish_window()
         if state.step % checkpoint_every == 0 and state.step < steps:

@@ -1,0 +1,385 @@
+"""Fine-tuning an existing model on a captioned image folder: LoRA (kohya / diffusers files) or the full UNet.
+
+One `FineTuneConfig` (TOML via `tomlconfig.from_table`, or CLI flags made from the same fields) drives
+`finetune`, which:
+    1. scans the data folder (`FineTuneDataset`: a missing caption or an empty folder fails here, before
+       any model is loaded) and loads the model (`sdtorch.load`; none given: the built-in shapes model);
+    2. builds what trains: a `LoraNetwork` on the frozen UNet (and text encoder) or, for "full", the UNet
+       (and text encoder) itself, wrapped with the frozen parts in one `_Denoiser` so that accelerate's DDP
+       sees every trained parameter;
+    3. runs `loop.train`: each step draws the global batch of (seed, step) and this rank's share of it
+       (`FineTuneDataset.batch(step, B, rank, world_size)`), the timesteps and noise of the whole batch
+       from `step_generator(seed, step)` (this rank's rows sliced out), so N processes with global batch B
+       compute the loss one process with batch B does, and a resumed run continues bit for bit;
+    4. exports from rank 0: for LoRA `<out>/<output_name>.safetensors` (kohya, with `ss_*` metadata) and
+       `<out>/pytorch_lora_weights.safetensors` (diffusers / peft); for "full" a diffusers folder or a
+       single file `<out>/<output_name>` (`sdtorch.save`); and `<out>/loss.png`.
+
+Process groups, gradient all-reduce and mixed precision are accelerate's (`Accelerator`): the same command
+runs alone, under `accelerate launch --num_processes N` or under `torchrun`. The objective is loss (Ho et al.
+2020, eq. 14) on eps or v (the model's own parameterisation), with optional Min-SNR-gamma weights and
+noise offset (crosslabs 2023: noise + offset * N(0, 1) per sample and channel, as kohya's --noise_offset).
+
+Layout of `out`:
+    checkpoint/                 the loop's resumable checkpoint, log.jsonl and timings.json
+    <output_name>.safetensors   LoRA, kohya format; <output_name>-step<N>.safetensors snapshots (keep_last)
+    pytorch_lora_weights.safetensors   LoRA, diffusers format
+    <output_name>/ or .safetensors     full fine-tune
+    loss.png                    the loss curve
+
+Not done: gradient checkpointing (the UNet has no activation checkpointing yet); fp16's loss scaler state
+is not checkpointed, so an fp16 run resumes close to, not exactly on, its uninterrupted path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..configs import ModelConfig
+from ..errors import InvalidInputError
+from ..sampling.schedules import DiscreteSchedule
+from .datasets import DatasetConfig, FineTuneDataset
+from .diffusion import add_noise, min_snr_weights, velocity
+from .lora_training import PEFT_FILE, TARGETS, LoraNetwork, save_kohya, save_peft
+from .loop import EMA, LOG_JSONL, TrainState, step_generator, train, warmup_cosine
+from .vae import encode_images
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("lora", "full")
+PRECISIONS = ("no", "bf16", "fp16")
+LR_SCHEDULERS = ("constant", "cosine")
+SAVE_FORMATS = ("diffusers", "single_file")
+CHECKPOINT_DIR = "checkpoint"
+# fields that may change between a run and its resumption (they do not change what a step computes)
+_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "log_every", "out", "progress")
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """A fine-tuning run: the `[dataset]` table plus the keys below (each one's help is its CLI flag's)."""
+
+    dataset: DatasetConfig
+    out: str = field(metadata={"help": "output folder (checkpoint, exports, log); run again to resume"})
+    method: str = _opt("lora", f"what trains: {' | '.join(METHODS)}")
+    model: str = _opt("", "base model: single file, diffusers folder or hub id (empty: the built-in shapes model)")
+    output_name: str = _opt("lora", "name of the exported file (kohya's output_name)")
+    steps: int = _opt(1000, "optimizer steps")
+    batch_size: int = _opt(1, "global batch size (split across processes)")
+    gradient_accumulation: int = _opt(1, "micro-batches per optimizer step")
+    lr: float = _opt(1e-4, "learning rate (AdamW)")
+    lr_scheduler: str = _opt("constant", f"after warm-up: {' | '.join(LR_SCHEDULERS)} (cosine decays to 0)")
+    warmup_steps: int = _opt(0, "linear LR warm-up steps")
+    weight_decay: float = _opt(1e-2, "AdamW weight decay")
+    max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
+    train_text_encoder: bool = _opt(False, "also train the text encoder (LoRA on it, or all of it for full)")
+    rank: int = _opt(4, "LoRA rank (kohya's network_dim)")
+    alpha: float = _opt(1.0, "LoRA alpha (the update is scaled by alpha / rank)")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA input")
+    lora_targets: str = _opt("attention", f"layers given a LoRA: {' | '.join(TARGETS)}")
+    min_snr_gamma: float | None = _opt(None, "Min-SNR-gamma loss weighting (e.g. 5)")
+    noise_offset: float = _opt(0.0, "noise offset (e.g. 0.05)")
+    clip_skip: int = _opt(1, "text-encoder layers skipped from the end")
+    mixed_precision: str = _opt("no", f"{' | '.join(PRECISIONS)} (bf16 on CPU only with native bf16)")
+    ema_decay: float | None = _opt(None, "keep an EMA of the trained weights and export it (e.g. 0.999)")
+    checkpoint_every: int = _opt(500, "steps between checkpoints")
+    keep_last: int = _opt(0, "LoRA: also export a snapshot at each checkpoint, keeping the last K (0: none)")
+    log_every: int = _opt(10, "steps between log.jsonl lines")
+    save_format: str = _opt("diffusers", f"full fine-tune export: {' | '.join(SAVE_FORMATS)}")
+    seed: int = _opt(0, "seed of LoRA init, timesteps and noise")
+    progress: bool = _opt(True, "show a progress bar (rank 0)")
+
+    def __post_init__(self) -> None:
+        def one_of(name: str, choices: tuple[str, ...]) -> None:
+            if getattr(self, name) not in choices:
+                raise InvalidInputError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+
+        one_of("method", METHODS), one_of("mixed_precision", PRECISIONS), one_of("lr_scheduler", LR_SCHEDULERS)
+        one_of("lora_targets", TARGETS), one_of("save_format", SAVE_FORMATS)
+        positive = ("steps", "batch_size", "gradient_accumulation", "rank", "checkpoint_every", "log_every", "clip_skip")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.out:
+            raise InvalidInputError("out must name the output folder")
+        if not re.fullmatch(r"[\w.-]+", self.output_name):
+            raise InvalidInputError(f"output_name must be a plain file name, got {self.output_name!r}")
+        if not (self.lr > 0 and self.alpha > 0 and 0 <= self.lora_dropout < 1 and self.noise_offset >= 0
+                and self.warmup_steps >= 0 and self.keep_last >= 0 and self.max_grad_norm >= 0):
+            raise InvalidInputError("need lr > 0, alpha > 0, 0 <= lora_dropout < 1, and noise_offset, warmup_steps, "
+                                    "keep_last, max_grad_norm >= 0")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise InvalidInputError(f"min_snr_gamma must be positive, got {self.min_snr_gamma}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise InvalidInputError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively: /proc/cpuinfo lists avx512_bf16 or amx_bf16 (torch's
+    `get_cpu_capability()` says only "AVX512", which does not imply bf16); else bf16 is emulated, slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def _check_precision(precision: str, device: torch.device) -> None:
+    if precision == "fp16" and device.type != "cuda":
+        raise InvalidInputError("mixed_precision fp16 needs a CUDA GPU; on a CPU use bf16 (if it has native bf16) or no")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        raise InvalidInputError("mixed_precision bf16: this CPU has no native bf16 (no avx512_bf16 / amx_bf16 flag), "
+                                "so it would be emulated and slow; use mixed_precision = \"no\"")
+
+
+class _Denoiser(nn.Module):
+    """Text encoder + UNet (+ the LoRA network) as one module: captions' ids (B, 77) -> the UNet's output.
+
+    Wrapping them together lets DDP see every trained parameter; the text encoder runs without
+    gradients unless it trains.
+    """
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, network: LoraNetwork | None,
+                 train_text_encoder: bool, clip_skip: int):
+        super().__init__()
+        self.unet, self.text_encoder, self.network = unet, text_encoder, network
+        self.train_text_encoder, self.clip_skip = train_text_encoder, clip_skip
+
+    def forward(self, x_t: Tensor, t: Tensor, ids: Tensor) -> Tensor:
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+            context = self.text_encoder(ids, clip_skip=self.clip_skip)  # (B, 77, D)
+        return self.unet(x_t, t, context)  # (B, C, h, w)
+
+
+def finetune_loss(model: nn.Module, latents: Tensor, ids: Tensor, schedule: DiscreteSchedule, *,
+                  generator: torch.Generator, rows: slice, global_batch: int, prediction_type: str,
+                  snr_gamma: float | None, noise_offset: float) -> Tensor:
+    """Denoising MSE of this rank's latents (b, C, h, w), which are rows `rows` of a global batch.
+
+    Timesteps (B,) and noise (B, C, h, w) are drawn for the whole global batch from `generator` and this
+    rank's rows taken, so the split across processes does not change any sample's draws.
+    """
+    shape = (global_batch, *latents.shape[1:])
+    t = torch.randint(0, schedule.num_train_timesteps, (global_batch,), generator=generator)[rows]  # (b,)
+    noise = torch.randn(shape, generator=generator)  # (B, C, h, w)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(*shape[:2], 1, 1, generator=generator)  # per sample, channel
+    t, noise = t.to(latents.device), noise[rows].to(latents.device, latents.dtype)
+    x_t = add_noise(schedule, latents, noise, t)  # (b, C, h, w)
+    target = noise if prediction_type == "epsilon" else velocity(schedule, latents, noise, t)
+    per_sample = (model(x_t, t, ids).float() - target.float()).pow(2).flatten(1).mean(1)  # (b,)
+    if snr_gamma is not None:
+        per_sample = per_sample * min_snr_weights(schedule, t, snr_gamma, prediction_type)
+    return per_sample.mean()
+
+
+def kohya_metadata(config: FineTuneConfig, model: ModelConfig, *, step: int, images: int, started: float,
+                   batches_per_epoch: int) -> dict[str, str]:
+    """The run's `ss_*` fields as sd-scripts' train_network.py writes them (all strings)."""
+    d = config.dataset
+    return {
+        "ss_base_model_version": "sd_v1" if model.family == "sd1" else "sd_v2",
+        "ss_v2": str(model.family == "sd2"), "ss_v_parameterization": str(model.prediction_type == "v_prediction"),
+        "ss_sd_model_name": config.model or "sdtorch-shapes", "ss_output_name": config.output_name,
+        "ss_resolution": f"({d.resolution}, {d.resolution})", "ss_enable_bucket": str(d.buckets),
+        "ss_steps": str(step), "ss_max_train_steps": str(config.steps), "ss_learning_rate": str(config.lr),
+        "ss_unet_lr": str(config.lr), "ss_text_encoder_lr": str(config.lr if config.train_text_encoder else 0.0),
+        "ss_lr_scheduler": config.lr_scheduler, "ss_lr_warmup_steps": str(config.warmup_steps),
+        "ss_training_started_at": str(started), "ss_training_finished_at": str(time.time()),
+        "ss_num_train_images": str(images), "ss_num_batches_per_epoch": str(batches_per_epoch),
+        "ss_total_batch_size": str(config.batch_size),
+        "ss_gradient_accumulation_steps": str(config.gradient_accumulation),
+        "ss_mixed_precision": config.mixed_precision, "ss_seed": str(config.seed), "ss_clip_skip": str(config.clip_skip),
+        "ss_noise_offset": str(config.noise_offset), "ss_min_snr_gamma": str(config.min_snr_gamma),
+        "ss_max_grad_norm": str(config.max_grad_norm), "ss_cache_latents": str(d.cache_latents),
+        "ss_caption_dropout_rate": str(d.caption_dropout), "ss_shuffle_caption": str(d.shuffle_tags),
+        "ss_keep_tokens": str(d.keep_tokens), "ss_optimizer": "torch.optim.AdamW",
+        "ss_network_train_unet_only": str(not config.train_text_encoder),
+    }
+
+
+def draw_loss_curve(log: Path, out: Path, size: tuple[int, int] = (640, 360)) -> bool:
+    """A PNG of the logged loss against the step (Pillow lines, no plotting library); False when nothing was logged."""
+    import json
+
+    from PIL import Image, ImageDraw
+
+    from ..checkpoints.io import atomic_write
+
+    points = []
+    if log.is_file():
+        for line in log.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            if math.isfinite(entry.get("loss", math.nan)):
+                points.append((entry["step"], entry["loss"]))
+    if len(points) < 2:
+        return False
+    w, h, m = *size, 40
+    s0, s1 = points[0][0], points[-1][0]
+    lo, hi = min(p[1] for p in points), max(p[1] for p in points)
+    xy = [(m + (w - 2 * m) * (s - s0) / max(s1 - s0, 1), h - m - (h - 2 * m) * (v - lo) / max(hi - lo, 1e-12))
+          for s, v in points]
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((m, m, w - m, h - m), outline="gray")
+    draw.line(xy, fill=(200, 40, 40), width=2)
+    draw.text((m, 8), f"loss {hi:.4g} .. {lo:.4g}, steps {s0} .. {s1}", fill="black")
+    atomic_write(out, lambda tmp: image.save(tmp, format="PNG"))
+    return True
+
+
+def finetune(config: FineTuneConfig) -> Path:
+    """Run (or resume) the fine-tune of `config`; returns the main export's path (see the module docstring)."""
+    import sdtorch
+    from accelerate import Accelerator
+
+    dataset = FineTuneDataset(config.dataset)  # bad data fails here, before any model is loaded
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    _check_precision(config.mixed_precision, accelerator.device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if config.batch_size % world:
+        raise InvalidInputError(f"batch_size {config.batch_size} must be divisible by the {world} processes")
+    out = Path(config.out)
+    folder = out / CHECKPOINT_DIR
+    main = accelerator.is_main_process
+    started = time.time()
+
+    pipe = sdtorch.load(config.model or None, device=accelerator.device)
+    unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
+    vae.requires_grad_(False).eval()
+    network: LoraNetwork | None = None
+    if config.method == "lora":
+        parts = ("unet", "text_encoder") if config.train_text_encoder else ("unet",)
+        text_encoder.requires_grad_(False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            network = LoraNetwork({"unet": unet, "text_encoder": text_encoder}, rank=config.rank,
+                                  alpha=config.alpha, dropout=config.lora_dropout, targets=config.lora_targets,
+                                  parts=parts)
+        trained: dict[str, nn.Module] = {"lora": network}
+    else:
+        text_encoder.requires_grad_(config.train_text_encoder)
+        unet.requires_grad_(True)
+        trained = {"unet": unet, **({"text_encoder": text_encoder} if config.train_text_encoder else {})}
+    if config.dataset.cache_latents:
+        with accelerator.main_process_first():
+            dataset.cache_latents(vae, out / "latents")
+
+    denoiser = _Denoiser(unet, text_encoder, network, config.train_text_encoder, config.clip_skip)
+    denoiser.train()
+    text_encoder.train(config.train_text_encoder and config.method == "full")
+    params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = warmup_cosine(optimizer, config.warmup_steps, config.steps,
+                              final_ratio=1.0 if config.lr_scheduler == "constant" else 0.0)
+    model, prepared_optimizer = accelerator.prepare(denoiser, optimizer)
+    run_config = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUMABLE_CHANGES}
+    state = TrainState(
+        models=trained, optimizer=prepared_optimizer, scheduler=scheduler, seed=config.seed, config=run_config,
+        ema={name: EMA(m, decay=config.ema_decay, warmup=True) for name, m in trained.items()}
+        if config.ema_decay is not None else {},
+    )
+    schedule = DiscreteSchedule(pipe.config.schedule)
+    accumulation, share = config.gradient_accumulation, config.batch_size // world
+    rows = slice(rank * share, (rank + 1) * share)
+    scaling = vae.scaling_factor
+
+    def micro_loss(micro_step: int) -> Tensor:
+        batch = dataset.batch(micro_step, config.batch_size, rank=rank, world_size=world)
+        if batch.latents is not None:
+            latents = batch.latents.to(accelerator.device)  # (b, C, h, w), scaled
+        else:
+            latents = encode_images(vae, batch.images).mean * scaling  # (b, C, h, w)
+        ids = pipe.tokenizer(batch.captions).to(accelerator.device)  # (b, 77)
+        return finetune_loss(model, latents, ids, schedule, generator=step_generator(config.seed, micro_step),
+                             rows=rows, global_batch=config.batch_size, prediction_type=pipe.config.prediction_type,
+                             snr_gamma=config.min_snr_gamma, noise_offset=config.noise_offset)
+
+    def step(state: TrainState) -> dict[str, Tensor]:
+        earlier = torch.zeros((), device=accelerator.device)
+        for micro in range(accumulation - 1):  # their gradients accumulate locally, unsynced
+            with accelerator.no_sync(model):
+                loss = micro_loss(state.step * accumulation + micro)
+                accelerator.backward(loss / accumulation)
+            earlier += loss.detach()
+        last = micro_loss(state.step * accumulation + accumulation - 1) / accumulation
+        mean = accelerator.reduce((earlier / accumulation + last.detach()), reduction="mean")
+        # the value is the mean loss over micro-batches and processes; the gradient is that of `last`
+        return {"loss": last + (mean - last).detach()}
+
+    def backward(loss: Tensor) -> None:
+        accelerator.backward(loss)
+        if config.max_grad_norm:
+            accelerator.clip_grad_norm_(params, config.max_grad_norm)
+
+    bar = None
+    if main and config.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, desc=f"finetune {config.method}", unit="step", dynamic_ncols=True)
+
+    def on_step(state: TrainState, metrics: dict[str, Tensor]) -> None:
+        if bar is not None:
+            if bar.n == 0 and state.step > 1:  # resumed: start the bar where the run is
+                bar.n = bar.last_print_n = state.step - 1
+                bar.start_t = time.time()
+            bar.update(1)
+            rate = bar.format_dict["rate"] or 0.0
+            bar.set_postfix(loss=f"{metrics['loss'].item():.4f}", img_s=f"{rate * config.batch_size:.1f}")
+
+    def exported(fn) -> None:
+        """Run `fn` with the EMA weights in place (when there is an EMA)."""
+        if not state.ema:
+            fn()
+            return
+        name, ema = next(iter(state.ema.items()))
+        with ema.averaged(trained[name]):
+            fn()
+
+    def metadata() -> dict[str, str]:
+        return kohya_metadata(config, pipe.config, step=state.step, images=len(dataset), started=started,
+                              batches_per_epoch=dataset.batches_per_epoch(config.batch_size))
+
+    def snapshot(state: TrainState) -> None:
+        if network is None or not config.keep_last or state.step >= config.steps:
+            return
+        exported(lambda: save_kohya(network, out / f"{config.output_name}-step{state.step:08d}.safetensors", metadata()))
+        snapshots = sorted(out.glob(f"{config.output_name}-step[0-9]*.safetensors"))
+        for old in snapshots[: -config.keep_last]:
+            old.unlink(missing_ok=True)
+
+    try:
+        train(step, state, config.steps, batch_size=config.batch_size, folder=folder,
+              checkpoint_every=config.checkpoint_every, log_every=config.log_every, stage=f"finetune-{config.method}",
+              backward=backward, write=main, on_step=on_step, on_checkpoint=snapshot,
+              log=(lambda entry: None) if bar is not None or not main else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    accelerator.wait_for_everyone()
+    if not main:
+        return out
+    if network is not None:
+        result = out / f"{config.output_name}.safetensors"
+        exported(lambda: (save_kohya(network, result, metadata()), save_peft(network, out / PEFT_FILE)))
+    else:
+        result = out / (config.output_name + (".safetensors" if config.save_format == "single_file" else ""))
+        exported(lambda: sdtorch.save(pipe, result, format=config.save_format, overwrite=True))
+    draw_loss_curve(folder / LOG_JSONL, out / "loss.png")
+    return result
+
