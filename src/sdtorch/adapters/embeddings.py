@@ -16,6 +16,10 @@ name's tokens were, each vector taking one of a chunk's 75 token positions. The 
    embedding that does not fit in the open chunk starts the next one (A1111's `tokenize_line`).
 4. `CLIPTextEmbeddings` looks ids from `vocab_size` on up in the database's vector table, before the position
    embedding is added. The trained token table is never changed, so unloading restores the outputs exactly.
+
+Textual-inversion training (training/textual_inversion.py) starts from `init_vectors` (A1111's
+`create_embedding`) and adds the embedding with `add_trainable_embedding`: its vectors are then a parameter
+that the table reads live, so gradients of the encoder's output reach them and optimizer steps show at once.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from ..checkpoints.io import detect_format, read_pickle_checkpoint, read_safetensors
 from ..errors import CheckpointError, InvalidInputError
@@ -44,7 +49,8 @@ MAX_FILE_BYTES = 64 * 1024 * 1024  # an embedding takes kilobytes; a larger file
 
 @dataclass(frozen=True)
 class Embedding:
-    """A textual-inversion embedding: its name, its vectors (n, D) in float32 and the file it came from."""
+    """A textual-inversion embedding: its name, its vectors (n, D) in float32 and the file it came from
+    ("" for one being trained, whose vectors are an `nn.Parameter`)."""
 
     name: str
     vectors: torch.Tensor  # (n, D)
@@ -120,7 +126,8 @@ class EmbeddingDatabase:
     """The embeddings one text encoder has loaded, by name, in the order loaded.
 
     Vector i of the concatenated table `vectors` (E, D) has token id `vocab_size + i`: ids the trained
-    token table does not have, which `CLIPTextEmbeddings` looks up here instead.
+    token table does not have, which `CLIPTextEmbeddings` looks up here instead. The table is concatenated
+    from the embeddings' own tensors at each read, so a trainable embedding's parameter gets gradients.
     """
 
     def __init__(self, vocab_size: int, width: int):
@@ -129,13 +136,18 @@ class EmbeddingDatabase:
         self._entries: dict[str, tuple[Embedding, tuple[int, ...]]] = {}  # name -> (embedding, the name's token ids)
         self._ids: dict[str, list[int]] = {}  # name -> its vectors' token ids
         self._by_first_token: dict[int, list[tuple[tuple[int, ...], str]]] = {}  # longest name first
-        self.vectors = torch.zeros(0, width)  # (E, D)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        """Every loaded vector in load order (E, D): row i has token id `vocab_size + i`."""
+        rows = [embedding.vectors for embedding, _ in self._entries.values()]
+        return torch.cat(rows) if rows else torch.zeros(0, self.width)  # (E, D)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -179,8 +191,6 @@ class EmbeddingDatabase:
             self._by_first_token.setdefault(name_ids[0], []).append((name_ids, name))
         for candidates in self._by_first_token.values():
             candidates.sort(key=lambda candidate: len(candidate[0]), reverse=True)
-        rows = [embedding.vectors for embedding, _ in self._entries.values()]
-        self.vectors = torch.cat(rows) if rows else torch.zeros(0, self.width)  # (E, D)
 
     def match(self, tokens: Sequence[int], offset: int) -> tuple[list[int], int] | None:
         """(the vector ids, the number of tokens the name takes) of the embedding whose name's tokens start
@@ -199,12 +209,53 @@ def load_embedding(
     Raises CheckpointError when its width is not the text encoder's (an SD2 embedding on SD1, ...).
     """
     embedding = read_embedding(path, name)
+    _add(tokenizer, text_encoder, embedding)
+    return embedding.name
+
+
+def _add(tokenizer: CLIPTokenizer, text_encoder: CLIPTextEncoder, embedding: Embedding) -> None:
+    """Add `embedding` to the text encoder's database (created on first use)."""
     database = text_encoder.textual_inversion
     if database is None:
         database = EmbeddingDatabase(text_encoder.config.vocab_size, text_encoder.config.width)
     database.add(embedding, tokenizer.encode(embedding.name))
     text_encoder.textual_inversion = database
-    return embedding.name
+
+
+def init_vectors(tokenizer: CLIPTokenizer, text_encoder: CLIPTextEncoder, init_text: str, count: int) -> torch.Tensor:
+    """Starting vectors (count, D) float32 of a new embedding, from the token embeddings of `init_text`.
+
+    As A1111's `create_embedding`: the text's first `count` tokens (T of them) are looked up in the trained
+    token table, and vector i is token floor(i * T / count)'s: "red ball" with count 4 gives red, red,
+    ball, ball. Raises InvalidInputError when `init_text` has no tokens (A1111 would start from zeros).
+    """
+    if not 1 <= count <= CHUNK_LENGTH:
+        raise InvalidInputError(f"an embedding has 1 to {CHUNK_LENGTH} vectors (a prompt chunk's tokens), got {count}")
+    ids = tokenizer.encode(init_text)[:count]
+    if not ids:
+        raise InvalidInputError(
+            f"init text {init_text!r} has no tokens: the new vectors would have nothing to start from; give a word "
+            "close to the concept (\"dog\", \"painting\")"
+        )
+    table = text_encoder.embeddings.token_embedding.weight  # (vocab, D)
+    rows = [ids[i * len(ids) // count] for i in range(count)]
+    return table.detach()[rows].to("cpu", torch.float32)  # (count, D), on the CPU as every loaded vector is
+
+
+def add_trainable_embedding(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextEncoder, name: str, vectors: torch.Tensor
+) -> nn.Parameter:
+    """Load `vectors` (n, D) as the embedding `name` and return them as a trainable parameter (float32, CPU).
+
+    The parameter stays on the CPU beside the other loaded vectors (the text encoder moves the table to its
+    device at each call), so an optimizer over it steps on the CPU: n * D numbers, whatever the model's device.
+
+    Prompts naming it read the parameter itself, so the text encoder's output has gradients for it
+    (and for nothing else once the encoder is frozen); `unload_embedding(text_encoder, name)` removes it.
+    """
+    parameter = nn.Parameter(vectors.detach().to("cpu", torch.float32, copy=True))  # (n, D)
+    _add(tokenizer, text_encoder, Embedding(name, parameter, ""))
+    return parameter
 
 
 def unload_embedding(text_encoder: CLIPTextEncoder, name: str | None = None) -> None:
