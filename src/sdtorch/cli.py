@@ -268,7 +268,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"sdtorch: error: {printable(message, keep_newlines=False)} (see: {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line. `command`: the subcommand being run; `finetune`'s flags (made from its config
+    classes, which import torch) are built only for it, so that other commands start fast."""
     parser = _Parser(prog="sdtorch", description="Stable Diffusion in plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -329,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune = sub.add_parser("finetune", help="fine-tune a model on a captioned image folder (LoRA or full); "
                               "resumable; runs under accelerate launch / torchrun too")
     finetune.add_argument("config", nargs="?", help="fine-tune config (TOML); flags given override it")
-    _add_finetune_flags(finetune)
+    if command == "finetune":
+        _add_finetune_flags(finetune)
     finetune.set_defaults(run=cmd_finetune)
     return parser
 
@@ -359,7 +362,8 @@ def _add_request_flags(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; every failure a user can cause ends in one line on stderr and exit code 2
     (130 for Ctrl-C), never a traceback."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(command=next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
     try:
         args.run(args)
     except SdtorchError as e:
