@@ -1,5 +1,5 @@
 """Textual-inversion training: only the new vectors train, A1111 initialisation, the three output formats load
-back (in sdtorch and in diffusers), exact resume, strict config."""
+back (in sdtorch and in diffusers), exact resume, strict config, `sdtorch finetune --method textual-inversion`."""
 
 import json
 import random
@@ -9,12 +9,14 @@ import torch
 from conftest import assert_parity
 
 import sdtorch
+from sdtorch import cli, tomlconfig
 from sdtorch.adapters.embeddings import add_trainable_embedding, init_vectors, read_embedding
 from sdtorch.data.shapes import caption, render, sample_attributes
 from sdtorch.errors import InvalidInputError
 from sdtorch.prompts import encode_prompts
 from sdtorch.training import textual_inversion as ti
 from sdtorch.training.datasets import DatasetConfig, FineTuneDataset
+from sdtorch.training.finetune import FineTuneConfig, finetune
 from sdtorch.training.textual_inversion import FORMATS, TextualInversionConfig, train_textual_inversion
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,14 +36,20 @@ def image_folder(folder, count: int = 4):
     return folder
 
 
-def config(**overrides) -> TextualInversionConfig:
-    settings = dict(name=NAME, init_word="red circle", num_vectors=3, steps=3, batch_size=2, lr=0.05,
-                    templates=("a photo of a [name]", "[filewords], [name] style"), checkpoint_every=100)
-    return TextualInversionConfig(**{**settings, **overrides})
+def config(data, out, **overrides) -> FineTuneConfig:
+    """A textual-inversion run on `data` into `out`; overrides name fields of either config."""
+    own = dict(name=NAME, init_word="red circle", num_vectors=3,
+               templates=("a photo of a [name]", "[filewords], [name] style"))
+    shared = dict(steps=3, batch_size=2, lr=0.05, checkpoint_every=100)
+    for key, value in overrides.items():
+        (own if key in own else shared)[key] = value
+    return FineTuneConfig(dataset=DatasetConfig(folder=str(data), resolution=64, seed=1), out=str(out),
+                          method="textual-inversion", textual_inversion=TextualInversionConfig(**own), **shared)
 
 
-def dataset(folder) -> FineTuneDataset:
-    return FineTuneDataset(DatasetConfig(folder=str(folder), resolution=64, seed=1))
+def train(pipe, data, out, **overrides):
+    settings = config(data, out, **overrides)
+    return train_textual_inversion(pipe, FineTuneDataset(settings.dataset), settings)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +65,7 @@ def trained(tmp_path_factory, data):
               for part in ("unet", "vae", "text_encoder")}
     start = init_vectors(pipe.tokenizer, pipe.text_encoder, "red circle", 3)
     out = tmp_path_factory.mktemp("ti") / "out"
-    assert train_textual_inversion(pipe, dataset(data), config(), out) == out / f"{NAME}.safetensors"
+    assert train(pipe, data, out) == out / f"{NAME}.safetensors"
     return pipe, before, start, out
 
 
@@ -128,7 +136,7 @@ def test_diffusers_load_textual_inversion_reads_the_files(trained, kind):
 
 def test_resume_is_bit_identical(tmp_path, data, monkeypatch):
     settings = dict(steps=4, checkpoint_every=2)
-    straight = train_textual_inversion(sdtorch.load(), dataset(data), config(**settings), tmp_path / "straight")
+    straight = train(sdtorch.load(), data, tmp_path / "straight", **settings)
 
     calls, real_loss = [], ti.diffusion_loss
 
@@ -141,34 +149,71 @@ def test_resume_is_bit_identical(tmp_path, data, monkeypatch):
     monkeypatch.setattr(ti, "diffusion_loss", counted)
     pipe, interrupt = sdtorch.load(), True
     with pytest.raises(KeyboardInterrupt):
-        train_textual_inversion(pipe, dataset(data), config(**settings), tmp_path / "resumed")
+        train(pipe, data, tmp_path / "resumed", **settings)
     assert pipe.embeddings == {} and not (tmp_path / "resumed" / f"{NAME}.safetensors").exists()
     assert json.loads((tmp_path / "resumed" / "checkpoint" / "checkpoint.json").read_text())["step"] == 2
     calls.clear()
     interrupt = False
-    resumed = train_textual_inversion(sdtorch.load(), dataset(data), config(**settings), tmp_path / "resumed")
+    resumed = train(sdtorch.load(), data, tmp_path / "resumed", **settings)
     assert len(calls) == 2  # steps 3 and 4 only
     assert torch.equal(read_embedding(resumed).vectors, read_embedding(straight).vectors)
     with pytest.raises(InvalidInputError, match="exist already"):  # never replaces its outputs
-        train_textual_inversion(sdtorch.load(), dataset(data), config(**settings), tmp_path / "resumed")
+        train(sdtorch.load(), data, tmp_path / "resumed", **settings)
 
 
 def test_config_from_table_rejects_unknown_keys_and_bad_values():
-    table = {"name": NAME, "init_word": "circle", "num_vectors": 2, "templates": ["a [name]"]}
-    assert TextualInversionConfig.from_table(table).templates == ("a [name]",)
-    with pytest.raises(InvalidInputError, match="learning_rate: unknown key"):
-        TextualInversionConfig.from_table({**table, "learning_rate": 0.1})
+    section = {"name": NAME, "init_word": "circle", "num_vectors": 2, "templates": ["a [name]"]}
+
+    def parse(section=section, **top):
+        table = {"dataset": {"folder": "data"}, "out": "out", "method": "textual-inversion",
+                 "textual_inversion": section, **top}
+        return tomlconfig.from_table(FineTuneConfig, table, source="ti.toml")
+
+    assert parse().textual_inversion.templates == ("a [name]",)
+    with pytest.raises(InvalidInputError, match=r"\[textual_inversion\] learning_rate: unknown key"):
+        parse({**section, "learning_rate": 0.1})  # a shared setting belongs at the top level, as lr
     with pytest.raises(InvalidInputError, match="num_vectors"):
-        TextualInversionConfig.from_table({**table, "num_vectors": 0})
+        parse({**section, "num_vectors": 0})
     with pytest.raises(InvalidInputError, match="neither"):
-        TextualInversionConfig.from_table({**table, "templates": ["a photo"]})
+        parse({**section, "templates": ["a photo"]})
     with pytest.raises(InvalidInputError, match="name"):
-        TextualInversionConfig.from_table({**table, "name": "../evil"})
+        parse({**section, "name": "../evil"})
     with pytest.raises(InvalidInputError, match="formats"):
-        TextualInversionConfig.from_table({**table, "formats": ["ckpt"]})
+        parse({**section, "formats": ["ckpt"]})
+    with pytest.raises(InvalidInputError, match=r"textual-inversion needs the \[textual_inversion\] section"):
+        tomlconfig.from_table(FineTuneConfig, {"dataset": {"folder": "data"}, "out": "out",
+                                               "method": "textual-inversion"}, source="ti.toml")
+    with pytest.raises(InvalidInputError, match=r"\[textual_inversion\] is for method textual-inversion, not lora"):
+        parse(method="lora")
+    with pytest.raises(InvalidInputError, match="textual-inversion does not use rank, ema_decay"):
+        parse(rank=8, ema_decay=0.9)
+
+
+def test_toml_misspelt_key_in_the_section_is_refused_by_name(tmp_path, data, capsys):
+    path = tmp_path / "ti.toml"
+    path.write_text(f'out = "{tmp_path / "out"}"\nmethod = "textual-inversion"\n[dataset]\nfolder = "{data}"\n'
+                    f'[textual_inversion]\nname = "{NAME}"\ninit_word = "circle"\nnum_vector = 2\n')
+    assert cli.main(["finetune", str(path)]) == 2
+    assert f"{path}: [textual_inversion] num_vector: unknown key; did you mean num_vectors?" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_cli_run_writes_the_three_files(tmp_path, data, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["finetune", "--method", "textual-inversion", "--data", str(data), "--out", str(out),
+                     "--resolution", "64", "--token", "hexa", "--init-word", "circle", "--num-vectors", "2",
+                     "--steps", "2", "--lr", "5e-3", "--weight-decay", "0", "--no-progress"]) == 0
+    files = {kind: out / name.format("hexa") for kind, name in FORMATS.items()}
+    assert capsys.readouterr().out.strip() == str(files["a1111_safetensors"])
+    assert {p.name for p in out.iterdir() if p.is_file()} >= {p.name for p in files.values()}
+    assert torch.load(files["a1111_pt"], weights_only=True)["step"] == 2
+    assert all(read_embedding(path).vectors.shape == (2, 128) for path in files.values())
+    settings = json.loads((out / "checkpoint" / "checkpoint.json").read_text())["config"]
+    assert settings["lr"] == 5e-3 and settings["weight_decay"] == 0
+    assert settings["textual_inversion"]["name"] == "hexa"
 
 
 def test_init_word_without_tokens_is_a_clear_error(tmp_path, data):
     with pytest.raises(InvalidInputError, match="init text '  ' has no tokens"):
-        train_textual_inversion(sdtorch.load(), dataset(data), config(init_word="  "), tmp_path / "out")
+        train(sdtorch.load(), data, tmp_path / "out", init_word="  ")
     assert not (tmp_path / "out").exists()  # nothing written

@@ -209,22 +209,26 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(model if model.is_dir() else args.workdir)
 
 
-# `sdtorch finetune` flags: one per FineTuneConfig field (help from the field), plus these [dataset] keys
-_FINETUNE_DATASET_FLAGS = {"data": "folder", "resolution": "resolution", "buckets": "buckets",
-                           "caption_dropout": "caption_dropout", "shuffle_tags": "shuffle_tags",
-                           "repeats": "repeats", "cache_latents": "cache_latents"}
+# `sdtorch finetune` flags: one per FineTuneConfig field (help from the field), plus these keys of its sections
+_FINETUNE_SECTION_FLAGS = {
+    "dataset": {"data": "folder", "resolution": "resolution", "buckets": "buckets",
+                "caption_dropout": "caption_dropout", "shuffle_tags": "shuffle_tags", "repeats": "repeats",
+                "cache_latents": "cache_latents"},
+    "textual_inversion": {"token": "name", "init_word": "init_word", "num_vectors": "num_vectors"},
+}
 
 
 def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
-    from .training.datasets import DatasetConfig
     from .training.finetune import FineTuneConfig
 
-    hints = {**typing.get_type_hints(DatasetConfig), **typing.get_type_hints(FineTuneConfig)}
-    names = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(FineTuneConfig) if f.name != "dataset"}
-    for flag, key in _FINETUNE_DATASET_FLAGS.items():
-        names[flag] = f"[dataset] {key}"
-    for name, help_text in names.items():
-        hint = hints[_FINETUNE_DATASET_FLAGS.get(name, name)]
+    top = typing.get_type_hints(FineTuneConfig)
+    flags = {f.name: (top[f.name], f.metadata.get("help", "")) for f in dataclasses.fields(FineTuneConfig)
+             if f.name not in _FINETUNE_SECTION_FLAGS}
+    for section, keys in _FINETUNE_SECTION_FLAGS.items():
+        (cls,) = [t for t in typing.get_args(top[section]) or (top[section],) if dataclasses.is_dataclass(t)]
+        hints = typing.get_type_hints(cls)
+        flags.update({flag: (hints[key], f"[{section}] {key}") for flag, key in keys.items()})
+    for name, (hint, help_text) in flags.items():
         flag = "--" + name.replace("_", "-")
         if hint is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -245,16 +249,15 @@ def cmd_finetune(args: argparse.Namespace) -> None:
             table = tomllib.loads(Path(args.config).read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise InvalidInputError(f"cannot read fine-tune config {args.config}: {e}") from None
-    dataset = dict(table.get("dataset", {}))
-    for flag, key in _FINETUNE_DATASET_FLAGS.items():
-        if getattr(args, flag) is not None:
-            dataset[key] = getattr(args, flag)
-    table = {**table, "dataset": dataset}
+    for section, keys in _FINETUNE_SECTION_FLAGS.items():
+        given = {key: getattr(args, flag) for flag, key in keys.items() if getattr(args, flag) is not None}
+        if section in table or given or section == "dataset":
+            table[section] = {**table.get(section, {}), **given}
     for f in dataclasses.fields(FineTuneConfig):
-        if f.name != "dataset" and getattr(args, f.name) is not None:
+        if f.name not in _FINETUNE_SECTION_FLAGS and getattr(args, f.name) is not None:
             table[f.name] = getattr(args, f.name)
     source = args.config or "command line"
-    if "folder" not in dataset or "out" not in table:
+    if "folder" not in table["dataset"] or "out" not in table:
         raise InvalidInputError(f"{source}: fine-tuning needs --data DIR (or [dataset] folder) and --out DIR (or out)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     result = finetune(tomlconfig.from_table(FineTuneConfig, table, source=source))
@@ -328,8 +331,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     train.add_argument("--until", help="stop after this stage (tokenizer, vae, latents, clip, unet, model, metrics)")
     train.set_defaults(run=cmd_train)
 
-    finetune = sub.add_parser("finetune", help="fine-tune a model on a captioned image folder (LoRA or full); "
-                              "resumable; runs under accelerate launch / torchrun too")
+    finetune = sub.add_parser("finetune", help="fine-tune a model on a captioned image folder (LoRA, full or "
+                              "textual inversion); resumable; LoRA and full run under accelerate launch / torchrun too")
     finetune.add_argument("config", nargs="?", help="fine-tune config (TOML); flags given override it")
     if command == "finetune":
         _add_finetune_flags(finetune)

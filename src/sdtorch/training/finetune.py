@@ -1,4 +1,5 @@
-"""Fine-tuning an existing model on a captioned image folder: LoRA (kohya / diffusers files) or the full UNet.
+"""Fine-tuning an existing model on a captioned image folder: LoRA (kohya / diffusers files), the full UNet,
+or a textual-inversion embedding (handed to `textual_inversion.py` once the data folder is scanned).
 
 One `FineTuneConfig` (TOML via `tomlconfig.from_table`, or CLI flags made from the same fields) drives
 `finetune`, which:
@@ -22,6 +23,7 @@ noise offset (crosslabs 2023: noise + offset * N(0, 1) per sample and channel, a
 
 Layout of `out`:
     checkpoint/                 the loop's resumable checkpoint, log.jsonl and timings.json
+    <name>.safetensors, <name>.pt, learned_embeds.safetensors   textual inversion (see textual_inversion.py)
     <output_name>.safetensors   LoRA, kohya format; <output_name>-step<N>.safetensors snapshots (keep_last)
     pytorch_lora_weights.safetensors   LoRA, diffusers format
     <output_name>/ or .safetensors     full fine-tune
@@ -53,17 +55,22 @@ from .datasets import DatasetConfig, FineTuneDataset
 from .diffusion import add_noise, min_snr_weights, velocity
 from .lora_training import PEFT_FILE, TARGETS, LoraNetwork, save_kohya, save_peft
 from .loop import EMA, LOG_JSONL, TrainState, step_generator, train, warmup_cosine
+from .textual_inversion import TextualInversionConfig, train_textual_inversion
 from .vae import encode_images
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("lora", "full")
+METHODS = ("lora", "full", "textual-inversion")
 PRECISIONS = ("no", "bf16", "fp16")
 LR_SCHEDULERS = ("constant", "cosine")
 SAVE_FORMATS = ("diffusers", "single_file")
 CHECKPOINT_DIR = "checkpoint"
 # fields that may change between a run and its resumption (they do not change what a step computes)
 _RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "log_every", "out", "progress")
+# fields textual inversion does not use: setting one for it is an error, not a silent no-op
+_NOT_TEXTUAL_INVERSION = ("output_name", "gradient_accumulation", "train_text_encoder", "rank", "alpha", "lora_dropout",
+                          "lora_targets", "min_snr_gamma", "noise_offset", "mixed_precision", "ema_decay", "keep_last",
+                          "save_format")
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -72,20 +79,29 @@ def _opt(default: Any, help: str) -> Any:
 
 @dataclass(frozen=True)
 class FineTuneConfig:
-    """A fine-tuning run: the `[dataset]` table plus the keys below (each one's help is its CLI flag's)."""
+    """A fine-tuning run: the `[dataset]` table, for method textual-inversion the `[textual_inversion]` table,
+    and the keys below (each one's help is its CLI flag's).
+
+    Textual inversion shares steps, batch_size, lr, lr_scheduler, warmup_steps, weight_decay, max_grad_norm,
+    clip_skip, seed, checkpoint_every, log_every, model and out with the other methods, defaults included;
+    A1111 trains embeddings with lr 5e-3, weight decay 0 and no clipping: pass `--lr 5e-3 --weight-decay 0
+    --max-grad-norm 0` for that. The other keys (`_NOT_TEXTUAL_INVERSION`) are refused for it.
+    """
 
     dataset: DatasetConfig
     out: str = field(metadata={"help": "output folder (checkpoint, exports, log); run again to resume"})
-    method: str = _opt("lora", f"what trains: {' | '.join(METHODS)}")
+    method: str = _opt("lora", f"what trains: {' | '.join(METHODS)} (textual-inversion needs --token and "
+                       "--init-word; A1111's settings for it: --lr 5e-3 --weight-decay 0 --max-grad-norm 0)")
+    textual_inversion: TextualInversionConfig | None = _opt(None, "method textual-inversion's own settings")
     model: str = _opt("", "base model: single file, diffusers folder or hub id (empty: the built-in shapes model)")
     output_name: str = _opt("lora", "name of the exported file (kohya's output_name)")
     steps: int = _opt(1000, "optimizer steps")
     batch_size: int = _opt(1, "global batch size (split across processes)")
     gradient_accumulation: int = _opt(1, "micro-batches per optimizer step")
-    lr: float = _opt(1e-4, "learning rate (AdamW)")
+    lr: float = _opt(1e-4, "learning rate (AdamW; textual inversion usually takes 5e-3)")
     lr_scheduler: str = _opt("constant", f"after warm-up: {' | '.join(LR_SCHEDULERS)} (cosine decays to 0)")
     warmup_steps: int = _opt(0, "linear LR warm-up steps")
-    weight_decay: float = _opt(1e-2, "AdamW weight decay")
+    weight_decay: float = _opt(1e-2, "AdamW weight decay (A1111's textual inversion: 0)")
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
     train_text_encoder: bool = _opt(False, "also train the text encoder (LoRA on it, or all of it for full)")
     rank: int = _opt(4, "LoRA rank (kohya's network_dim)")
@@ -127,6 +143,30 @@ class FineTuneConfig:
             raise InvalidInputError(f"min_snr_gamma must be positive, got {self.min_snr_gamma}")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise InvalidInputError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.method != "textual-inversion":
+            if self.textual_inversion is not None:
+                raise InvalidInputError(f"[textual_inversion] is for method textual-inversion, not {self.method}")
+            return
+        if self.textual_inversion is None:
+            raise InvalidInputError("method textual-inversion needs the [textual_inversion] section "
+                                    "(name and init_word; flags --token NAME --init-word WORD)")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        unused = [name for name in _NOT_TEXTUAL_INVERSION if getattr(self, name) != defaults[name]]
+        if unused:
+            raise InvalidInputError(f"method textual-inversion does not use {', '.join(unused)}; leave them unset")
+
+    @property
+    def final_lr_ratio(self) -> float:
+        """The LR at the last step as a fraction of `lr`: 1 for a constant schedule, 0 for cosine."""
+        return 1.0 if self.lr_scheduler == "constant" else 0.0
+
+    def run_settings(self) -> dict[str, Any]:
+        """The settings (JSON-able) a resumed run must share with the run it continues; without a
+        `[textual_inversion]` section its key is left out, so checkpoints written before it existed resume."""
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in _RESUMABLE_CHANGES}
+        if self.textual_inversion is None:
+            del settings["textual_inversion"]
+        return settings
 
 
 def cpu_has_native_bf16() -> bool:
@@ -249,6 +289,10 @@ def finetune(config: FineTuneConfig) -> Path:
     from accelerate import Accelerator
 
     dataset = FineTuneDataset(config.dataset)  # bad data fails here, before any model is loaded
+    if config.method == "textual-inversion":
+        result = train_textual_inversion(sdtorch.load(config.model or None), dataset, config)
+        draw_loss_curve(Path(config.out) / CHECKPOINT_DIR / LOG_JSONL, Path(config.out) / "loss.png")
+        return result
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     _check_precision(config.mixed_precision, accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -285,12 +329,11 @@ def finetune(config: FineTuneConfig) -> Path:
     text_encoder.train(config.train_text_encoder and config.method == "full")
     params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = warmup_cosine(optimizer, config.warmup_steps, config.steps,
-                              final_ratio=1.0 if config.lr_scheduler == "constant" else 0.0)
+    scheduler = warmup_cosine(optimizer, config.warmup_steps, config.steps, final_ratio=config.final_lr_ratio)
     model, prepared_optimizer = accelerator.prepare(denoiser, optimizer)
-    run_config = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUMABLE_CHANGES}
     state = TrainState(
-        models=trained, optimizer=prepared_optimizer, scheduler=scheduler, seed=config.seed, config=run_config,
+        models=trained, optimizer=prepared_optimizer, scheduler=scheduler, seed=config.seed,
+        config=config.run_settings(),
         ema={name: EMA(m, decay=config.ema_decay, warmup=True) for name, m in trained.items()}
         if config.ema_decay is not None else {},
     )

@@ -1,5 +1,12 @@
 """Textual inversion (Gal et al. 2022): learn n new token vectors for a concept; the model stays frozen.
 
+`sdtorch finetune --method textual-inversion --token NAME --init-word WORD` runs it: a `FineTuneConfig`
+whose `[textual_inversion]` section (`TextualInversionConfig`) holds what is this method's own, while the
+shared settings (steps, batch_size, lr, lr_scheduler, warmup_steps, weight_decay, max_grad_norm, seed,
+checkpoint_every, log_every, clip_skip, model, out) are FineTuneConfig's. Its defaults are LoRA's;
+A1111 trains embeddings with lr 5e-3, weight decay 0 and no gradient clipping: pass
+`--lr 5e-3 --weight-decay 0 --max-grad-norm 0` for that.
+
 The new embedding is a name and n vectors (n, D) in the text encoder's token-embedding space,
 started from the token vectors of an init word as A1111's `create_embedding` does
 (`adapters.embeddings.init_vectors`) and added to the text encoder's embedding table as a
@@ -21,7 +28,7 @@ The default templates are subject prompts in the style of diffusers' textual_inv
 "style_filewords" / "subject_filewords") uses them, and ("[filewords]",) trains on captions that
 name the concept themselves ("a [name] on grass").
 
-Output folder:
+Output folder (`out`):
     latents/                     the dataset's latent cache (reused by a later run)
     checkpoint/                  the training checkpoint (`loop.save_checkpoint`)
     <name>.safetensors           A1111: {"emb_params": (n, D)}
@@ -33,15 +40,13 @@ each written atomically and exclusively: an existing file is never replaced.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .. import tomlconfig
 from ..adapters.embeddings import add_trainable_embedding, init_vectors, unload_embedding
 from ..checkpoints.io import atomic_write, write_safetensors
 from ..errors import InvalidInputError
@@ -53,6 +58,7 @@ from .loop import StepFn, TrainState, step_generator, train, warmup_cosine
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
+    from .finetune import FineTuneConfig
 
 NAME_PLACEHOLDER, CAPTION_PLACEHOLDER = "[name]", "[filewords]"  # A1111's template words
 DEFAULT_TEMPLATES = (
@@ -76,36 +82,20 @@ _TEMPLATE_STREAM = 1  # `step_generator` stream of the template draws (stream 0:
 
 @dataclass(frozen=True)
 class TextualInversionConfig:
-    """A textual-inversion run, as a TOML table (`from_table`); unknown keys are errors.
+    """What is textual inversion's own in a fine-tune: FineTuneConfig's `[textual_inversion]` section
+    (the shared settings, from steps to lr, are FineTuneConfig's).
 
     name: the embedding's name, which prompts write and the files are named after (letters, digits, "._- ").
     init_word: text whose token vectors start the new vectors (A1111's "initialization text").
     num_vectors: n, the token positions the name takes in a prompt (A1111's "number of vectors per token").
-    steps, batch_size: optimizer steps and images per step.
-    lr, warmup_steps, final_lr_ratio, weight_decay: AdamW on the n vectors; linear warm-up, then a cosine
-        decay to final_lr_ratio * lr (1.0, the default: constant, as A1111 and diffusers train). A1111's
-        default LR is 0.005 and its weight decay 0.
     templates: caption templates, one drawn per image and step (see the module docstring).
-    clip_skip: the text encoder layer the context is taken from (1: the last).
-    seed: the template draws, timesteps and noise (the dataset's own seed orders its batches).
-    checkpoint_every, log_every: in steps.
     formats: the files written at the end, from "a1111_safetensors", "a1111_pt", "diffusers".
     """
 
     name: str
     init_word: str
     num_vectors: int = 1
-    steps: int = 3000
-    batch_size: int = 1
-    lr: float = 5e-3
-    warmup_steps: int = 0
-    final_lr_ratio: float = 1.0
-    weight_decay: float = 0.0
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
-    clip_skip: int = 1
-    seed: int = 0
-    checkpoint_every: int = 500
-    log_every: int = 50
     formats: tuple[str, ...] = tuple(FORMATS)
 
     def __post_init__(self) -> None:
@@ -119,26 +109,13 @@ class TextualInversionConfig:
               "(it names the output files)")
         check(1 <= self.num_vectors <= CHUNK_LENGTH,
               f"num_vectors must be in [1, {CHUNK_LENGTH}], got {self.num_vectors}")
-        check(self.steps >= 1 and self.batch_size >= 1, f"steps and batch_size must be >= 1, got {self.steps}, "
-              f"{self.batch_size}")
-        check(self.lr > 0 and self.weight_decay >= 0, f"need lr > 0 and weight_decay >= 0, got {self.lr}, "
-              f"{self.weight_decay}")
-        check(0 <= self.warmup_steps and 0 <= self.final_lr_ratio <= 1,
-              f"need warmup_steps >= 0 and final_lr_ratio in [0, 1], got {self.warmup_steps}, {self.final_lr_ratio}")
         check(bool(self.templates), "templates must hold at least one caption template")
         for template in self.templates:
             check(NAME_PLACEHOLDER in template or CAPTION_PLACEHOLDER in template,
                   f"template {template!r} holds neither {NAME_PLACEHOLDER} nor {CAPTION_PLACEHOLDER}: its captions "
                   "would never name the embedding")
-        check(self.clip_skip >= 1, f"clip_skip must be >= 1, got {self.clip_skip}")
-        check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1")
         check(bool(self.formats) and set(self.formats) <= set(FORMATS),
               f"formats must be some of {', '.join(FORMATS)}, got {list(self.formats)}")
-
-    @classmethod
-    def from_table(cls, table: dict[str, Any], source: str = "textual inversion config") -> TextualInversionConfig:
-        """The config of a parsed TOML table; an unknown key, a wrong type or a bad value names itself."""
-        return tomlconfig.from_table(cls, table, source=source)
 
     def caption(self, template: str, caption: str) -> str:
         """The training caption of an image: `template` with "[filewords]" -> its caption, then "[name]" -> name."""
@@ -153,30 +130,32 @@ class EmbeddingVectors(nn.Module):
         self.vectors = vectors
 
 
-def train_textual_inversion(
-    pipe: Pipeline, dataset: FineTuneDataset, config: TextualInversionConfig, out_dir: str | Path
-) -> Path:
-    """Train the embedding `config.name` on `dataset` with `pipe` frozen; returns the first file of `config.formats`.
+def train_textual_inversion(pipe: Pipeline, dataset: FineTuneDataset, config: FineTuneConfig) -> Path:
+    """Train the embedding of `config.textual_inversion` on `dataset` (`FineTuneDataset(config.dataset)`) with
+    `pipe` frozen, into `config.out`; returns the first file of its `formats`.
 
-    Latents are cached under out_dir/latents; a run interrupted after a checkpoint resumes from
-    out_dir/checkpoint to bit-identical vectors. Every pipeline parameter is left with requires_grad
+    Latents are cached under out/latents; a run interrupted after a checkpoint resumes from
+    out/checkpoint to bit-identical vectors. Every pipeline parameter is left with requires_grad
     False and unchanged; the trained embedding is unloaded at the end (load a written file to use it).
     Raises InvalidInputError when an output file exists already, the name is loaded in `pipe`, or the
     init word has no tokens.
     """
-    out_dir = Path(out_dir)
-    outputs = {kind: out_dir / FORMATS[kind].format(config.name) for kind in config.formats}
+    from .finetune import CHECKPOINT_DIR
+
+    ti = config.textual_inversion
+    out_dir = Path(config.out)
+    outputs = {kind: out_dir / FORMATS[kind].format(ti.name) for kind in ti.formats}
     existing = [str(path) for path in outputs.values() if path.exists()]
     if existing:
         raise InvalidInputError(f"{', '.join(existing)} exist already; train into a new folder (nothing is replaced)")
-    if config.name in pipe.embeddings:
-        raise InvalidInputError(f"an embedding named {config.name!r} is loaded in the pipeline; unload it first")
-    start = init_vectors(pipe.tokenizer, pipe.text_encoder, config.init_word, config.num_vectors)  # (n, D)
+    if ti.name in pipe.embeddings:
+        raise InvalidInputError(f"an embedding named {ti.name!r} is loaded in the pipeline; unload it first")
+    start = init_vectors(pipe.tokenizer, pipe.text_encoder, ti.init_word, ti.num_vectors)  # (n, D)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
     dataset.cache_latents(pipe.vae, out_dir / "latents")
 
-    vectors = add_trainable_embedding(pipe.tokenizer, pipe.text_encoder, config.name, start)  # (n, D)
+    vectors = add_trainable_embedding(pipe.tokenizer, pipe.text_encoder, ti.name, start)  # (n, D)
     try:
         optimizer = torch.optim.AdamW([vectors], lr=config.lr, weight_decay=config.weight_decay)
         state = TrainState(
@@ -184,27 +163,28 @@ def train_textual_inversion(
             optimizer=optimizer,
             scheduler=warmup_cosine(optimizer, config.warmup_steps, config.steps, config.final_lr_ratio),
             seed=config.seed,
-            config={"textual_inversion": dataclasses.asdict(config), "dataset": dataclasses.asdict(dataset.config)},
+            config=config.run_settings(),
         )
         train(_step_fn(pipe, dataset, config), state, config.steps, batch_size=config.batch_size,
-              folder=out_dir / "checkpoint", checkpoint_every=config.checkpoint_every, log_every=config.log_every,
-              stage="textual_inversion")
-        _save(pipe, config, vectors.detach(), state.step, outputs)
+              folder=out_dir / CHECKPOINT_DIR, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
+              stage="textual_inversion", max_grad_norm=config.max_grad_norm or None)
+        _save(pipe, ti, vectors.detach(), state.step, outputs)
     finally:
-        unload_embedding(pipe.text_encoder, config.name)
-    return outputs[config.formats[0]]
+        unload_embedding(pipe.text_encoder, ti.name)
+    return outputs[ti.formats[0]]
 
 
-def _step_fn(pipe: Pipeline, dataset: FineTuneDataset, config: TextualInversionConfig) -> StepFn:
+def _step_fn(pipe: Pipeline, dataset: FineTuneDataset, config: FineTuneConfig) -> StepFn:
     """The loss of step `state.step`: a function of (dataset seed, config seed, step) and the vectors."""
     schedule = DiscreteSchedule(pipe.config.schedule)
     param = next(pipe.unet.parameters())
+    ti = config.textual_inversion
 
     def step(state: TrainState) -> dict[str, torch.Tensor]:
         batch = dataset.batch(state.step, config.batch_size)
-        picks = torch.randint(len(config.templates), (config.batch_size,),
+        picks = torch.randint(len(ti.templates), (config.batch_size,),
                               generator=step_generator(config.seed, state.step, _TEMPLATE_STREAM))  # (B,)
-        captions = [config.caption(config.templates[k], words) for k, words in zip(picks.tolist(), batch.captions)]
+        captions = [ti.caption(ti.templates[k], words) for k, words in zip(picks.tolist(), batch.captions)]
         context = encode_prompts(pipe.tokenizer, pipe.text_encoder, captions, config.clip_skip)  # (B, 77k, D)
         latents = batch.latents.to(param.device, param.dtype)  # (B, C, h, w)
         return diffusion_loss(pipe.unet, latents, context.to(param.dtype), schedule,
