@@ -47,6 +47,25 @@ def context():
     return torch.randn(1, 7, 128, generator=torch.Generator().manual_seed(7))
 
 
+def random_pipeline(config, seed: int):
+    """A tiny sdtorch Pipeline of `config` with random weights (norms and biases perturbed too)."""
+    from sdtorch.models.clip import CLIPTextEncoder
+    from sdtorch.models.tokenizer import CLIPTokenizer
+    from sdtorch.models.unet import UNet
+    from sdtorch.models.vae import AutoencoderKL
+    from sdtorch.pipeline import Pipeline
+
+    torch.manual_seed(seed)
+    parts = [CLIPTextEncoder(config.text_encoder), UNet(config.unet), AutoencoderKL(config.vae)]
+    with torch.no_grad():
+        for module in parts:
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    text, unet, vae = (m.eval() for m in parts)
+    pad = "<|endoftext|>" if config.text_encoder.pad_token_id == 49407 else "!"
+    return Pipeline(CLIPTokenizer.default(pad_token=pad), text, unet, vae, config)
+
+
 # ---- pipelines against diffusers ---------------------------------------------------------------------
 
 # sdtorch (sampler, schedule) -> diffusers scheduler class and the config that reproduces it

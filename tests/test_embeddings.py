@@ -6,16 +6,15 @@ import pickle
 
 import pytest
 import torch
-from conftest import assert_parity
+from conftest import assert_parity, random_pipeline
 from safetensors.torch import save_file
 
 import sdtorch
 from sdtorch.adapters.embeddings import load_embedding, load_embeddings_dir, read_embedding
-from sdtorch.configs import TINY_SD1, TINY_SD2, ModelConfig
+from sdtorch.configs import TINY_SD1, TINY_SD2
 from sdtorch.errors import CheckpointError, InvalidInputError, UnsafeCheckpointError
 from sdtorch.models.clip import CLIPTextEncoder
 from sdtorch.models.tokenizer import CLIPTokenizer
-from sdtorch.pipeline import Pipeline
 from sdtorch.prompt_schedule import encode_conditioning
 from sdtorch.prompts import CHUNK_LENGTH, encode_prompt_groups, encode_prompts, tokenize_prompt
 
@@ -178,21 +177,6 @@ def test_longest_name_wins_and_names_match_in_the_token_stream(tmp_path, tokeniz
 
 
 # ---- the pipeline: API, generation path, diffusers parity ---------------------------------------------
-
-
-def random_pipeline(config: ModelConfig, seed: int) -> Pipeline:
-    """A tiny sdtorch model with random weights."""
-    from sdtorch.models.unet import UNet
-    from sdtorch.models.vae import AutoencoderKL
-
-    torch.manual_seed(seed)
-    parts = [CLIPTextEncoder(config.text_encoder), UNet(config.unet), AutoencoderKL(config.vae)]
-    with torch.no_grad():
-        for module in parts:
-            for p in module.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
-    text, unet, vae = (m.eval() for m in parts)
-    return Pipeline(CLIPTokenizer.default(), text, unet, vae, config)
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_parity
+from conftest import assert_parity, random_pipeline
 from safetensors.torch import save_file
 from torch import nn
 
 import sdtorch
 from sdtorch.adapters.lora import kohya_names, lora_hash
-from sdtorch.configs import TINY_SD1, TINY_SD2, ModelConfig
+from sdtorch.configs import TINY_SD1, TINY_SD2
 from sdtorch.errors import CheckpointError, InvalidInputError
-from sdtorch.models.clip import CLIPTextEncoder
-from sdtorch.models.tokenizer import CLIPTokenizer
-from sdtorch.models.unet import UNet
-from sdtorch.models.vae import AutoencoderKL
 from sdtorch.pipeline import Pipeline
 
 pytestmark = [
@@ -28,19 +24,6 @@ pytestmark = [
 
 RANK, ALPHA = 4, 2.0
 PROMPT = "a red circle in the top left"
-
-
-def random_pipeline(config: ModelConfig, seed: int) -> Pipeline:
-    """A tiny sdtorch model with random weights."""
-    torch.manual_seed(seed)
-    parts = [CLIPTextEncoder(config.text_encoder), UNet(config.unet), AutoencoderKL(config.vae)]
-    with torch.no_grad():
-        for module in parts:
-            for p in module.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
-    text, unet, vae = (m.eval() for m in parts)
-    pad = "<|endoftext|>" if config.text_encoder.pad_token_id == 49407 else "!"
-    return Pipeline(CLIPTokenizer.default(pad_token=pad), text, unet, vae, config)
 
 
 def targets(pipe: Pipeline) -> dict[tuple[str, str], nn.Module]:

@@ -3,36 +3,19 @@
 import numpy as np
 import pytest
 import torch
-from conftest import SCHEDULERS, diffusers_pipe, psnr
+from conftest import SCHEDULERS, diffusers_pipe, psnr, random_pipeline
 from PIL import Image
 
 import sdtorch
-from sdtorch.configs import TINY_SD1, ModelConfig, UNetConfig
+from sdtorch.configs import TINY_SD1, UNetConfig
 from sdtorch.errors import InvalidInputError
 from sdtorch.infotext import parse_infotext
-from sdtorch.models.tokenizer import CLIPTokenizer
 from sdtorch.pipeline import Pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = 32  # image side; the tiny VAE downsamples by 2, so latents are 16x16
 PROMPT, NEGATIVE = "a red circle in the top left", "blurry"
-
-def random_pipeline(config: ModelConfig, seed: int) -> Pipeline:
-    """A tiny sdtorch model with random weights (norms and biases perturbed too)."""
-    from sdtorch.models.clip import CLIPTextEncoder
-    from sdtorch.models.unet import UNet
-    from sdtorch.models.vae import AutoencoderKL
-
-    torch.manual_seed(seed)
-    parts = [CLIPTextEncoder(config.text_encoder), UNet(config.unet), AutoencoderKL(config.vae)]
-    with torch.no_grad():
-        for module in parts:
-            for p in module.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
-    text, unet, vae = (m.eval() for m in parts)
-    pad = "<|endoftext|>" if config.text_encoder.pad_token_id == 49407 else "!"
-    return Pipeline(CLIPTokenizer.default(pad_token=pad), text, unet, vae, config)
 
 
 def build_models(kind: str, folder) -> tuple[Pipeline, object]:
