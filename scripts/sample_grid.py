@@ -8,12 +8,10 @@ Prompts in the last row use (shape, colour) pairs held out of training. Seeds ar
 from __future__ import annotations
 
 import argparse
-import textwrap
-
-from PIL import Image, ImageDraw, ImageFont
 
 import sdtorch
 from sdtorch.checkpoints.io import atomic_write
+from sdtorch.grids import image_grid
 
 PROMPTS = [
     "a small red star in the top left",
@@ -30,22 +28,6 @@ PROMPTS = [
     "a blue triangle in the top left",
     "a big green star in the lower left",
 ]
-SCALE, COLUMNS, LABEL_HEIGHT, WIDTH_CHARS = 3, 4, 44, 26
-
-
-def draw_grid(images: list[Image.Image], prompts: list[str]) -> Image.Image:
-    side = images[0].width * SCALE
-    rows = -(-len(images) // COLUMNS)
-    grid = Image.new("RGB", (COLUMNS * (side + 8) + 8, rows * (side + LABEL_HEIGHT + 8) + 8), "white")
-    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
-    for i, (image, prompt) in enumerate(zip(images, prompts)):
-        row, col = divmod(i, COLUMNS)
-        x, y = 8 + col * (side + 8), 8 + row * (side + LABEL_HEIGHT + 8)
-        grid.paste(image.resize((side, side), Image.NEAREST), (x, y))
-        draw.multiline_text((x, y + side + 3), "\n".join(textwrap.wrap(prompt, WIDTH_CHARS)), fill="black", font=font)
-    return grid
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/shapes-samples.png")
@@ -55,7 +37,7 @@ def main() -> None:
     pipe = sdtorch.load(args.model)
     images = [pipe(p, num_inference_steps=20, sampler="DPM++ 2M", schedule="Karras", cfg_scale=args.cfg, seed=i)[0]
               for i, p in enumerate(PROMPTS)]
-    grid = draw_grid(images, PROMPTS)
+    grid = image_grid(images, PROMPTS, columns=4, scale=3)
     atomic_write(args.out, lambda tmp: grid.save(tmp, format="PNG"))
     print(args.out)
 

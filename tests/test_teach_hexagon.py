@@ -43,21 +43,31 @@ def test_training_folder(teach, tmp_path):
     assert len(hexagon_captions) == 3 and all("hexagon" in c for c in hexagon_captions)
 
 
-def test_toy_run_writes_report_and_grid(teach, tmp_path, one_thread):
+@pytest.mark.parametrize("method, extra, result", [
+    ("lora", ["--ordinary", "2", "--rank", "2"], "lora.safetensors"),
+    ("textual-inversion", [], "hexagon.safetensors"),
+    ("dreambooth", ["--class-images", "2", "--no-dreambooth-lora", "--lr", "1e-5"], "model"),
+])
+def test_toy_run_writes_report_and_grid(teach, tmp_path, one_thread, method, extra, result):
     workdir, grid = tmp_path / "run", tmp_path / "grid.png"
-    report = teach.main(["--workdir", str(workdir), "--hexagons", "2", "--ordinary", "2", "--steps", "3",
-                         "--batch-size", "2", "--warmup-steps", "0", "--rank", "2", "--hexagon-prompts", "4",
-                         "--eval-count", "2", "--eval-held-out", "1", "--grid", str(grid), "--grid-columns", "4",
-                         "--no-progress"])
-    assert (workdir / "lora" / "lora.safetensors").is_file()
+    report = teach.main(["--method", method, "--workdir", str(workdir), "--hexagons", "2", "--steps", "3",
+                         "--batch-size", "2", "--warmup-steps", "0", "--hexagon-prompts", "4", "--eval-count", "2",
+                         "--eval-held-out", "1", "--grid", str(grid), "--grid-columns", "4", "--no-progress", *extra])
+    assert (workdir / "out" / result).exists() and report["result"] == str(workdir / "out" / result)
     assert grid.is_file() and (workdir / "grid.png").is_file()
     saved = json.loads((workdir / "report.json").read_text())
-    assert saved["summary"] == json.loads(json.dumps(report["summary"]))
-    for key in ("hexagon_rate_without_lora", "hexagon_rate_with_lora", "base_all_correct_without_lora",
-                "base_all_correct_with_lora", "base_all_correct_drop_points", "train_wall_s", "targets_met"):
+    assert saved["summary"] == json.loads(json.dumps(report["summary"])) and saved["method"] == method
+    for key in ("hexagon_rate_base", "hexagon_rate_tuned", "base_all_correct_base", "base_all_correct_tuned",
+                "base_all_correct_drop_points", "train_wall_s", "targets_met"):
         assert key in saved["summary"]
     assert saved["summary"]["base_prompts"] == 3 and saved["summary"]["hexagon_prompts"] == 4
-    for label in ("base", "lora"):
+    for label in ("base", "tuned"):
         assert saved["results"][label]["hexagon"]["n"] == 4
         assert saved["results"][label]["base_concepts"]["guided"]["all"]["n"] == 3
     assert saved["training"]["settings"]["steps"] == 3 and saved["timings_s"]["train_wall"] > 0
+    if method == "dreambooth":  # class images drawn once, captioned with their prompts
+        captions = sorted((workdir / "class_images").glob("*.txt"))
+        assert len(captions) == 2 and all(c.read_text().strip() for c in captions)
+    if method == "textual-inversion":  # trained on hexagon captions only: the embedding changes no other prompt
+        assert saved["data"]["ordinary_images"] == 0
+        assert saved["results"]["base"]["base_concepts"] == saved["results"]["tuned"]["base_concepts"]

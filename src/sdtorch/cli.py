@@ -215,6 +215,9 @@ _FINETUNE_SECTION_FLAGS = {
                 "caption_dropout": "caption_dropout", "shuffle_tags": "shuffle_tags", "repeats": "repeats",
                 "cache_latents": "cache_latents"},
     "textual_inversion": {"token": "name", "init_word": "init_word", "num_vectors": "num_vectors"},
+    "dreambooth": {"instance_prompt": "instance_prompt", "class_prompt": "class_prompt", "class_dir": "class_dir",
+                   "num_class_images": "num_class_images", "prior_loss_weight": "prior_loss_weight",
+                   "dreambooth_lora": "lora"},
 }
 
 
@@ -232,6 +235,8 @@ def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         if hint is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(hint) is tuple:  # a repeatable flag, one value each time
+            parser.add_argument(flag.removesuffix("s"), dest=name, action="append", default=None, help=help_text)
         else:
             kind = next((t for t in typing.get_args(hint) or (hint,) if t in (int, float, str)), str)
             parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
@@ -331,8 +336,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     train.add_argument("--until", help="stop after this stage (tokenizer, vae, latents, clip, unet, model, metrics)")
     train.set_defaults(run=cmd_train)
 
-    finetune = sub.add_parser("finetune", help="fine-tune a model on a captioned image folder (LoRA, full or "
-                              "textual inversion); resumable; LoRA and full run under accelerate launch / torchrun too")
+    finetune = sub.add_parser("finetune", help="fine-tune a model on a captioned image folder (LoRA, full, "
+                              "DreamBooth or textual inversion); resumable; LoRA and full run under accelerate launch / torchrun too")
     finetune.add_argument("config", nargs="?", help="fine-tune config (TOML); flags given override it")
     if command == "finetune":
         _add_finetune_flags(finetune)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ArchitectureError
+from .checkpointing import Checkpointable
 
 
 class Attention(nn.Module):
@@ -86,7 +87,7 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
-class SpatialTransformer(nn.Module):
+class SpatialTransformer(Checkpointable):
     """Transformer over the pixels of a feature map, conditioned on the text context, with a residual.
 
     `use_linear_proj` selects SD2's Linear proj_in/proj_out (applied to tokens) over SD1's 1x1 convs

@@ -19,6 +19,7 @@ from torch import nn
 from ..configs import UNetConfig
 from ..errors import InvalidInputError
 from .attention import SpatialTransformer
+from .checkpointing import Checkpointable
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -49,7 +50,7 @@ class TimeEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(emb)))
 
 
-class ResBlock(nn.Module):
+class ResBlock(Checkpointable):
     """Two GroupNorm-SiLU-conv3x3 stages with the timestep embedding added in between, plus a residual
     (a 1x1 conv `conv_shortcut` when the channel count changes)."""
 

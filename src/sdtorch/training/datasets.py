@@ -179,7 +179,7 @@ def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     """The images directly in `folder` (not its sub-folders), by extension in any case, sorted."""
     return sorted(p for p in folder.iterdir() if _visible(p) and p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
@@ -235,24 +235,27 @@ def _metadata_entries(folder: Path) -> list[tuple[Path, str]]:
     return entries
 
 
-def _captioned_images(config: DatasetConfig) -> list[tuple[Path, str | None, int]]:
-    """(image, caption or None when it has none, repeats) for every image of the folder's layout."""
+def _captioned_images(config: DatasetConfig, caption: str | None) -> list[tuple[Path, str | None, int]]:
+    """(image, caption or None when it has none, repeats) for every image of the folder's layout; with
+    `caption`, that is every image's caption and caption files are not read."""
     folder = Path(config.folder)
     if not folder.is_dir():
         raise InvalidInputError(f"dataset folder {folder} does not exist or is not a folder")
+    if caption is not None:
+        return [(image, caption, repeats) for image, _, repeats in _captioned_images(config, None)]
     if (folder / METADATA_FILE).is_file():
         return [(image, caption, config.repeats) for image, caption in _metadata_entries(folder)]
     subsets = _repeat_folders(folder)
     if not subsets:
         return [(image, _read_caption(image, config.caption_extension), config.repeats)
-                for image in _image_files(folder)]
-    if _image_files(folder):
+                for image in image_files(folder)]
+    if image_files(folder):
         names = ", ".join(sub.name for sub, _, _ in subsets)
         raise InvalidInputError(f"{folder} holds images and N_prompt sub-folders ({names}); move the images into "
                                 "a sub-folder (kohya reads only the sub-folders)")
     images = []
     for sub, repeats, prompt in subsets:
-        for image in _image_files(sub):
+        for image in image_files(sub):
             caption = _read_caption(image, config.caption_extension)
             images.append((image, prompt if caption is None else caption, repeats))
     return images
@@ -354,13 +357,14 @@ class FineTuneDataset:
     """The images of a `DatasetConfig`'s folder, scanned and checked, with seeded, resumable batches.
 
     Entries are images repeated `repeats` times (index i of `entries` is an image index); `len` is the
-    number of entries. `dataset[i]` is entry i unaugmented as a dict ("image" (3, H, W) in [-1, 1],
+    number of entries. `caption`, when given, is every image's caption (DreamBooth's instance and class
+    prompts) and no caption file is read. `dataset[i]` is entry i unaugmented as a dict ("image" (3, H, W) in [-1, 1],
     "caption", "original_size", "crop", "path"), the item form vae.py's helpers take.
     """
 
-    def __init__(self, config: DatasetConfig):
+    def __init__(self, config: DatasetConfig, caption: str | None = None):
         self.config = config
-        found = _captioned_images(config)
+        found = _captioned_images(config, caption)
         if not found:
             raise InvalidInputError(
                 f"no images in {config.folder} (looked for {', '.join(IMAGE_EXTENSIONS)} files, any case)"

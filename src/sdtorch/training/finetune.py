@@ -1,5 +1,6 @@
 """Fine-tuning an existing model on a captioned image folder: LoRA (kohya / diffusers files), the full UNet,
-or a textual-inversion embedding (handed to `textual_inversion.py` once the data folder is scanned).
+DreamBooth (either of those on a subject's images, with prior preservation: `dreambooth.py`), or a
+textual-inversion embedding (handed to `textual_inversion.py` once the data folder is scanned).
 
 One `FineTuneConfig` (TOML via `tomlconfig.from_table`, or CLI flags made from the same fields) drives
 `finetune`, which:
@@ -11,10 +12,12 @@ One `FineTuneConfig` (TOML via `tomlconfig.from_table`, or CLI flags made from t
     3. runs `loop.train`: each step draws the global batch of (seed, step) and this rank's share of it
        (`FineTuneDataset.batch(step, B, rank, world_size)`), the timesteps and noise of the whole batch
        from `step_generator(seed, step)` (this rank's rows sliced out), so N processes with global batch B
-       compute the loss one process with batch B does, and a resumed run continues bit for bit;
-    4. exports from rank 0: for LoRA `<out>/<output_name>.safetensors` (kohya, with `ss_*` metadata) and
+       compute the loss one process with batch B does, and a resumed run continues bit for bit; with
+       DreamBooth's prior preservation a class batch of B more joins the same model call (its draws from
+       `step_generator(seed, step, _PRIOR_STREAM)`);
+    4. exports from rank 0: for LoRA `<out>/<name>.safetensors` (kohya, with `ss_*` metadata) and
        `<out>/pytorch_lora_weights.safetensors` (diffusers / peft); for "full" a diffusers folder or a
-       single file `<out>/<output_name>` (`sdtorch.save`); and `<out>/loss.png`.
+       single file `<out>/<name>` (`sdtorch.save`; name: `export_name`); and `<out>/loss.png`.
 
 Process groups, gradient all-reduce and mixed precision are accelerate's (`Accelerator`): the same command
 runs alone, under `accelerate launch --num_processes N` or under `torchrun`. The objective is loss (Ho et al.
@@ -24,13 +27,17 @@ noise offset (crosslabs 2023: noise + offset * N(0, 1) per sample and channel, a
 Layout of `out`:
     checkpoint/                 the loop's resumable checkpoint, log.jsonl and timings.json
     <name>.safetensors, <name>.pt, learned_embeds.safetensors   textual inversion (see textual_inversion.py)
-    <output_name>.safetensors   LoRA, kohya format; <output_name>-step<N>.safetensors snapshots (keep_last)
+    <name>.safetensors          LoRA, kohya format; <name>-step<N>.safetensors snapshots (keep_last); name:
+                                output_name, by default "lora" for a LoRA and "model" for a full fine-tune
     pytorch_lora_weights.safetensors   LoRA, diffusers format
-    <output_name>/ or .safetensors     full fine-tune
+    <name>/ or <name>.safetensors      full fine-tune (and DreamBooth without lora)
+    class_images/               DreamBooth's class images, when class_dir does not name another folder
+    latents/                    the latent cache (cache_latents)
+    samples/step-<N>.png        the sample grids of sample_prompts (`samples.py`; the trained weights, not the EMA)
     loss.png                    the loss curve
 
-Not done: gradient checkpointing (the UNet has no activation checkpointing yet); fp16's loss scaler state
-is not checkpointed, so an fp16 run resumes close to, not exactly on, its uninterrupted path.
+Gradient checkpointing covers the UNet's ResBlocks and transformers (not the text encoder). fp16's loss
+scaler state is not checkpointed, so an fp16 run resumes close to, not exactly on, its uninterrupted path.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import random
 import re
 import time
 from dataclasses import dataclass, field
@@ -50,27 +58,35 @@ from torch import Tensor, nn
 
 from ..configs import ModelConfig
 from ..errors import InvalidInputError
+from ..models.checkpointing import set_gradient_checkpointing
 from ..sampling.schedules import DiscreteSchedule
 from .datasets import DatasetConfig, FineTuneDataset
+from .dreambooth import DreamBoothConfig, class_dataset, generate_class_images, instance_dataset
 from .diffusion import add_noise, min_snr_weights, velocity
 from .lora_training import PEFT_FILE, TARGETS, LoraNetwork, save_kohya, save_peft
+from .samples import sampler
 from .loop import EMA, LOG_JSONL, TrainState, step_generator, train, warmup_cosine
 from .textual_inversion import TextualInversionConfig, train_textual_inversion
 from .vae import encode_images
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("lora", "full", "textual-inversion")
+METHODS = ("lora", "full", "dreambooth", "textual-inversion")
 PRECISIONS = ("no", "bf16", "fp16")
 LR_SCHEDULERS = ("constant", "cosine")
 SAVE_FORMATS = ("diffusers", "single_file")
 CHECKPOINT_DIR = "checkpoint"
 # fields that may change between a run and its resumption (they do not change what a step computes)
-_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "log_every", "out", "progress")
+_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "log_every", "out", "progress", "sample_prompts",
+                      "sample_every", "gradient_checkpointing")
+# the LoRA's own keys: setting one for a run that trains no LoRA is an error, not a silent no-op
+_LORA_ONLY = ("rank", "alpha", "lora_dropout", "lora_targets", "keep_last")
+_SECTIONS = {"textual_inversion": "textual-inversion", "dreambooth": "dreambooth"}  # section -> its method
+_PRIOR_STREAM = 1  # `step_generator` stream of the class batch's timesteps and noise
 # fields textual inversion does not use: setting one for it is an error, not a silent no-op
 _NOT_TEXTUAL_INVERSION = ("output_name", "gradient_accumulation", "train_text_encoder", "rank", "alpha", "lora_dropout",
                           "lora_targets", "min_snr_gamma", "noise_offset", "mixed_precision", "ema_decay", "keep_last",
-                          "save_format")
+                          "save_format", "gradient_checkpointing")
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -93,11 +109,15 @@ class FineTuneConfig:
     method: str = _opt("lora", f"what trains: {' | '.join(METHODS)} (textual-inversion needs --token and "
                        "--init-word; A1111's settings for it: --lr 5e-3 --weight-decay 0 --max-grad-norm 0)")
     textual_inversion: TextualInversionConfig | None = _opt(None, "method textual-inversion's own settings")
+    dreambooth: DreamBoothConfig | None = _opt(None, "method dreambooth's own settings")
     model: str = _opt("", "base model: single file, diffusers folder or hub id (empty: the built-in shapes model)")
-    output_name: str = _opt("lora", "name of the exported file (kohya's output_name)")
+    output_name: str = _opt("", "name of the exported file (kohya's output_name; empty: \"lora\" for a LoRA, "
+                            "\"model\" for a full fine-tune)")
     steps: int = _opt(1000, "optimizer steps")
     batch_size: int = _opt(1, "global batch size (split across processes)")
     gradient_accumulation: int = _opt(1, "micro-batches per optimizer step")
+    gradient_checkpointing: bool = _opt(False, "recompute the UNet blocks' activations in backward: less memory "
+                                        "for about one more forward pass a step; same results")
     lr: float = _opt(1e-4, "learning rate (AdamW; textual inversion usually takes 5e-3)")
     lr_scheduler: str = _opt("constant", f"after warm-up: {' | '.join(LR_SCHEDULERS)} (cosine decays to 0)")
     warmup_steps: int = _opt(0, "linear LR warm-up steps")
@@ -116,6 +136,9 @@ class FineTuneConfig:
     checkpoint_every: int = _opt(500, "steps between checkpoints")
     keep_last: int = _opt(0, "LoRA: also export a snapshot at each checkpoint, keeping the last K (0: none)")
     log_every: int = _opt(10, "steps between log.jsonl lines")
+    sample_prompts: tuple[str, ...] = _opt((), "validation prompts drawn to <out>/samples/step-N.png every "
+                                           "sample_every steps and at the end (repeat the flag for more)")
+    sample_every: int = _opt(0, "steps between sample grids (0: only the final one)")
     save_format: str = _opt("diffusers", f"full fine-tune export: {' | '.join(SAVE_FORMATS)}")
     seed: int = _opt(0, "seed of LoRA init, timesteps and noise")
     progress: bool = _opt(True, "show a progress bar (rank 0)")
@@ -133,27 +156,47 @@ class FineTuneConfig:
                 raise InvalidInputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.out:
             raise InvalidInputError("out must name the output folder")
-        if not re.fullmatch(r"[\w.-]+", self.output_name):
+        if self.output_name and not re.fullmatch(r"[\w.-]+", self.output_name):
             raise InvalidInputError(f"output_name must be a plain file name, got {self.output_name!r}")
         if not (self.lr > 0 and self.alpha > 0 and 0 <= self.lora_dropout < 1 and self.noise_offset >= 0
-                and self.warmup_steps >= 0 and self.keep_last >= 0 and self.max_grad_norm >= 0):
+                and self.warmup_steps >= 0 and self.keep_last >= 0 and self.max_grad_norm >= 0
+                and self.sample_every >= 0):
             raise InvalidInputError("need lr > 0, alpha > 0, 0 <= lora_dropout < 1, and noise_offset, warmup_steps, "
-                                    "keep_last, max_grad_norm >= 0")
+                                    "keep_last, max_grad_norm, sample_every >= 0")
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
             raise InvalidInputError(f"min_snr_gamma must be positive, got {self.min_snr_gamma}")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise InvalidInputError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.method != "textual-inversion":
-            if self.textual_inversion is not None:
-                raise InvalidInputError(f"[textual_inversion] is for method textual-inversion, not {self.method}")
-            return
-        if self.textual_inversion is None:
+        for section, method in _SECTIONS.items():
+            if getattr(self, section) is not None and self.method != method:
+                raise InvalidInputError(f"[{section}] is for method {method}, not {self.method}")
+        if self.method == "textual-inversion" and self.textual_inversion is None:
             raise InvalidInputError("method textual-inversion needs the [textual_inversion] section "
                                     "(name and init_word; flags --token NAME --init-word WORD)")
+        if self.method == "dreambooth" and self.dreambooth is None:
+            raise InvalidInputError("method dreambooth needs the [dreambooth] section (instance_prompt, and "
+                                    "class_prompt for prior preservation; flags --instance-prompt, --class-prompt)")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        unused = [name for name in _NOT_TEXTUAL_INVERSION if getattr(self, name) != defaults[name]]
-        if unused:
+        unused = (_NOT_TEXTUAL_INVERSION if self.method == "textual-inversion"
+                  else () if self.trains_lora else (*_LORA_ONLY, ))
+        unused = [name for name in unused if getattr(self, name) != defaults[name]]
+        if unused and self.method == "textual-inversion":
             raise InvalidInputError(f"method textual-inversion does not use {', '.join(unused)}; leave them unset")
+        if unused:
+            raise InvalidInputError(f"method {self.method} trains no LoRA: leave {', '.join(unused)} unset")
+        if self.trains_lora and self.save_format != defaults["save_format"]:
+            raise InvalidInputError("save_format is for full fine-tunes; a LoRA is written in the kohya and diffusers "
+                                    "formats")
+
+    @property
+    def export_name(self) -> str:
+        """The exported file's name: output_name, or by default "lora" / "model" after what trains."""
+        return self.output_name or ("lora" if self.trains_lora else "model")
+
+    @property
+    def trains_lora(self) -> bool:
+        """Whether what trains is a LoRA network (method lora, or dreambooth with lora = true)."""
+        return self.method == "lora" or (self.dreambooth is not None and self.dreambooth.lora)
 
     @property
     def final_lr_ratio(self) -> float:
@@ -161,11 +204,12 @@ class FineTuneConfig:
         return 1.0 if self.lr_scheduler == "constant" else 0.0
 
     def run_settings(self) -> dict[str, Any]:
-        """The settings (JSON-able) a resumed run must share with the run it continues; without a
-        `[textual_inversion]` section its key is left out, so checkpoints written before it existed resume."""
+        """The settings (JSON-able) a resumed run must share with the run it continues; a method section
+        that is not there is left out, so checkpoints written before it existed resume."""
         settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in _RESUMABLE_CHANGES}
-        if self.textual_inversion is None:
-            del settings["textual_inversion"]
+        for section in _SECTIONS:
+            if settings[section] is None:
+                del settings[section]
         return settings
 
 
@@ -188,10 +232,12 @@ def _check_precision(precision: str, device: torch.device) -> None:
 
 
 class _Denoiser(nn.Module):
-    """Text encoder + UNet (+ the LoRA network) as one module: captions' ids (B, 77) -> the UNet's output.
+    """Text encoder + UNet (+ the LoRA network) as one module: noisy latents, timesteps and captions' ids
+    (B, 77) of each part of a step's batch -> the UNet's output for each part.
 
-    Wrapping them together lets DDP see every trained parameter; the text encoder runs without
-    gradients unless it trains.
+    Wrapping them together lets DDP see every trained parameter, and one call per step however many parts
+    (instance and class batches) there are, as DDP requires; parts of one latent size run as one batch.
+    The text encoder runs without gradients unless it trains.
     """
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, network: LoraNetwork | None,
@@ -200,42 +246,63 @@ class _Denoiser(nn.Module):
         self.unet, self.text_encoder, self.network = unet, text_encoder, network
         self.train_text_encoder, self.clip_skip = train_text_encoder, clip_skip
 
-    def forward(self, x_t: Tensor, t: Tensor, ids: Tensor) -> Tensor:
+    def forward(self, parts: list[tuple[Tensor, Tensor, Tensor]]) -> list[Tensor]:
+        sizes = [x_t.shape[0] for x_t, _, _ in parts]
+        if len({x_t.shape for x_t, _, _ in parts}) > 1:  # different buckets: one UNet call each
+            return [out for part in parts for out in self.forward([part])]
+        x_t, t, ids = (torch.cat(tensors) for tensors in zip(*parts))
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             context = self.text_encoder(ids, clip_skip=self.clip_skip)  # (B, 77, D)
-        return self.unet(x_t, t, context)  # (B, C, h, w)
+        return list(self.unet(x_t, t, context).split(sizes))  # [(b, C, h, w)]
 
 
-def finetune_loss(model: nn.Module, latents: Tensor, ids: Tensor, schedule: DiscreteSchedule, *,
-                  generator: torch.Generator, rows: slice, global_batch: int, prediction_type: str,
-                  snr_gamma: float | None, noise_offset: float) -> Tensor:
-    """Denoising MSE of this rank's latents (b, C, h, w), which are rows `rows` of a global batch.
+@dataclass
+class LossPart:
+    """One part of a step's batch: this rank's latents (b, C, h, w) and captions' ids (b, 77), the generator of
+    the whole global batch's timesteps and noise, and the part's weight in the loss."""
 
-    Timesteps (B,) and noise (B, C, h, w) are drawn for the whole global batch from `generator` and this
-    rank's rows taken, so the split across processes does not change any sample's draws.
+    latents: Tensor
+    ids: Tensor
+    generator: torch.Generator
+    weight: float = 1.0
+
+
+def finetune_loss(model: nn.Module, parts: list[LossPart], schedule: DiscreteSchedule, *, rows: slice,
+                  global_batch: int, prediction_type: str, snr_gamma: float | None, noise_offset: float) -> Tensor:
+    """Weighted sum over `parts` of the denoising MSE of this rank's latents, rows `rows` of each global batch.
+
+    Timesteps (B,) and noise (B, C, h, w) are drawn for each part's whole global batch from its generator and
+    this rank's rows taken, so the split across processes does not change any sample's draws.
     """
-    shape = (global_batch, *latents.shape[1:])
-    t = torch.randint(0, schedule.num_train_timesteps, (global_batch,), generator=generator)[rows]  # (b,)
-    noise = torch.randn(shape, generator=generator)  # (B, C, h, w)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn(*shape[:2], 1, 1, generator=generator)  # per sample, channel
-    t, noise = t.to(latents.device), noise[rows].to(latents.device, latents.dtype)
-    x_t = add_noise(schedule, latents, noise, t)  # (b, C, h, w)
-    target = noise if prediction_type == "epsilon" else velocity(schedule, latents, noise, t)
-    per_sample = (model(x_t, t, ids).float() - target.float()).pow(2).flatten(1).mean(1)  # (b,)
-    if snr_gamma is not None:
-        per_sample = per_sample * min_snr_weights(schedule, t, snr_gamma, prediction_type)
-    return per_sample.mean()
+    inputs, targets, timesteps = [], [], []
+    for part in parts:
+        latents, generator = part.latents, part.generator
+        shape = (global_batch, *latents.shape[1:])
+        t = torch.randint(0, schedule.num_train_timesteps, (global_batch,), generator=generator)[rows]  # (b,)
+        noise = torch.randn(shape, generator=generator)  # (B, C, h, w)
+        if noise_offset:
+            noise = noise + noise_offset * torch.randn(*shape[:2], 1, 1, generator=generator)  # per sample, channel
+        t, noise = t.to(latents.device), noise[rows].to(latents.device, latents.dtype)
+        inputs.append((add_noise(schedule, latents, noise, t), t, part.ids))  # x_t (b, C, h, w)
+        targets.append(noise if prediction_type == "epsilon" else velocity(schedule, latents, noise, t))
+        timesteps.append(t)
+    loss = torch.zeros((), device=parts[0].latents.device)
+    for part, prediction, target, t in zip(parts, model(inputs), targets, timesteps):
+        per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)  # (b,)
+        if snr_gamma is not None:
+            per_sample = per_sample * min_snr_weights(schedule, t, snr_gamma, prediction_type)
+        loss = loss + part.weight * per_sample.mean()
+    return loss
 
 
 def kohya_metadata(config: FineTuneConfig, model: ModelConfig, *, step: int, images: int, started: float,
-                   batches_per_epoch: int) -> dict[str, str]:
+                   batches_per_epoch: int, reg_images: int = 0) -> dict[str, str]:
     """The run's `ss_*` fields as sd-scripts' train_network.py writes them (all strings)."""
     d = config.dataset
     return {
         "ss_base_model_version": "sd_v1" if model.family == "sd1" else "sd_v2",
         "ss_v2": str(model.family == "sd2"), "ss_v_parameterization": str(model.prediction_type == "v_prediction"),
-        "ss_sd_model_name": config.model or "sdtorch-shapes", "ss_output_name": config.output_name,
+        "ss_sd_model_name": config.model or "sdtorch-shapes", "ss_output_name": config.export_name,
         "ss_resolution": f"({d.resolution}, {d.resolution})", "ss_enable_bucket": str(d.buckets),
         "ss_steps": str(step), "ss_max_train_steps": str(config.steps), "ss_learning_rate": str(config.lr),
         "ss_unet_lr": str(config.lr), "ss_text_encoder_lr": str(config.lr if config.train_text_encoder else 0.0),
@@ -249,7 +316,8 @@ def kohya_metadata(config: FineTuneConfig, model: ModelConfig, *, step: int, ima
         "ss_max_grad_norm": str(config.max_grad_norm), "ss_cache_latents": str(d.cache_latents),
         "ss_caption_dropout_rate": str(d.caption_dropout), "ss_shuffle_caption": str(d.shuffle_tags),
         "ss_keep_tokens": str(d.keep_tokens), "ss_optimizer": "torch.optim.AdamW",
-        "ss_network_train_unet_only": str(not config.train_text_encoder),
+        "ss_network_train_unet_only": str(not config.train_text_encoder), "ss_num_reg_images": str(reg_images),
+        "ss_prior_loss_weight": str(config.dreambooth.prior_loss_weight if config.dreambooth else 1.0),
     }
 
 
@@ -288,7 +356,9 @@ def finetune(config: FineTuneConfig) -> Path:
     import sdtorch
     from accelerate import Accelerator
 
-    dataset = FineTuneDataset(config.dataset)  # bad data fails here, before any model is loaded
+    dreambooth = config.dreambooth
+    # bad data fails here, before any model is loaded
+    dataset = instance_dataset(dreambooth, config.dataset) if dreambooth else FineTuneDataset(config.dataset)
     if config.method == "textual-inversion":
         result = train_textual_inversion(sdtorch.load(config.model or None), dataset, config)
         draw_loss_curve(Path(config.out) / CHECKPOINT_DIR / LOG_JSONL, Path(config.out) / "loss.png")
@@ -306,8 +376,9 @@ def finetune(config: FineTuneConfig) -> Path:
     pipe = sdtorch.load(config.model or None, device=accelerator.device)
     unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
     vae.requires_grad_(False).eval()
+    set_gradient_checkpointing(unet, config.gradient_checkpointing)
     network: LoraNetwork | None = None
-    if config.method == "lora":
+    if config.trains_lora:
         parts = ("unet", "text_encoder") if config.train_text_encoder else ("unet",)
         text_encoder.requires_grad_(False)
         with torch.random.fork_rng(devices=[]):
@@ -320,9 +391,17 @@ def finetune(config: FineTuneConfig) -> Path:
         text_encoder.requires_grad_(config.train_text_encoder)
         unet.requires_grad_(True)
         trained = {"unet": unet, **({"text_encoder": text_encoder} if config.train_text_encoder else {})}
+    prior: FineTuneDataset | None = None
+    if dreambooth is not None and dreambooth.prior_preservation:
+        folder_of_class = dreambooth.class_folder(out)
+        with accelerator.main_process_first():  # rank 0 draws the missing class images, the others wait
+            if main:
+                generate_class_images(pipe, dreambooth, folder_of_class, config.dataset.resolution, config.seed)
+        prior = class_dataset(dreambooth, config.dataset, folder_of_class)
     if config.dataset.cache_latents:
         with accelerator.main_process_first():
-            dataset.cache_latents(vae, out / "latents")
+            for data in (dataset, prior) if prior is not None else (dataset,):
+                data.cache_latents(vae, out / "latents")
 
     denoiser = _Denoiser(unet, text_encoder, network, config.train_text_encoder, config.clip_skip)
     denoiser.train()
@@ -331,6 +410,9 @@ def finetune(config: FineTuneConfig) -> Path:
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = warmup_cosine(optimizer, config.warmup_steps, config.steps, final_ratio=config.final_lr_ratio)
     model, prepared_optimizer = accelerator.prepare(denoiser, optimizer)
+    # the global RNG (dropout draws from it) starts from the seed and this rank; a resumed run restores its state
+    random.seed(config.seed + rank)
+    torch.manual_seed(config.seed + rank)
     state = TrainState(
         models=trained, optimizer=prepared_optimizer, scheduler=scheduler, seed=config.seed,
         config=config.run_settings(),
@@ -342,16 +424,22 @@ def finetune(config: FineTuneConfig) -> Path:
     rows = slice(rank * share, (rank + 1) * share)
     scaling = vae.scaling_factor
 
-    def micro_loss(micro_step: int) -> Tensor:
-        batch = dataset.batch(micro_step, config.batch_size, rank=rank, world_size=world)
+    def loss_part(data: FineTuneDataset, micro_step: int, stream: int, weight: float) -> LossPart:
+        batch = data.batch(micro_step, config.batch_size, rank=rank, world_size=world)
         if batch.latents is not None:
             latents = batch.latents.to(accelerator.device)  # (b, C, h, w), scaled
         else:
             latents = encode_images(vae, batch.images).mean * scaling  # (b, C, h, w)
         ids = pipe.tokenizer(batch.captions).to(accelerator.device)  # (b, 77)
-        return finetune_loss(model, latents, ids, schedule, generator=step_generator(config.seed, micro_step),
-                             rows=rows, global_batch=config.batch_size, prediction_type=pipe.config.prediction_type,
-                             snr_gamma=config.min_snr_gamma, noise_offset=config.noise_offset)
+        return LossPart(latents, ids, step_generator(config.seed, micro_step, stream), weight)
+
+    def micro_loss(micro_step: int) -> Tensor:
+        parts = [loss_part(dataset, micro_step, 0, 1.0)]
+        if prior is not None:
+            parts.append(loss_part(prior, micro_step, _PRIOR_STREAM, dreambooth.prior_loss_weight))
+        return finetune_loss(model, parts, schedule, rows=rows, global_batch=config.batch_size,
+                             prediction_type=pipe.config.prediction_type, snr_gamma=config.min_snr_gamma,
+                             noise_offset=config.noise_offset)
 
     def step(state: TrainState) -> dict[str, Tensor]:
         earlier = torch.zeros((), device=accelerator.device)
@@ -376,7 +464,11 @@ def finetune(config: FineTuneConfig) -> Path:
 
         bar = tqdm(total=config.steps, desc=f"finetune {config.method}", unit="step", dynamic_ncols=True)
 
+    sample = sampler(pipe, config.sample_prompts if main else (), out, every=config.sample_every, last=config.steps,
+                     resolution=config.dataset.resolution, seed=config.seed, modules=[m for m in (network,) if m])
+
     def on_step(state: TrainState, metrics: dict[str, Tensor]) -> None:
+        sample(state.step)
         if bar is not None:
             if bar.n == 0 and state.step > 1:  # resumed: start the bar where the run is
                 bar.n = bar.last_print_n = state.step - 1
@@ -396,13 +488,14 @@ def finetune(config: FineTuneConfig) -> Path:
 
     def metadata() -> dict[str, str]:
         return kohya_metadata(config, pipe.config, step=state.step, images=len(dataset), started=started,
-                              batches_per_epoch=dataset.batches_per_epoch(config.batch_size))
+                              batches_per_epoch=dataset.batches_per_epoch(config.batch_size),
+                              reg_images=len(prior) if prior is not None else 0)
 
     def snapshot(state: TrainState) -> None:
         if network is None or not config.keep_last or state.step >= config.steps:
             return
-        exported(lambda: save_kohya(network, out / f"{config.output_name}-step{state.step:08d}.safetensors", metadata()))
-        snapshots = sorted(out.glob(f"{config.output_name}-step[0-9]*.safetensors"))
+        exported(lambda: save_kohya(network, out / f"{config.export_name}-step{state.step:08d}.safetensors", metadata()))
+        snapshots = sorted(out.glob(f"{config.export_name}-step[0-9]*.safetensors"))
         for old in snapshots[: -config.keep_last]:
             old.unlink(missing_ok=True)
 
@@ -418,10 +511,10 @@ def finetune(config: FineTuneConfig) -> Path:
     if not main:
         return out
     if network is not None:
-        result = out / f"{config.output_name}.safetensors"
+        result = out / f"{config.export_name}.safetensors"
         exported(lambda: (save_kohya(network, result, metadata()), save_peft(network, out / PEFT_FILE)))
     else:
-        result = out / (config.output_name + (".safetensors" if config.save_format == "single_file" else ""))
+        result = out / (config.export_name + (".safetensors" if config.save_format == "single_file" else ""))
         exported(lambda: sdtorch.save(pipe, result, format=config.save_format, overwrite=True))
     draw_loss_curve(folder / LOG_JSONL, out / "loss.png")
     return result

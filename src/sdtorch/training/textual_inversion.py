@@ -35,6 +35,7 @@ Output folder (`out`):
     <name>.pt                    A1111's pickled dict: string_to_token, string_to_param {"*": (n, D)},
                                  name, step, sd_checkpoint (model hash), sd_checkpoint_name
     learned_embeds.safetensors   diffusers: {name: (n, D)}
+    samples/step-<N>.png         sample grids of sample_prompts (`samples.py`), which may name the embedding
 each written atomically and exclusively: an existing file is never replaced.
 """
 
@@ -55,6 +56,7 @@ from ..sampling.schedules import DiscreteSchedule
 from .datasets import FineTuneDataset
 from .diffusion import diffusion_loss
 from .loop import StepFn, TrainState, step_generator, train, warmup_cosine
+from .samples import sampler
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -165,9 +167,12 @@ def train_textual_inversion(pipe: Pipeline, dataset: FineTuneDataset, config: Fi
             seed=config.seed,
             config=config.run_settings(),
         )
+        sample = sampler(pipe, config.sample_prompts, out_dir, every=config.sample_every, last=config.steps,
+                         resolution=config.dataset.resolution, seed=config.seed)
         train(_step_fn(pipe, dataset, config), state, config.steps, batch_size=config.batch_size,
               folder=out_dir / CHECKPOINT_DIR, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
-              stage="textual_inversion", max_grad_norm=config.max_grad_norm or None)
+              stage="textual_inversion", max_grad_norm=config.max_grad_norm or None,
+              on_step=lambda state, _: sample(state.step))
         _save(pipe, ti, vectors.detach(), state.step, outputs)
     finally:
         unload_embedding(pipe.text_encoder, ti.name)
