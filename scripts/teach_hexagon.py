@@ -9,7 +9,8 @@ draws one in the world's style) and the built-in model (`sdtorch.load()`) has ne
      own phrasings with "hexagon" as the shape word, plus `--ordinary` ordinary shapes-world renders with
      their captions (for the LoRA: prior preservation in spirit; the default mix is 50/50, 400 + 400);
   2. fine-tunes through the finetune API (`FineTuneConfig` / `finetune`, the code behind `sdtorch finetune`)
-     into `<workdir>/out`, timing the whole call (model load, class images, latent cache and training):
+     into `<workdir>/out`, timing the whole call (model load, latent cache and training; DreamBooth's class
+     images are drawn before it, timed apart, and reused by later runs):
        lora                 rank 8, alpha 8, `--targets` layers (default locon: transformers, ResBlocks and
                             samplers) of the UNet plus the text encoder, AdamW lr
                             1e-3, 50 warm-up steps then cosine, batch 8, cached latents;
@@ -153,12 +154,10 @@ def training_config(method: str, data: Path, out: Path, workdir: Path, settings:
 
 
 def train(method: str, data: Path, out: Path, workdir: Path, settings: dict[str, Any]) -> tuple[Path, float]:
-    """Fine-tune on `data` into `out` (afresh); returns (the main export, wall seconds of the whole call)."""
+    """Fine-tune on `data` into `out` (afresh); returns (the main export, wall seconds of the finetune call)."""
     if out.exists():
         shutil.rmtree(out)
     started = time.perf_counter()
-    if method == "dreambooth":
-        write_class_images(workdir / "class_images", settings["class_images"], settings["seed"])
     path = finetune(training_config(method, data, out, workdir, settings))
     return path, time.perf_counter() - started
 
@@ -271,6 +270,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.skip_train:
         report["data"] = {**write_training_folder(data, args.hexagons, args.ordinary, args.seed), "folder": str(data)}
         timings["write_data"] = time.perf_counter() - started
+        if args.method == "dreambooth":  # drawn once and cached in <workdir>/class_images, timed apart
+            t = time.perf_counter()
+            write_class_images(workdir / "class_images", args.class_images, args.seed)
+            timings["class_images"] = time.perf_counter() - t
         path, seconds = train(args.method, data, out, workdir, settings)
         timings["train_wall"] = seconds
         report["training"]["images_seen"] = args.steps * args.batch_size

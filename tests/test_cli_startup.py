@@ -24,6 +24,8 @@ assert not heavy, heavy
     ["generate", "x", "--width", "2048", "--height", "2048", "--batch", "2"],
     ["generate", "x", "--cfg", "nan"],
     ["generate", "x", "--stpes", "3"],
+    ["serve", "--api-auth", "no-password"],
+    ["serve", "--limit", "max_steps=0"],
 ])
 def test_refusals_import_no_torch(argv):
     done = subprocess.run([sys.executable, "-c", CHECK.format(argv=argv)], capture_output=True, text=True, timeout=60)

@@ -235,3 +235,15 @@ def test_class_images_with_caption_files_keep_them(subject, tmp_path):
     (folder / "1.txt").write_text("a large red circle\n")
     images = class_dataset(DreamBoothConfig(class_prompt=CLASS_PROMPT), DatasetConfig(folder=str(subject)), folder)
     assert [record.caption for record in images.images] == [CLASS_PROMPT, "a large red circle"]
+
+
+def test_textual_inversion_refuses_several_processes(subject, tmp_path, monkeypatch):
+    from sdtorch.training.textual_inversion import TextualInversionConfig
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = FineTuneConfig(dataset=DatasetConfig(folder=str(subject), resolution=64, require_captions=False),
+                            out=str(tmp_path / "ti"), method="textual-inversion",
+                            textual_inversion=TextualInversionConfig(name="ring", init_word="circle"))
+    with pytest.raises(InvalidInputError, match="textual inversion trains in one process"):
+        finetune(config)
+    assert not (tmp_path / "ti").exists()

@@ -7,6 +7,7 @@
     sdtorch convert SRC DST --to diffusers|single-file [--overwrite]
     sdtorch eval [--model SRC] [--prompts N]          judge a shapes-world model's images against their prompts
     sdtorch train configs/shapes.toml --workdir DIR   train a model from scratch by a recipe (resumable)
+    sdtorch serve [--model SRC] [--port 7860]         AUTOMATIC1111-compatible HTTP API and web page
 """
 
 from __future__ import annotations
@@ -150,6 +151,13 @@ class _Progress:
             self.bar = None
 
 
+def _folder(flag: str, value: str | None) -> Path | None:
+    """A folder flag's value (None when not given); InvalidInputError when it is not a folder."""
+    if value is not None and not Path(value).is_dir():
+        raise InvalidInputError(f"{flag} {value} is not a folder")
+    return None if value is None else Path(value)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     request = _request(args)
     limits = Limits.from_strings(args.limit)
@@ -158,17 +166,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .checkpoints.loading import load
     from .outputs import plan_outputs, write_images
 
-    for flag, folder in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir)):
-        if folder is not None and not Path(folder).is_dir():
-            raise InvalidInputError(f"{flag} {folder} is not a folder")
+    lora_dir, embeddings_dir = _folder("--lora-dir", args.lora_dir), _folder("--embeddings-dir", args.embeddings_dir)
     outputs = plan_outputs(args.out, len(request.prompts()) * request.batch_size, overwrite=args.overwrite)
     pipe = load(args.model, dtype=args.dtype, prediction_type=args.prediction_type)
     pipe.limits = limits
-    pipe.lora_dir = args.lora_dir and Path(args.lora_dir)
-    if args.embeddings_dir:
+    pipe.lora_dir = lora_dir
+    if embeddings_dir:
         from .adapters.embeddings import load_embeddings_dir
 
-        for skipped in load_embeddings_dir(pipe, args.embeddings_dir).skipped:
+        for skipped in load_embeddings_dir(pipe, embeddings_dir).skipped:
             print(f"sdtorch: warning: embedding not loaded: {printable(skipped, keep_newlines=False)}", file=sys.stderr)
     progress = _Progress(enabled=not args.quiet)
     start = time.perf_counter()
@@ -181,6 +187,28 @@ def cmd_generate(args: argparse.Namespace) -> None:
     for path in write_images(outputs, result):
         print(path)
     print(f"{len(result)} image(s) in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .server.auth import parse_api_auth
+
+    limits = Limits.from_strings(args.limit)
+    credentials = parse_api_auth(args.api_auth) if args.api_auth else ()
+    if not 0 < args.port < 65536:
+        raise InvalidInputError(f"--port {args.port} is not a port number (1-65535)")
+    folders = dict(models_dir=_folder("--models-dir", args.models_dir), lora_dir=_folder("--lora-dir", args.lora_dir),
+                   embeddings_dir=_folder("--embeddings-dir", args.embeddings_dir))
+
+    import uvicorn
+
+    from .server.app import create_app
+    from .server.service import ServerConfig
+
+    config = ServerConfig(model=args.model, outdir=Path(args.out), api_auth=credentials, limits=limits,
+                          dtype=args.dtype, **folders)
+    app = create_app(config)  # loads the first model
+    print(f"sdtorch: serving on http://{args.host}:{args.port} (API docs: /docs)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -276,6 +304,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"sdtorch: error: {printable(message, keep_newlines=False)} (see: {self.prog} --help)\n")
 
 
+def _add_limit_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"raise or lower a limit ({', '.join(f'{f.name}={f.default}' for f in dataclasses.fields(Limits))})")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole command line. `command`: the subcommand being run; `finetune`'s flags (made from its config
     classes, which import torch) are built only for it, so that other commands start fast."""
@@ -310,8 +343,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     gen.add_argument("--out", default="outputs", help="output folder (A1111-style NNNNN-SEED.png names), or a "
                      ".png / .jpg / .webp path (default: outputs/)")
     gen.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    gen.add_argument("--limit", action="append", default=[], metavar="KEY=VALUE",
-                     help=f"raise or lower a limit ({', '.join(f'{f.name}={f.default}' for f in dataclasses.fields(Limits))})")
+    _add_limit_flag(gen)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_load_options(gen)
     gen.set_defaults(run=cmd_generate)
@@ -335,6 +367,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     train.add_argument("--workdir", required=True, help="where stages keep checkpoints; re-run to resume")
     train.add_argument("--until", help="stop after this stage (tokenizer, vae, latents, clip, unet, model, metrics)")
     train.set_defaults(run=cmd_train)
+
+    serve = sub.add_parser("serve", help="an AUTOMATIC1111-compatible HTTP API (/sdapi/v1, docs at /docs) and a web page")
+    serve.add_argument("--model", help="the model loaded first (default: the shipped shapes model)")
+    serve.add_argument("--models-dir", help="folder of more models (.safetensors, .ckpt, diffusers folders) "
+                       "that clients select by title")
+    serve.add_argument("--lora-dir", help="folder of LoRA files that <lora:name:weight> in a prompt picks by name")
+    serve.add_argument("--embeddings-dir", help="folder of textual-inversion embeddings, used by writing their name")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                       "only; 0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--api-auth", metavar="USER:PASS[,USER:PASS]", help="HTTP Basic auth on every path")
+    serve.add_argument("--out", default="outputs", help="where save_images writes (default: outputs/)")
+    serve.add_argument("--dtype", type=_dtype, default=None, help="float32 (default), float16 or bfloat16")
+    _add_limit_flag(serve)
+    serve.set_defaults(run=cmd_serve)
 
     finetune = sub.add_parser("finetune", help="fine-tune a model on a captioned image folder (LoRA, full, "
                               "DreamBooth or textual inversion); resumable; LoRA and full run under accelerate launch / torchrun too")

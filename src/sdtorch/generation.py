@@ -12,7 +12,6 @@ follows diffusers' pipelines, so the same generator gives diffusers' image.
 from __future__ import annotations
 
 import dataclasses
-import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from .infotext import format_infotext, schedule_label
 from .models.tokenizer import CLIPTokenizer
 from .models.vae import AutoencoderKL
 from .prompt_schedule import encode_conditioning, split_and
-from .request import MAX_SEED, GenerationRequest, Limits, suggestion
+from .request import GenerationRequest, Limits, random_seed, suggestion
 from .sampling.common import Callback
 from .sampling.denoiser import Conditioning, Denoiser
 from .sampling.samplers import resolve, sample
@@ -330,7 +329,7 @@ def plan(model: Model, request: GenerationRequest, generator: torch.Generator | 
     if generator is not None:
         seed = generator.initial_seed()  # reported only: a given generator drives all the noise (diffusers)
     else:
-        seed = random.randrange(MAX_SEED - len(prompts)) if request.seed == -1 else request.seed
+        seed = random_seed(len(prompts)) if request.seed == -1 else request.seed
 
     init = mask = region = None
     width, height = request.width, request.height

@@ -211,13 +211,8 @@ def split_legacy_sampler(sampler: str) -> tuple[str, str | None]:
     return sampler, None
 
 
-def parse_infotext(text: str) -> Infotext:
-    """Read an A1111 "parameters" text, by A1111's rules, into the request it describes.
-
-    Keys with no request field go to `extra`; a missing "Schedule type" means "Automatic" unless the sampler
-    name carries one (the legacy form). Hires keys turn the hires fix on; "Denoising strength" is then the
-    second pass's. A value that should be a number and is not raises InvalidInputError.
-    """
+def _split(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, {key: value}) of an infotext, by A1111's rules (values unquoted, empty ones dropped)."""
     if not isinstance(text, str):
         raise InvalidInputError(f"infotext must be a string, not {type(text).__name__}")
     *lines, last = text.strip().split("\n")
@@ -236,8 +231,31 @@ def parse_infotext(text: str) -> Infotext:
             negative = _append_line(negative, line)
         else:
             prompt = _append_line(prompt, line)
+    return prompt, negative, {key: _unquote(raw) for key, raw in pairs if raw}  # A1111 drops keys with empty values
 
-    values = {key: _unquote(raw) for key, raw in pairs if raw}  # A1111 drops keys with empty values
+
+def infotext_items(text: str) -> dict[str, str]:
+    """An infotext as the flat dict of A1111's `parse_generation_parameters` (its API's png-info `parameters`):
+    "Prompt", "Negative prompt" and every key as text, a "WxH" value split into "Key-1" and "Key-2"."""
+    prompt, negative, values = _split(text)
+    items = {"Prompt": prompt, "Negative prompt": negative}
+    for key, value in values.items():
+        size = SIZE_RE.match(value)
+        if size is not None:
+            items[f"{key}-1"], items[f"{key}-2"] = size.group(1), size.group(2)
+        else:
+            items[key] = value
+    return items
+
+
+def parse_infotext(text: str) -> Infotext:
+    """Read an A1111 "parameters" text, by A1111's rules, into the request it describes.
+
+    Keys with no request field go to `extra`; a missing "Schedule type" means "Automatic" unless the sampler
+    name carries one (the legacy form). Hires keys turn the hires fix on; "Denoising strength" is then the
+    second pass's. A value that should be a number and is not raises InvalidInputError.
+    """
+    prompt, negative, values = _split(text)
     found: dict[str, dict[str, object]] = {"request": {}, "hires": {}, "inpaint": {}}
     hires_keys = {f.metadata["key"] for f, _ in _keyed_fields(HiresFix)} - {"Denoising strength"} | {HIRES_RESIZE}
     strength_owner = "hires" if hires_keys & values.keys() else "request"
@@ -276,11 +294,16 @@ def save_png(image: Image.Image, path: str | os.PathLike, infotext: str) -> Path
     if not isinstance(image, Image.Image):
         raise InvalidInputError(f"save_png needs a PIL image, not {type(image).__name__}")
     path = Path(path)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=png_info(infotext)))
+    return path
+
+
+def png_info(infotext: str) -> PngImagePlugin.PngInfo:
+    """The PNG text chunks of an image with `infotext` (none when empty): `image.save(f, "PNG", pnginfo=...)`."""
     chunks = PngImagePlugin.PngInfo()
     if infotext:
         chunks.add_text("parameters", infotext)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=chunks))
-    return path
+    return chunks
 
 
 _USER_COMMENT_ENCODINGS = {b"ASCII\0\0\0": "ascii", b"JIS\0\0\0\0\0": "shift_jis", b"\0" * 8: "utf-8"}

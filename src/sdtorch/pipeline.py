@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,6 +17,7 @@ from torch import nn
 
 from .adapters.embeddings import load_embedding, loaded_embeddings, unload_embedding
 from .adapters.lora import LoraAdapters
+from .checkpoints.io import file_sha256
 from .configs import ModelConfig
 from .errors import InvalidInputError
 from .generation import GenerationResult, run
@@ -98,11 +98,7 @@ class Pipeline:
         """A1111's model hash: the first 10 hex digits of the single file's sha256 (None for folders)."""
         if self.report is None or self.report.format != "single_file":
             return None
-        digest = hashlib.sha256()
-        with open(self.report.source, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()[:10]
+        return file_sha256(self.report.source)[:10]
 
     @property
     def model_name(self) -> str | None:

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import math
 import os
+import random
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,11 @@ MAX_SEED = 2**32 - 1
 HIRES_UPSCALERS = ("Latent", "Latent (nearest)", "Lanczos")
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")  # A1111's 0, 1, 2
 SCHEDULES = ("Automatic", "Karras", "Exponential", "Uniform", "SGM Uniform")
+
+
+def random_seed(images: int = 1) -> int:
+    """A seed for a request that asked for a random one (-1), such that image i's seed + i stays <= MAX_SEED."""
+    return random.randrange(MAX_SEED - images)
 
 
 @dataclass(frozen=True)
@@ -287,7 +293,7 @@ class GenerationRequest:
             raise InvalidInputError("prompt must be a string or a non-empty list of strings")
         if isinstance(self.negative_prompt, list) and len(self.negative_prompt) != len(prompts):
             raise InvalidInputError(f"{len(self.negative_prompt)} negative prompts for {len(prompts)} prompts")
-        images = len(prompts) * self.batch_size
+        images = self.image_count()
         if images > limits.max_batch:
             raise InvalidInputError(f"{images} images ({len(prompts)} prompts x batch {self.batch_size}) are over "
                                     f"the limit max_batch={limits.max_batch}")
@@ -318,7 +324,7 @@ class GenerationRequest:
 
     def check_size(self, width: int, height: int, limits: Limits) -> None:
         """The pixel budget for `images` pictures of width x height (the first pass and the hires target)."""
-        pixels = width * height * len(self.prompts()) * self.batch_size
+        pixels = width * height * self.image_count()
         if pixels > limits.max_pixels:
             raise InvalidInputError(f"{width}x{height} x {pixels // (width * height)} image(s) = {pixels:,} pixels is "
                                     f"over the limit max_pixels={limits.max_pixels:,} ({_RAISE.format('max_pixels')})")
@@ -329,6 +335,10 @@ class GenerationRequest:
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def image_count(self) -> int:
+        """How many images the request makes: batch_size per prompt."""
+        return len(self.prompts()) * self.batch_size
 
 
 # ---- the table, read generically -----------------------------------------------------------------------

@@ -24,7 +24,6 @@ r * (in + out) / (in * out) of the layer's FLOPs (a few percent at rank <= 32 on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..checkpoints.io import describe_error, detect_format, read_checkpoint, read_safetensors_header
+from ..checkpoints.io import describe_error, detect_format, file_sha256, read_checkpoint, read_safetensors_header
 from ..checkpoints.keymaps import _rename, unet_table
 from ..errors import CheckpointError, InvalidInputError
 
@@ -205,12 +204,7 @@ def lora_hash(path: str | Path) -> str:
         recorded = metadata.get("sshs_model_hash", "")
         if _HEX.fullmatch(recorded):
             return recorded[:12]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(start)
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    return file_sha256(path, start)[:12]
 
 
 # ---- reading the keys ------------------------------------------------------------------------------------

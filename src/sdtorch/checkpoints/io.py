@@ -10,6 +10,7 @@ model plus one tensor, with no float32 detour and no second copy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -79,6 +80,16 @@ def detect_format(path: str | os.PathLike) -> str:
     raise CheckpointError(
         f"{path} is neither a safetensors file nor a PyTorch checkpoint (first bytes {head[:8]!r})"
     )
+
+
+def file_sha256(path: str | os.PathLike, start: int = 0) -> str:
+    """The sha256 (hex) of a file's bytes from offset `start` on (A1111's model and LoRA hashes are cut from it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[str, str], int]:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import random
 import re
 import time
@@ -360,6 +361,9 @@ def finetune(config: FineTuneConfig) -> Path:
     # bad data fails here, before any model is loaded
     dataset = instance_dataset(dreambooth, config.dataset) if dreambooth else FineTuneDataset(config.dataset)
     if config.method == "textual-inversion":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # set by accelerate launch and torchrun
+            raise InvalidInputError("textual inversion trains in one process; run it without accelerate launch / "
+                                    "torchrun (its few vectors train fast on one device)")
         result = train_textual_inversion(sdtorch.load(config.model or None), dataset, config)
         draw_loss_curve(Path(config.out) / CHECKPOINT_DIR / LOG_JSONL, Path(config.out) / "loss.png")
         return result

@@ -1,0 +1,163 @@
+"""The FastAPI application: AUTOMATIC1111's /sdapi/v1 endpoints, OpenAPI docs at /docs, the web page at /.
+
+    app = create_app(ServerConfig(model=None))   # the built-in model; uvicorn.run(app, host="127.0.0.1", port=7860)
+
+Handlers only translate HTTP: the work is in service.py, the checks in payloads.py, the errors in errors.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from ..infotext import SCHEDULE_LABELS
+from ..request import HIRES_UPSCALERS, SCHEDULES
+from ..sampling.samplers import SAMPLERS, SCHEDULE_NAMES
+from .auth import BasicAuth
+from .errors import install_error_handlers
+from .schemas import (
+    EmbeddingsResponse, GenerationResponse, Img2ImgRequest, LoraItem, MemoryResponse, PNGInfoRequest,
+    PNGInfoResponse, ProgressResponse, SamplerItem, SchedulerItem, ScriptsList, SDModelItem, Txt2ImgRequest,
+)
+from .service import ServerConfig, Service, memory
+
+STATIC = Path(__file__).resolve().parent / "static"  # the web page
+
+
+def sampler_items() -> list[dict[str, Any]]:
+    """GET /samplers: every sampler with its other names and A1111's options (its default schedule, ...)."""
+    items = []
+    for info in SAMPLERS:
+        options = {"scheduler": info.default_schedule} if info.default_schedule != "automatic" else {}
+        options |= {name: "True" for name in ("second_order", "discard_penultimate_sigma") if getattr(info, name)}
+        items.append({"name": info.name, "aliases": list(info.aliases), "options": options})
+    return items
+
+
+def scheduler_items() -> list[dict[str, Any]]:
+    """GET /schedulers, in A1111's shape (rho and inner-model needs as A1111 states them for these schedules)."""
+    names = {label: name for name, label in SCHEDULE_LABELS.items()}
+    items = []
+    for label in SCHEDULES:
+        name = names[label]
+        kind = SCHEDULE_NAMES[name]
+        aliases = [a for a, k in SCHEDULE_NAMES.items() if k == kind and a not in (name, label.lower())]
+        items.append({"name": name, "label": label, "aliases": aliases or None,
+                      "default_rho": 7.0 if name == "karras" else -1.0,
+                      "need_inner_model": name in ("uniform", "sgm_uniform")})
+    return items
+
+
+async def _nothing() -> list:
+    return []
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    """Load the first model and build the app (Basic auth over everything when `config.api_auth`)."""
+    service = Service(config)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        service.close()
+
+    app = FastAPI(title="sdtorch", lifespan=lifespan, description=(
+        "An AUTOMATIC1111-compatible API for sdtorch's models. Generation requests are made from "
+        "sdtorch.GenerationRequest's fields with A1111's defaults; unknown fields are ignored."))
+    app.state.service = service
+    install_error_handlers(app)
+    api = APIRouter(prefix="/sdapi/v1")
+
+    @api.post("/txt2img", response_model=GenerationResponse)
+    async def txt2img(payload: Txt2ImgRequest) -> dict[str, Any]:
+        return await service.generate(payload, "txt2img")
+
+    @api.post("/img2img", response_model=GenerationResponse)
+    async def img2img(payload: Img2ImgRequest) -> dict[str, Any]:
+        return await service.generate(payload, "img2img")
+
+    @api.get("/progress", response_model=ProgressResponse)
+    def progress(skip_current_image: bool = False) -> dict[str, Any]:
+        return service.progress(skip_current_image)
+
+    @api.post("/interrupt")
+    async def interrupt() -> dict:
+        service.queue.interrupt()
+        return {}
+
+    @api.post("/skip")
+    async def skip() -> dict:
+        service.queue.skip()
+        return {}
+
+    @api.get("/samplers", response_model=list[SamplerItem])
+    async def samplers() -> list[dict[str, Any]]:
+        return sampler_items()
+
+    @api.get("/schedulers", response_model=list[SchedulerItem])
+    async def schedulers() -> list[dict[str, Any]]:
+        return scheduler_items()
+
+    @api.get("/sd-models", response_model=list[SDModelItem])
+    async def sd_models() -> list[dict[str, Any]]:
+        return service.sd_models()
+
+    @api.post("/refresh-checkpoints")
+    def refresh_checkpoints() -> None:  # sync: FastAPI runs it in a thread (it hashes new files)
+        service.refresh_checkpoints()
+
+    @api.get("/options")
+    async def get_options() -> dict[str, Any]:
+        return dict(service.options)
+
+    @api.post("/options")
+    async def set_options(values: Annotated[dict[str, Any], Body()]) -> None:
+        await service.set_options(values)
+
+    @api.get("/loras", response_model=list[LoraItem])
+    async def loras() -> list[dict[str, Any]]:
+        return [lora.item() for lora in service.loras]
+
+    @api.post("/refresh-loras")
+    def refresh_loras() -> None:
+        service.refresh_loras()
+
+    @api.get("/embeddings", response_model=EmbeddingsResponse)
+    async def embeddings() -> dict[str, Any]:
+        return service.embeddings()
+
+    @api.post("/png-info", response_model=PNGInfoResponse)
+    def png_info(request: PNGInfoRequest) -> dict[str, Any]:
+        return service.png_info(request.image)
+
+    @api.get("/scripts", response_model=ScriptsList)
+    async def scripts() -> dict[str, list[str]]:
+        return {"txt2img": [], "img2img": []}
+
+    @api.get("/upscalers")
+    async def upscalers() -> list[dict[str, Any]]:  # the hires fix's pixel-space upscaler
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": None}
+                for name in HIRES_UPSCALERS if not name.startswith("Latent")]
+
+    @api.get("/latent-upscale-modes")
+    async def latent_upscale_modes() -> list[dict[str, str]]:
+        return [{"name": name} for name in HIRES_UPSCALERS if name.startswith("Latent")]
+
+    for listing in ("script-info", "sd-vae", "prompt-styles", "hypernetworks", "face-restorers"):  # empty in sdtorch
+        api.add_api_route(f"/{listing}", _nothing, methods=["GET"], response_model=list)
+
+    @api.get("/memory", response_model=MemoryResponse)
+    def memory_usage() -> dict[str, Any]:
+        return memory()
+
+    app.include_router(api)
+    if STATIC.is_dir():
+        app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
+    if config.api_auth:
+        app.add_middleware(BasicAuth, credentials=config.api_auth)
+    return app

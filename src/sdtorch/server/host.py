@@ -1,0 +1,52 @@
+"""The loaded model: one at a time (as A1111 keeps one checkpoint), loaded and switched on the worker thread.
+
+    host.get(checkpoint) -> LoadedModel(pipe, preview, embeddings)   # the loaded one, or this one loaded instead
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..adapters.embeddings import FolderLoadReport, load_embeddings_dir
+from ..checkpoints.loading import load
+from ..pipeline import Pipeline
+from ..request import Limits
+from .catalog import Checkpoint
+from .preview import LatentPreview
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class LoadedModel:
+    checkpoint: Checkpoint
+    pipe: Pipeline
+    preview: LatentPreview
+    embeddings: FolderLoadReport  # what --embeddings-dir gave this model (empty without one)
+
+
+class ModelHost:
+    """Holds the one loaded model with the server's settings applied: limits, LoRA folder, embeddings."""
+
+    def __init__(self, limits: Limits, lora_dir: Path | None, embeddings_dir: Path | None,
+                 dtype: torch.dtype | None = None):
+        self.limits, self.lora_dir, self.embeddings_dir, self.dtype = limits, lora_dir, embeddings_dir, dtype
+        self.loaded: LoadedModel | None = None
+
+    def get(self, checkpoint: Checkpoint) -> LoadedModel:
+        """The model of `checkpoint`, loading it (and dropping the one before) if it is not the loaded one."""
+        if self.loaded is not None and self.loaded.checkpoint == checkpoint:
+            return self.loaded
+        self.loaded = None
+        gc.collect()  # free the old model's memory before the new one takes its own
+        pipe = load(checkpoint.source, dtype=self.dtype)
+        pipe.limits, pipe.lora_dir = self.limits, self.lora_dir
+        if checkpoint.sha256:
+            pipe.model_hash = checkpoint.hash  # hashed when the folder was scanned: not read again
+        embeddings = load_embeddings_dir(pipe, self.embeddings_dir) if self.embeddings_dir else FolderLoadReport()
+        self.loaded = LoadedModel(checkpoint, pipe, LatentPreview(pipe.vae, pipe.vae_scale_factor), embeddings)
+        return self.loaded

@@ -1,0 +1,174 @@
+"""The HTTP API's request and response models (pydantic, shown at /docs), A1111's names and shapes.
+
+The generation requests are made from GenerationRequest's field table (request.py), not written out again:
+each field keeps its type and help, with A1111's API default where that differs from the table's
+(`A1111_DEFAULTS`, the one place for them). Around them stand the fields only the API has (`n_iter`,
+`send_images`, `override_settings`, ...). Fields a client sends that are in neither are ignored, as A1111
+ignores them; the values of known ones are checked by `GenerationRequest.validate` when the job is planned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from ..request import GenerationRequest, HiresFix, Inpainting, fields_of
+
+# A1111's API defaults where they differ from GenerationRequest's; the model's own size and CFG stay the
+# defaults (512 for SD1, as A1111's; 64 and CFG 4 for the built-in model, which draws badly at A1111's 7; other
+# checkpoints: the pipeline's 7.5). A1111's default sampler is `sampler_index`'s "Euler".
+A1111_DEFAULTS: dict[str, Any] = {
+    "steps": 50, "sampler_name": None, "inpaint_full_res": True, "resize_mode": 0,
+}
+# Fields of the table the API spells its own way, or does not take: images come as base64 `init_images` /
+# `mask`, hires and inpainting settings flat, clip skip from the options (CLIP_stop_at_last_layers)
+_NOT_IN_API = {"init_image", "mask", "hires", "inpaint", "clip_skip"}
+# Table fields whose API type or meaning reads differently: (type, help)
+_API_SPELLING: dict[str, tuple[Any, str]] = {
+    "sampler_name": (str | None, 'A1111 name, e.g. "Euler a", "DPM++ 2M" (None: sampler_index)'),
+    "resize_mode": (int | str, "0 just resize, 1 crop and resize, 2 resize and fill (or those names)"),
+    "inpainting_mask_invert": (bool, "1: repaint the black part of the mask instead"),
+}
+_TXT2IMG_HELP = {"denoising_strength": "the hires fix's second-pass denoising strength (with enable_hr)"}
+
+
+def _table_fields(cls: type, skip: set[str] = frozenset(), help: dict[str, str] | None = None) -> dict[str, Any]:
+    """pydantic field definitions for the fields of one request class (GenerationRequest or a group)."""
+    fields = {}
+    for f, hint in fields_of(cls):
+        if f.name in _NOT_IN_API or f.name in skip:
+            continue
+        kind, description = _API_SPELLING.get(f.name, (hint, f.metadata.get("help", "")))
+        default = A1111_DEFAULTS.get(f.name, f.default)
+        fields[f.name] = (kind, Field(default, description=(help or {}).get(f.name, description)))
+    return fields
+
+
+# The table fields each endpoint takes (payloads.py passes exactly these on to GenerationRequest)
+TXT2IMG_TABLE = {**_table_fields(GenerationRequest, skip={"resize_mode"}, help=_TXT2IMG_HELP),
+                 **_table_fields(HiresFix, skip={"hr_denoising_strength"})}
+IMG2IMG_TABLE = {**_table_fields(GenerationRequest), **_table_fields(Inpainting)}
+HIRES_FIELDS = {f.name for f in dataclasses.fields(HiresFix)}
+
+_COMMON: dict[str, Any] = {
+    "sampler_index": (str, Field("Euler", description="A1111's legacy sampler field, used without sampler_name")),
+    "n_iter": (int, Field(1, ge=1, description="batch count: iterations of batch_size images; image i uses seed + i")),
+    "send_images": (bool, Field(True, description="return the images (base64 PNGs) in the response")),
+    "save_images": (bool, Field(False, description="also save them to the server's outputs folder")),
+    "override_settings": (dict[str, Any], Field(default_factory=dict, description=(
+        "options for this request only: sd_model_checkpoint (a title of /sdapi/v1/sd-models), "
+        "CLIP_stop_at_last_layers (clip skip)"))),
+    "override_settings_restore_afterwards": (bool, Field(True, description="false: the overrides stay set")),
+    "force_task_id": (str | None, Field(None, description="this job's id in /sdapi/v1/progress's queue")),
+}
+_IGNORE_EXTRA = ConfigDict(extra="ignore")
+
+Txt2ImgRequest = create_model(
+    "StableDiffusionTxt2ImgProcessingAPI", __config__=_IGNORE_EXTRA, **TXT2IMG_TABLE, **_COMMON,
+    enable_hr=(bool, Field(False, description="the hires fix: a second pass at hr_scale x the size")),
+)
+Img2ImgRequest = create_model(
+    "StableDiffusionImg2ImgProcessingAPI", __config__=_IGNORE_EXTRA, **IMG2IMG_TABLE, **_COMMON,
+    init_images=(list[str], Field(..., min_length=1, max_length=1, description=(
+        "the source image: base64 or a data: URI (one image)"))),
+    mask=(str | None, Field(None, description="inpainting mask (white = repaint): base64 or a data: URI")),
+    inpainting_fill=(int, Field(0, description="accepted and ignored: sdtorch inpaints from the original (A1111's 1)")),
+    include_init_images=(bool, Field(False, description="echo init_images and mask in the response's parameters")),
+)
+
+
+class GenerationResponse(BaseModel):
+    images: list[str] = Field(description="raw base64 PNGs, each carrying its A1111 parameters text")
+    parameters: dict[str, Any] = Field(description="the request, defaults filled in")
+    info: str = Field(description="JSON: prompt, all_prompts, seed, all_seeds, infotexts, ...")
+
+
+class ProgressState(BaseModel):
+    skipped: bool
+    interrupted: bool
+    stopping_generation: bool
+    job: str
+    job_count: int
+    job_timestamp: str
+    job_no: int
+    sampling_step: int
+    sampling_steps: int
+
+
+class QueueInfo(BaseModel):
+    current: str | None = Field(description="the running job's id")
+    pending: list[str] = Field(description="ids of the jobs waiting, first to run first")
+
+
+class ProgressResponse(BaseModel):
+    progress: float = Field(description="0..1 of the current job")
+    eta_relative: float = Field(description="seconds left in the current job (estimate)")
+    state: ProgressState
+    current_image: str | None = Field(description="base64 PNG preview of the current latents")
+    textinfo: str | None
+    queue: QueueInfo
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, str]
+
+
+class SchedulerItem(BaseModel):
+    name: str
+    label: str
+    aliases: list[str] | None
+    default_rho: float
+    need_inner_model: bool
+
+
+class SDModelItem(BaseModel):
+    title: str
+    model_name: str
+    hash: str | None
+    sha256: str | None
+    filename: str
+    config: str | None = None
+
+
+class LoraItem(BaseModel):
+    name: str
+    alias: str
+    path: str
+    metadata: dict[str, Any]
+
+
+class PNGInfoRequest(BaseModel):
+    image: str = Field(description="base64 image or data: URI")
+
+
+class PNGInfoResponse(BaseModel):
+    info: str = Field(description="the image's parameters text")
+    items: dict[str, Any] = Field(description="the image's other text chunks")
+    parameters: dict[str, Any] = Field(description="the parameters text read A1111's way")
+
+
+class ScriptsList(BaseModel):
+    txt2img: list[str]
+    img2img: list[str]
+
+
+class EmbeddingItem(BaseModel):
+    step: int | None = None
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
+    shape: int
+    vectors: int
+
+
+class EmbeddingsResponse(BaseModel):
+    loaded: dict[str, EmbeddingItem]
+    skipped: dict[str, dict[str, Any]] = Field(description="files not loaded: {name: {path, reason}}")
+
+
+class MemoryResponse(BaseModel):
+    ram: dict[str, Any]
+    cuda: dict[str, Any]

@@ -1,0 +1,167 @@
+"""The server's state and what each endpoint does, apart from HTTP: the model catalogue, the loaded model,
+the job queue, the options (A1111's settings that the API reads and writes)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel
+
+from ..errors import InvalidInputError
+from ..infotext import infotext_items, read_infotext
+from ..request import Limits
+from .catalog import Checkpoints, scan_loras
+from .encoding import decode_base64
+from .host import ModelHost
+from .jobs import run_generation
+from .payloads import CLIP_SKIP_OPTION, MODEL_OPTION, plan_generation
+from .queue import Progress, TaskQueue
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What `sdtorch serve` was started with."""
+
+    model: str | None = None  # --model: loaded first (None: the built-in model)
+    models_dir: Path | None = None  # more models to offer, by title
+    lora_dir: Path | None = None  # what <lora:name:weight> in a prompt finds
+    embeddings_dir: Path | None = None  # textual inversions loaded with each model
+    outdir: Path = Path("outputs")  # where save_images writes (txt2img-images/, img2img-images/)
+    api_auth: tuple[tuple[str, str], ...] = ()  # (user, password) pairs for HTTP Basic; empty: no auth
+    limits: Limits = field(default_factory=Limits)
+    dtype: torch.dtype | None = None
+
+
+class Service:
+    """Everything the endpoints share. Models are touched only by the queue's worker thread."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.checkpoints = Checkpoints(config.model, config.models_dir)
+        self.loras = scan_loras(config.lora_dir)
+        self.host = ModelHost(config.limits, config.lora_dir, config.embeddings_dir, config.dtype)
+        self.queue = TaskQueue()
+        self.options: dict[str, Any] = {
+            MODEL_OPTION: self.checkpoints.default.title, CLIP_SKIP_OPTION: 1, "samples_format": "png",
+            "outdir_txt2img_samples": str(config.outdir / "txt2img-images"),
+            "outdir_img2img_samples": str(config.outdir / "img2img-images"),
+        }
+        try:  # the first model now, so that a broken one stops the server at start and the first job is quick
+            self._submit("load", lambda _: self.host.get(self.checkpoints.default)).result()
+        except BaseException:
+            self.queue.close()
+            raise
+
+    def _submit(self, kind: str, work: Callable[[Progress], Any], task_id: str | None = None) -> Future:
+        return self.queue.submit(Progress(task_id or self.queue.new_id(kind), kind), work)
+
+    def close(self) -> None:
+        self.queue.close()
+
+    # ---- generation -------------------------------------------------------------------------------
+
+    async def generate(self, payload: BaseModel, kind: str) -> dict[str, Any]:
+        """Plan (all checks, before queueing), queue, wait: the A1111 response body."""
+        job = await asyncio.to_thread(plan_generation, payload, kind, self.checkpoints, self.options,
+                                      self.config.limits)  # decodes the images: off the event loop
+        future = self._submit(kind, lambda progress: run_generation(job, self.host, progress, self.config.outdir),
+                              payload.force_task_id)
+        response = await asyncio.wrap_future(future)
+        self._set_options(job.lasting_options)
+        return response
+
+    def progress(self, skip_current_image: bool) -> dict[str, Any]:
+        """A1111's /progress of the running task (zeros when idle), with the queue's order."""
+        task = self.queue.current
+        progress = task.progress if task is not None else Progress("", "")
+        return {
+            "progress": progress.fraction(), "eta_relative": progress.eta(),
+            "state": {"skipped": progress.skipped, "interrupted": progress.interrupted, "stopping_generation": False,
+                      "job": progress.job, "job_count": progress.job_count, "job_timestamp": progress.job_timestamp,
+                      "job_no": progress.job_no, "sampling_step": progress.sampling_step,
+                      "sampling_steps": progress.sampling_steps},
+            "current_image": None if skip_current_image else progress.preview_png(),
+            "textinfo": progress.textinfo() if task is not None else None,
+            "queue": {"current": progress.task_id or None, "pending": self.queue.pending()},
+        }
+
+    # ---- options and models -----------------------------------------------------------------------
+
+    async def set_options(self, values: dict[str, Any]) -> None:
+        """A1111's POST options: sd_model_checkpoint loads that model (after the jobs queued before it);
+        CLIP_stop_at_last_layers sets the clip skip of requests that do not override it. Other keys are ignored."""
+        clip_skip = values.get(CLIP_SKIP_OPTION, 1)
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
+            raise InvalidInputError(f"{CLIP_SKIP_OPTION} must be a whole number >= 1, not {clip_skip!r}")
+        if MODEL_OPTION in values:
+            checkpoint = self.checkpoints.find(str(values[MODEL_OPTION]))
+            await asyncio.wrap_future(self._submit("load", lambda _: self.host.get(checkpoint)))
+            values = {**values, MODEL_OPTION: checkpoint.title}
+        self._set_options(values)
+
+    def _set_options(self, values: dict[str, Any]) -> None:
+        self.options.update({k: v for k, v in values.items() if k in (MODEL_OPTION, CLIP_SKIP_OPTION)})
+
+    def sd_models(self) -> list[dict[str, Any]]:
+        return [checkpoint.item() for checkpoint in self.checkpoints.items]
+
+    def refresh_checkpoints(self) -> None:
+        self.checkpoints.refresh()
+
+    def refresh_loras(self) -> None:
+        self.loras = scan_loras(self.config.lora_dir)
+
+    def embeddings(self) -> dict[str, Any]:
+        loaded = self.host.loaded
+        if loaded is None:
+            return {"loaded": {}, "skipped": {}}
+        width = loaded.pipe.config.text_encoder.width
+        found = {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": width,
+                        "vectors": vectors} for name, vectors in loaded.pipe.embeddings.items()}
+        skipped = {}
+        for line in loaded.embeddings.skipped:
+            path, _, reason = line.partition(": ")
+            skipped[Path(path).stem] = {"path": path, "reason": reason}
+        return {"loaded": found, "skipped": skipped}
+
+    # ---- images -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def png_info(image: str) -> dict[str, Any]:
+        """A1111's png-info: the image's parameters text, its other text chunks, and the text read A1111's way."""
+        data = decode_base64(image, "image")
+        text = read_infotext(data) or ""
+        try:
+            with Image.open(io.BytesIO(data)) as opened:
+                items = {k: v for k, v in opened.info.items() if isinstance(v, str) and k != "parameters"}
+        except (UnidentifiedImageError, OSError):
+            raise InvalidInputError("image is not an image file Pillow recognises") from None
+        return {"info": text, "items": items, "parameters": infotext_items(text) if text else {}}
+
+
+def memory() -> dict[str, Any]:
+    """A1111's /memory: this process's RAM (and the GPU's, when there is one)."""
+    process = psutil.Process(os.getpid())
+    rss, total = process.memory_info().rss, psutil.virtual_memory().total
+    ram = {"free": total - rss, "used": rss, "total": total}
+    if not torch.cuda.is_available():
+        return {"ram": ram, "cuda": {"error": "unavailable"}}
+    free, gpu_total = torch.cuda.mem_get_info()
+    stats = torch.cuda.memory_stats()
+    cuda = {"system": {"free": free, "used": gpu_total - free, "total": gpu_total},
+            "allocated": {"current": stats.get("allocated_bytes.all.current", 0),
+                          "peak": stats.get("allocated_bytes.all.peak", 0)},
+            "reserved": {"current": stats.get("reserved_bytes.all.current", 0),
+                         "peak": stats.get("reserved_bytes.all.peak", 0)},
+            "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)}}
+    return {"ram": ram, "cuda": cuda}
