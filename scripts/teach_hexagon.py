@@ -148,7 +148,8 @@ def training_config(method: str, data: Path, out: Path, workdir: Path, settings:
         return FineTuneConfig(**common, textual_inversion=ti, weight_decay=0.0, max_grad_norm=0.0,
                               progress=settings.get("progress", True))
     dreambooth = DreamBoothConfig(class_prompt="a shape", class_dir=str(workdir / "class_images"),
-                                  num_class_images=settings["class_images"], lora=settings["dreambooth_lora"])
+                                  num_class_images=settings["class_images"], lora=settings["dreambooth_lora"],
+                                  prior_loss_weight=settings["prior_loss_weight"])
     extra = lora if settings["dreambooth_lora"] else dict(train_text_encoder=settings["train_text_encoder"])
     return FineTuneConfig(**common, **extra, dreambooth=dreambooth, progress=settings.get("progress", True))
 
@@ -234,6 +235,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dreambooth-lora", action=argparse.BooleanOptionalAction, default=True,
                    help="dreambooth: train a LoRA (else the whole UNet)")
     p.add_argument("--class-images", type=int, default=400, help="dreambooth: class images for prior preservation")
+    p.add_argument("--prior-loss-weight", type=float, default=1.0, help="dreambooth: weight of the class images' loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora-scale", type=float, default=1.0)
     p.add_argument("--hexagon-prompts", type=int, default=100)
@@ -259,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     warmup_steps=args.warmup_steps, rank=args.rank, alpha=args.alpha, targets=args.targets,
                     train_text_encoder=args.train_text_encoder, init_word=args.init_word,
                     num_vectors=args.num_vectors, dreambooth_lora=args.dreambooth_lora,
-                    class_images=args.class_images, seed=args.seed, progress=not args.no_progress)
+                    class_images=args.class_images, prior_loss_weight=args.prior_loss_weight, seed=args.seed,
+                    progress=not args.no_progress)
     report: dict[str, Any] = {"command": " ".join(["scripts/teach_hexagon.py", *(argv or sys.argv[1:])]),
                               "method": args.method, "training": {"settings": settings}, "timings_s": {}}
     timings = report["timings_s"]

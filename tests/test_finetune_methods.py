@@ -38,6 +38,15 @@ def subject(tmp_path_factory) -> Path:
     return folder
 
 
+def captioned_images(folder: Path, colour: tuple[int, int, int], caption: str) -> Path:
+    """Two 64 px pictures in shades of `colour`, both captioned `caption`."""
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), tuple(min(c + 40 * i, 255) for c in colour)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(caption)
+    return folder
+
+
 def db_config(data: Path, out: Path, dreambooth: DreamBoothConfig, **kw) -> FineTuneConfig:
     base = dict(method="dreambooth", steps=2, batch_size=2, lr=1e-3, checkpoint_every=2, log_every=1, progress=False)
     return FineTuneConfig(dataset=DatasetConfig(folder=str(data), resolution=64, cache_latents=True), out=str(out),
@@ -114,11 +123,7 @@ def test_finetune_loss_sums_weighted_parts_and_mixes_sizes():
 
 
 def test_full_finetune_of_unet_and_text_encoder(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(2):
-        Image.new("RGB", (64, 64), (200, 40 * i, 30)).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text("a red square")
+    data = captioned_images(tmp_path / "data", (200, 30, 30), "a red square")
     config = FineTuneConfig(dataset=DatasetConfig(folder=str(data), resolution=64), out=str(tmp_path / "out"),
                             method="full", steps=2, batch_size=2, lr=1e-4, train_text_encoder=True,
                             checkpoint_every=2, progress=False, output_name="tuned")
@@ -174,11 +179,7 @@ def test_cli_runs_dreambooth(subject, tmp_path, capsys):
 
 def test_sample_grids_change_nothing_training_sees(tmp_path):
     """Sample grids every step (LoRA with dropout, so the global RNG matters) leave the weights as a run without."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(2):
-        Image.new("RGB", (64, 64), (30, 40 * i, 200)).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text("a blue circle")
+    data = captioned_images(tmp_path / "data", (30, 30, 200), "a blue circle")
     results = {}
     for name, prompts in (("plain", ()), ("sampled", ("a red star", "a blue circle"))):
         config = FineTuneConfig(dataset=DatasetConfig(folder=str(data), resolution=64), out=str(tmp_path / name),
@@ -198,11 +199,7 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     and the blocks really recompute (their forward runs twice a step)."""
     from sdtorch.models.attention import SpatialTransformer
 
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(2):
-        Image.new("RGB", (64, 64), (200, 200, 40 * i)).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text("a yellow star")
+    data = captioned_images(tmp_path / "data", (200, 200, 30), "a yellow star")
     calls = []
     original = SpatialTransformer.forward
     mp = pytest.MonkeyPatch()
