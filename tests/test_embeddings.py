@@ -254,6 +254,25 @@ def test_generation_uses_the_embedding(tmp_path, pipe):
     assert images[0].size == (32, 32)
 
 
+def test_infotext_records_the_embeddings_a_prompt_used(tmp_path, pipe):
+    """A1111's "TI hashes": name and the first 12 hex digits of the file's sha256, for the names the prompts use."""
+    import hashlib
+
+    from sdtorch.infotext import parse_infotext
+
+    path = write("a1111_safetensors", tmp_path, "mystyle", vectors(1))
+    other = write("a1111_safetensors", tmp_path, "unused", vectors(1, seed=4))
+    pipe.load_embedding(path)
+    pipe.load_embedding(other)
+    try:
+        used = parse_infotext(pipe("a cat", negative_prompt="mystyle", steps=1, seed=1)[0].info["parameters"])
+        plain = parse_infotext(pipe("a cat", steps=1, seed=1)[0].info["parameters"])
+    finally:
+        pipe.unload_embedding()
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    assert used.extra["TI hashes"] == f"mystyle: {expected}" and "TI hashes" not in plain.extra
+
+
 def test_embedding_follows_the_encoders_dtype(tmp_path, tokenizers):
     tokenizer, encoder = tokenizers["sd1"], fresh_encoder().double()
     load_embedding(tokenizer, encoder, write("a1111_pt", tmp_path, "mystyle", vectors(2)))

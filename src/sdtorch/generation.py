@@ -150,6 +150,9 @@ def _generate(
         return out.to(x.device, torch.float32)
 
     denoiser = Denoiser(unet, DiscreteSchedule(pipe.config.schedule), pipe.config.prediction_type)
+    embeddings = pipe.text_encoder.textual_inversion  # records the embeddings the prompts use
+    if embeddings is not None:
+        embeddings.used.clear()
     with torch.inference_mode():
         cond, uncond = _conditioning(pipe, request)
         if request.region is not None:
@@ -161,7 +164,8 @@ def _generate(
             images = _decode(pipe, latents, request, warnings)
             if request.mask is not None and request.source.inpaint.mask_overlay:
                 images = [paste_back(request.image, img, None, request.mask) for img in images]
-    return _with_infotext(pipe, request, images, lora_hashes)
+    hashes = {"Lora hashes": lora_hashes, "TI hashes": embeddings.hashes(embeddings.used) if embeddings else {}}
+    return _with_infotext(pipe, request, images, hashes)
 
 
 def _conditioning(
@@ -293,9 +297,10 @@ def resolved_request(job: Job, index: int | None = None) -> GenerationRequest:
     return request
 
 
-def _with_infotext(pipe: Model, job: Job, images: list[Image.Image], lora_hashes: dict[str, str]) -> list[Image.Image]:
-    """Attach A1111's "parameters" text and the seed to each image."""
-    extra = {"Lora hashes": ", ".join(f"{n}: {h}" for n, h in lora_hashes.items())} if lora_hashes else None
+def _with_infotext(pipe: Model, job: Job, images: list[Image.Image], hashes: dict[str, dict[str, str]]) -> list[Image.Image]:
+    """Attach A1111's "parameters" text (with `hashes`: {"Lora hashes" / "TI hashes": {name: hash}}) and the seed
+    to each image."""
+    extra = {key: ", ".join(f"{n}: {h}" for n, h in named.items()) for key, named in hashes.items() if named} or None
     for i, img in enumerate(images):
         img.info["parameters"] = format_infotext(resolved_request(job, i), model_hash=pipe.model_hash,
                                                  model_name=pipe.model_name, version=f"sdtorch {_version()}", extra=extra)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import reprlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..checkpoints.io import detect_format, read_pickle_checkpoint, read_safetensors
+from ..checkpoints.io import detect_format, file_sha256, read_pickle_checkpoint, read_safetensors
 from ..errors import CheckpointError, InvalidInputError
 from ..models.tokenizer import CLIPTokenizer
 from ..prompts import CHUNK_LENGTH
@@ -136,6 +136,8 @@ class EmbeddingDatabase:
         self._entries: dict[str, tuple[Embedding, tuple[int, ...]]] = {}  # name -> (embedding, the name's token ids)
         self._ids: dict[str, list[int]] = {}  # name -> its vectors' token ids
         self._by_first_token: dict[int, list[tuple[tuple[int, ...], str]]] = {}  # longest name first
+        self.used: set[str] = set()  # names `match` found since the caller last cleared it (A1111's embeddings_used)
+        self._hashes: dict[str, str] = {}  # name -> A1111's short hash of its file (none for one being trained)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -171,6 +173,9 @@ class EmbeddingDatabase:
                     "lower-cased): prompts could not tell them apart; pass another name"
                 )
         self._entries[embedding.name] = (embedding, name_ids)
+        self._hashes.pop(embedding.name, None)
+        if embedding.path:
+            self._hashes[embedding.name] = file_sha256(embedding.path)[:12]
         self._rebuild()
 
     def remove(self, name: str) -> None:
@@ -178,6 +183,7 @@ class EmbeddingDatabase:
             loaded = ", ".join(self._entries) or "none"
             raise InvalidInputError(f"no embedding named {name!r} is loaded (loaded: {loaded})")
         del self._entries[name]
+        self._hashes.pop(name, None)
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -197,8 +203,14 @@ class EmbeddingDatabase:
         at `tokens[offset]`, the longest name winning; None where no name starts there."""
         for name_ids, name in self._by_first_token.get(tokens[offset], ()):
             if tuple(tokens[offset : offset + len(name_ids)]) == name_ids:
+                self.used.add(name)
                 return self._ids[name], len(name_ids)
         return None
+
+    def hashes(self, names: Iterable[str]) -> dict[str, str]:
+        """{name: A1111's short hash (the first 12 hex digits of the file's sha256)} of the loaded embeddings
+        among `names`, for the infotext's "TI hashes"; an embedding being trained has no file and is left out."""
+        return {name: self._hashes[name] for name in sorted(names) if name in self._hashes}
 
 
 def load_embedding(
