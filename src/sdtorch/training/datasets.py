@@ -58,7 +58,7 @@ from typing import Any
 import PIL.Image
 import torch
 
-from ..checkpoints.io import read_safetensors, write_safetensors
+from ..checkpoints.io import file_sha256, read_safetensors, write_safetensors
 from ..errors import InvalidInputError
 from ..images import LANCZOS, image_to_tensor, load_image
 from ..models.vae import AutoencoderKL
@@ -322,15 +322,6 @@ def augment_caption(caption: str, config: DatasetConfig, generator: torch.Genera
 # ---- latent cache ---------------------------------------------------------------------------------
 
 
-def _file_digest(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def vae_fingerprint(vae: AutoencoderKL) -> str:
     """sha256 of the VAE's config and every weight (name, dtype, shape, bytes): what its latents depend on."""
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(vae.config), sort_keys=True).encode())
@@ -344,7 +335,7 @@ def vae_fingerprint(vae: AutoencoderKL) -> str:
 def _cache_key(record: ImageRecord, vae_key: str) -> str:
     """The name of a record's cache file: a hash of everything its latents depend on."""
     parts = {
-        "format": CACHE_FORMAT, "image": _file_digest(record.path), "size": record.size,
+        "format": CACHE_FORMAT, "image": file_sha256(record.path), "size": record.size,
         "scaled": record.scaled, "bucket": record.bucket, "crop": record.crop, "vae": vae_key,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
