@@ -168,7 +168,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     lora_dir, embeddings_dir = _folder("--lora-dir", args.lora_dir), _folder("--embeddings-dir", args.embeddings_dir)
     outputs = plan_outputs(args.out, len(request.prompts()) * request.batch_size, overwrite=args.overwrite)
-    pipe = load(args.model, dtype=args.dtype, prediction_type=args.prediction_type)
+    pipe = load(args.model, dtype=args.dtype, prediction_type=args.prediction_type).compile(args.compile)
     pipe.limits = limits
     pipe.lora_dir = lora_dir
     if embeddings_dir:
@@ -205,7 +205,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .server.service import ServerConfig
 
     config = ServerConfig(model=args.model, outdir=Path(args.out), api_auth=credentials, limits=limits,
-                          dtype=args.dtype, **folders)
+                          dtype=args.dtype, compile=args.compile, **folders)
     app = create_app(config)  # loads the first model
     print(f"sdtorch: serving on http://{args.host}:{args.port} (API docs: /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
@@ -336,6 +336,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_request_flags(gen)
     gen.add_argument("--hires", action="store_true", help="hires fix with its defaults (any --hires-* flag turns it on)")
     gen.add_argument("--dtype", type=_dtype, default=None, help="float32 (default), float16 or bfloat16")
+    gen.add_argument("--compile", action="store_true", help="run the UNet through torch.compile: faster "
+                     "steps after a first compile of minutes per image size (see README, Speed)")
     gen.add_argument("--lora-dir", help="folder of LoRA files that <lora:name:weight> in a prompt picks by name")
     gen.add_argument("--embeddings-dir", help="folder of textual-inversion embeddings, used by writing their name")
     gen.add_argument("--from", dest="from_image", help="re-create an image from the parameters it carries; "
@@ -380,6 +382,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--api-auth", metavar="USER:PASS[,USER:PASS]", help="HTTP Basic auth on every path")
     serve.add_argument("--out", default="outputs", help="where save_images writes (default: outputs/)")
     serve.add_argument("--dtype", type=_dtype, default=None, help="float32 (default), float16 or bfloat16")
+    serve.add_argument("--compile", action="store_true", help="run the UNet through torch.compile: faster "
+                     "steps after a first compile of minutes per image size (see README, Speed)")
     _add_limit_flag(serve)
     serve.set_defaults(run=cmd_serve)
 

@@ -12,7 +12,7 @@ follows diffusers' pipelines, so the same generator gives diffusers' image.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +88,7 @@ class Model(Protocol):
     tokenizer: CLIPTokenizer
     text_encoder: nn.Module
     unet: nn.Module
+    compiled_unet: Callable[[Tensor, Tensor, Tensor], Tensor] | None  # runs the UNet when set (Pipeline.compile)
     vae: AutoencoderKL
     config: ModelConfig
     vae_scale_factor: int
@@ -145,8 +146,10 @@ def _generate(
     unet_dtype = next(pipe.unet.parameters()).dtype
     device = next(pipe.unet.parameters()).device
 
+    forward = pipe.compiled_unet or pipe.unet
+
     def unet(x: Tensor, t: Tensor, context: Tensor) -> Tensor:  # sampler math stays float32 where x lives
-        out = pipe.unet(x.to(device, unet_dtype), t.to(device), context.to(device, unet_dtype))
+        out = forward(x.to(device, unet_dtype), t.to(device), context.to(device, unet_dtype))
         return out.to(x.device, torch.float32)
 
     denoiser = Denoiser(unet, DiscreteSchedule(pipe.config.schedule), pipe.config.prediction_type)

@@ -33,8 +33,9 @@ class ModelHost:
     """Holds the one loaded model with the server's settings applied: limits, LoRA folder, embeddings."""
 
     def __init__(self, limits: Limits, lora_dir: Path | None, embeddings_dir: Path | None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, compile: bool = False):
         self.limits, self.lora_dir, self.embeddings_dir, self.dtype = limits, lora_dir, embeddings_dir, dtype
+        self.compile = compile
         self.loaded: LoadedModel | None = None
 
     def get(self, checkpoint: Checkpoint) -> LoadedModel:
@@ -43,7 +44,7 @@ class ModelHost:
             return self.loaded
         self.loaded = None
         gc.collect()  # free the old model's memory before the new one takes its own
-        pipe = load(checkpoint.source, dtype=self.dtype)
+        pipe = load(checkpoint.source, dtype=self.dtype).compile(self.compile)
         pipe.limits, pipe.lora_dir = self.limits, self.lora_dir
         if checkpoint.sha256:
             pipe.model_hash = checkpoint.hash  # hashed when the folder was scanned: not read again

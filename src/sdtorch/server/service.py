@@ -40,6 +40,7 @@ class ServerConfig:
     api_auth: tuple[tuple[str, str], ...] = ()  # (user, password) pairs for HTTP Basic; empty: no auth
     limits: Limits = field(default_factory=Limits)
     dtype: torch.dtype | None = None
+    compile: bool = False  # run the UNet through torch.compile (Pipeline.compile)
 
 
 class Service:
@@ -49,7 +50,7 @@ class Service:
         self.config = config
         self.checkpoints = Checkpoints(config.model, config.models_dir)
         self.loras = scan_loras(config.lora_dir)
-        self.host = ModelHost(config.limits, config.lora_dir, config.embeddings_dir, config.dtype)
+        self.host = ModelHost(config.limits, config.lora_dir, config.embeddings_dir, config.dtype, config.compile)
         self.queue = TaskQueue()
         self.options: dict[str, Any] = {
             MODEL_OPTION: self.checkpoints.default.title, CLIP_SKIP_OPTION: 1, "samples_format": "png",

@@ -1,0 +1,428 @@
+"""sdtorch beside diffusers and OpenVINO on this machine: same SD 1.5-size weights, same threads, one process.
+
+    .venv/bin/python benchmarks/compare.py                       # everything, writes the table into README.md
+    .venv/bin/python benchmarks/compare.py --only unet --sizes 256 --no-readme
+
+Every model is SD 1.5-sized with random weights (seeded); diffusers' modules are built first and their state
+dicts loaded into sdtorch's, and the OpenVINO model is diffusers' UNet converted here with
+`openvino.convert_model`. Runs alternate between the implementations (A B C A B C ...) and each row reports
+the median. Rows:
+
+  unet            one guided UNet step (batch 2: negative + prompt, 77-token contexts) at each --sizes,
+                  float32, and bfloat16 where the CPU has it natively
+  text            encoding a prompt and a negative prompt (batch 2, 77 tokens)
+  vae             decoding one 512x512 latent
+  generation      a whole --gen-size txt2img of --gen-steps DPM++ 2M steps, CFG 7 (encode, denoise, decode)
+  load            loading the original-layout single file (float32) into a ready pipeline
+  rss             peak resident memory of a fresh process that loads the single file and runs that generation
+
+Ratios are diffusers' time over the other's (above 1: faster than diffusers). "Peak used" is the UNet step's
+arithmetic (counted with torch's FlopCounterMode) per second over the machine's measured float32 matmul
+rate (a large sgemm), the best this machine's cores are seen to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+NEGATIVE = "blurry, low quality"
+README_BEGIN, README_END = "<!-- compare.py: begin -->", "<!-- compare.py: end -->"
+
+
+# ----------------------------------------------------------------------------- the machine
+
+
+def cpu_features() -> dict[str, object]:
+    """What this CPU offers for the kernels that matter: model, cores, vector ISA, native bf16."""
+    flags: set[str] = set()
+    model = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+        flags = set(re.search(r"^flags\s*:\s*(.*)$", text, re.M).group(1).split())
+        model = re.search(r"^model name\s*:\s*(.*)$", text, re.M).group(1).strip()
+    return {
+        "model": model,
+        "threads": torch.get_num_threads(),
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "avx2": "avx2" in flags,
+        "avx512f": "avx512f" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+        "native_bf16": bool({"avx512_bf16", "amx_bf16"} & flags),
+    }
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    """The best FLOP/s of an n x n matmul in `dtype`: the rate this machine's cores reach on dense math."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Row:
+    """One benchmark: the seconds of every implementation's runs, alternated."""
+
+    name: str
+    runs: dict[str, Callable[[], object]]
+    times: dict[str, list[float]] = field(default_factory=dict)
+    outputs: dict[str, object] = field(default_factory=dict)  # each implementation's last result
+    flops: float | None = None
+
+    def measure(self, repeats: int, warmup: int = 1) -> Row:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                for fn in self.runs.values():
+                    fn()
+            for _ in range(repeats):
+                for label, fn in self.runs.items():
+                    start = time.perf_counter()
+                    self.outputs[label] = fn()
+                    self.times.setdefault(label, []).append(time.perf_counter() - start)
+        return self
+
+    def median(self, label: str) -> float:
+        return statistics.median(self.times[label])
+
+
+def unet_flops(unet: torch.nn.Module, args: tuple) -> float:
+    """FLOPs of one call (a multiply-add counts 2), SDPA included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        unet(*args)
+    return float(counter.get_total_flops())
+
+
+# ----------------------------------------------------------------------------- the models
+
+
+def write_models(workdir: Path) -> tuple[Path, Path]:
+    """SD 1.5-size random weights (diffusers' own initialisation, seeded) saved once by sdtorch as an
+    original-layout single file and a diffusers folder, both float32: (file, folder)."""
+    import diffusers
+    import transformers
+
+    import sdtorch
+    from sdtorch.configs import SD1
+    from sdtorch.models.clip import CLIPTextEncoder
+    from sdtorch.models.tokenizer import CLIPTokenizer
+    from sdtorch.models.unet import UNet
+    from sdtorch.models.vae import AutoencoderKL
+    from sdtorch.pipeline import Pipeline
+
+    file, folder = workdir / "sd15-random.safetensors", workdir / "sd15-random"
+    if file.exists() and folder.is_dir():
+        return file, folder
+    print(f"writing {file} and {folder} (once) ...", flush=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    kwargs = lambda cfg: {k: v for k, v in cfg.to_diffusers().items() if k != "_class_name"}  # noqa: E731
+    pairs = [
+        (transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD1.text_encoder.to_diffusers())),
+         CLIPTextEncoder(SD1.text_encoder)),
+        (diffusers.UNet2DConditionModel(**kwargs(SD1.unet)), UNet(SD1.unet)),
+        (diffusers.AutoencoderKL(**kwargs(SD1.vae)), AutoencoderKL(SD1.vae)),
+    ]
+    for reference, ours in pairs:
+        ours.load_state_dict(reference.state_dict(), strict=True)
+    pipe = Pipeline(CLIPTokenizer.default(), *(ours.eval() for _, ours in pairs), SD1)
+    sdtorch.save(pipe, file, format="single_file", overwrite=True)
+    sdtorch.save(pipe, folder, format="diffusers", overwrite=True)
+    return file, folder
+
+
+def diffusers_pipeline(folder: Path, dtype: torch.dtype = torch.float32, file: Path | None = None):
+    """diffusers' StableDiffusionPipeline (from the single file when given, with the folder's configs) with
+    DPM++ 2M Karras set as sdtorch's "DPM++ 2M" / "Karras" computes it."""
+    import diffusers
+
+    cls = diffusers.StableDiffusionPipeline
+    common = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    if file is None:
+        pipe = cls.from_pretrained(folder, **common)
+    else:
+        pipe = cls.from_single_file(file, config=str(folder), local_files_only=True, **common)
+    config = {**pipe.scheduler.config, "timestep_spacing": "leading", "steps_offset": 1, "use_karras_sigmas": True,
+              "algorithm_type": "dpmsolver++", "final_sigmas_type": "zero"}
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_generate(pipe, size: int, steps: int):
+    return pipe(PROMPT, negative_prompt=NEGATIVE, height=size, width=size, num_inference_steps=steps,
+                guidance_scale=7.0, generator=torch.Generator().manual_seed(0)).images[0]
+
+
+def sdtorch_generate(pipe, size: int, steps: int):
+    return pipe(PROMPT, NEGATIVE, height=size, width=size, steps=steps, sampler="DPM++ 2M", schedule="Karras",
+                cfg_scale=7.0, generator=torch.Generator().manual_seed(0))[0]
+
+
+def openvino_unet(unet, example: tuple, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """diffusers' UNet converted with openvino.convert_model and compiled for this CPU at `dtype`
+    (INFERENCE_PRECISION_HINT), on torch's thread count; returns a callable like the UNet's."""
+    import openvino as ov
+
+    class Traced(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, x, t, context):
+            return self.unet(x, t, context).sample
+
+    model = ov.convert_model(Traced(unet), example_input=example)
+    precision = {torch.float32: "f32", torch.bfloat16: "bf16"}[dtype]
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
+                                                      "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    request = compiled.create_infer_request()
+
+    def run(x, t, context):
+        inputs = [x.float().numpy(), t.numpy(), context.float().numpy()]
+        return torch.from_numpy(request.infer(inputs)[0].copy())
+
+    return run
+
+
+# ----------------------------------------------------------------------------- the rows
+
+
+def unet_rows(ours: dict, theirs, sizes: list[int], dtype: torch.dtype, openvino: bool, repeats: int) -> list[Row]:
+    """A guided UNet step at each size: diffusers, OpenVINO (diffusers' UNet converted) and sdtorch's variants."""
+    rows = []
+    for size in sizes:
+        g = torch.Generator().manual_seed(size)
+        x = torch.randn(2, 4, size // 8, size // 8, generator=g).to(dtype)
+        t = torch.tensor([500, 500])
+        context = torch.randn(2, 77, 768, generator=g).to(dtype)
+        runs: dict[str, Callable[[], object]] = {"diffusers": lambda: theirs.unet(x, t, context).sample}
+        if openvino:
+            ov_unet = openvino_unet(theirs.unet, (x.float(), t, context.float()), dtype)
+            runs["openvino"] = lambda: ov_unet(x, t, context)
+        for label, pipe in ours.items():
+            runs[label] = lambda pipe=pipe: (pipe.compiled_unet or pipe.unet)(x, t, context)
+        with torch.inference_mode():
+            reference = runs["diffusers"]().float()
+            for label, fn in runs.items():
+                err = (fn().float() - reference).abs().max().item() / reference.abs().max().item()
+                print(f"    unet {size} {label}: max error relative to diffusers' max {err:.1e}", flush=True)
+        row = Row(f"UNet guided step {size}x{size}", runs)
+        row.flops = unet_flops(ours["sdtorch"].unet, (x, t, context))
+        rows.append(row.measure(repeats))
+        del runs
+    return rows
+
+
+def text_row(ours: dict, theirs, repeats: int) -> Row:
+    ids = theirs.tokenizer([NEGATIVE, PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    runs = {"diffusers": lambda: theirs.text_encoder(ids)[0]}
+    runs.update({label: (lambda pipe=pipe: pipe.text_encoder(ids)) for label, pipe in ours.items()})
+    return Row("text encoding (2 x 77 tokens)", runs).measure(repeats)
+
+
+def vae_row(ours: dict, theirs, dtype: torch.dtype, repeats: int) -> Row:
+    latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    runs = {"diffusers": lambda: theirs.vae.decode(latents).sample}
+    runs.update({label: (lambda pipe=pipe: pipe.vae.decode(latents)) for label, pipe in ours.items()})
+    return Row("VAE decode 512x512", runs).measure(repeats)
+
+
+def generation_row(ours: dict, theirs, size: int, steps: int, repeats: int) -> Row:
+    """The whole txt2img; prints each sdtorch variant's PSNR against diffusers' picture (same math, same noise)."""
+    import numpy as np
+
+    def psnr(a, b) -> float:
+        x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        mse = ((x - y) ** 2).mean()
+        return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+    for pipe in ours.values():
+        if pipe.compiled_unet is not None:  # compile for this size untimed (one step), as a warm cache would
+            sdtorch_generate(pipe, size, 1)
+    runs = {"diffusers": lambda: diffusers_generate(theirs, size, steps)}
+    runs.update({label: (lambda pipe=pipe: sdtorch_generate(pipe, size, steps)) for label, pipe in ours.items()})
+    row = Row(f"whole {size}x{size} {steps}-step generation", runs).measure(repeats, warmup=0)
+    for label in ours:
+        print(f"    generation {label}: PSNR against diffusers' image "
+              f"{psnr(row.outputs[label], row.outputs['diffusers']):.1f} dB", flush=True)
+    return row
+
+
+def load_row(file: Path, folder: Path, repeats: int) -> Row:
+    """Loading the float32 single file into a pipeline ready to generate (the file is in the page cache)."""
+    import sdtorch
+
+    runs = {"diffusers": lambda: diffusers_pipeline(folder, file=file), "sdtorch": lambda: sdtorch.load(file)}
+    return Row("load the single file (float32)", runs).measure(repeats)
+
+
+RSS_CHILD = r"""
+import sys, time, torch
+sys.path.insert(0, sys.argv[1])
+import compare
+
+def peak():  # bytes: VmHWM, the process's peak resident set
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+impl, file, folder, size, steps = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+start = time.perf_counter()
+with torch.inference_mode():
+    if impl == "diffusers":
+        compare.diffusers_generate(compare.diffusers_pipeline(compare.Path(folder), file=compare.Path(file)), size, steps)
+    else:
+        import sdtorch
+        compare.sdtorch_generate(sdtorch.load(file), size, steps)
+print(peak(), time.perf_counter() - start)
+"""
+
+
+def rss_row(file: Path, folder: Path, size: int, steps: int) -> dict[str, float]:
+    """Peak RSS (bytes) of a fresh process per implementation that loads the single file and generates."""
+    peaks = {}
+    for impl in ("diffusers", "sdtorch"):
+        out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(Path(__file__).parent), impl, str(file), str(folder),
+                              str(size), str(steps)], capture_output=True, text=True, check=False)
+        if out.returncode:
+            sys.exit(f"the {impl} memory run failed:\n{out.stderr[-3000:]}")
+        peak, seconds = out.stdout.split()[-2:]
+        peaks[impl] = float(peak)
+        print(f"    rss {impl}: peak {float(peak) / 2**30:.2f} GiB ({float(seconds):.0f}s)", flush=True)
+    return peaks
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def table(rows: list[tuple[str, Row]], peak_flops: float, rss: dict[str, float] | None) -> str:
+    """Markdown: one line per row, median seconds per implementation and diffusers' time over each."""
+    labels = list(dict.fromkeys(label for _, row in rows for label in row.times))
+    others = [label for label in labels if label != "diffusers"]
+    head = ["benchmark", "dtype", *[f"{label} s" for label in labels], *[f"{label} speed-up" for label in others],
+            "peak used"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for dtype, row in rows:
+        cells = [row.name, dtype]
+        cells += [f"{row.median(label):.3f}" if label in row.times else "" for label in labels]
+        cells += [f"{row.median('diffusers') / row.median(label):.2f}x" if label in row.times else "" for label in others]
+        fastest = min(row.times, key=row.median)
+        cells.append(f"{row.flops / row.median(fastest) / peak_flops:.0%} ({fastest})" if row.flops else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    if rss:
+        ratio = rss["sdtorch"] / rss["diffusers"]
+        lines.append(f"| peak RSS, load + whole generation | float32 | {rss['diffusers'] / 2**30:.2f} GiB "
+                     f"| sdtorch {rss['sdtorch'] / 2**30:.2f} GiB = {ratio:.2f}x diffusers' |" + " |" * (len(head) - 4))
+    return "\n".join(lines)
+
+
+def write_readme(text: str, readme: Path) -> None:
+    """Replace what stands between the README's compare.py markers (appending them under Benchmarks if absent)."""
+    current = readme.read_text(encoding="utf-8")
+    block = f"{README_BEGIN}\n{text}\n{README_END}"
+    if README_BEGIN in current:
+        start, end = current.index(README_BEGIN), current.index(README_END) + len(README_END)
+        current = current[:start] + block + current[end:]
+    else:
+        current = current.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = readme.with_suffix(".md.tmp")
+    tmp.write_text(current, encoding="utf-8")
+    tmp.replace(readme)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def sdtorch_variants(file: Path, dtype: torch.dtype) -> dict:
+    """The sdtorch pipelines to time: the default path, and each documented option on top of it (sharing its
+    modules)."""
+    import sdtorch
+
+    plain = sdtorch.load(file, dtype=dtype)
+    return {"sdtorch": plain, "sdtorch --compile": copy.copy(plain).compile()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=["unet", "text", "vae", "generation", "load", "rss"],
+                        default=["unet", "text", "vae", "generation", "load", "rss"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 256], help="UNet step image sides")
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"],
+                        help="default: float32, and bfloat16 where the CPU has it natively")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per implementation (median)")
+    parser.add_argument("--gen-size", type=int, default=512)
+    parser.add_argument("--gen-steps", type=int, default=20)
+    parser.add_argument("--gen-repeats", type=int, default=2, help="timed whole generations per implementation")
+    parser.add_argument("--no-openvino", action="store_true")
+    parser.add_argument("--workdir", default="/tmp/sdtorch-compare", help="where the random model files are kept")
+    parser.add_argument("--readme", default=str(REPO / "README.md"))
+    parser.add_argument("--no-readme", action="store_true")
+    args = parser.parse_args(argv)
+
+    features = cpu_features()
+    dtypes = args.dtypes or ["float32", *(["bfloat16"] if features["native_bf16"] else [])]
+    peak = matmul_peak()
+    print(f"CPU: {json.dumps(features)}\nmeasured float32 matmul peak: {peak / 1e9:.0f} GFLOP/s", flush=True)
+    file, folder = write_models(Path(args.workdir))
+
+    rows: list[tuple[str, Row]] = []
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        print(f"{name}:", flush=True)
+        theirs = diffusers_pipeline(folder, dtype)
+        ours = sdtorch_variants(file, dtype)
+        if "unet" in args.only:
+            rows += [(name, r) for r in unet_rows(ours, theirs, args.sizes, dtype, not args.no_openvino, args.repeats)]
+        if "text" in args.only:
+            rows.append((name, text_row(ours, theirs, args.repeats)))
+        if "vae" in args.only:
+            rows.append((name, vae_row(ours, theirs, dtype, args.repeats)))
+        if "generation" in args.only:
+            rows.append((name, generation_row(ours, theirs, args.gen_size, args.gen_steps, args.gen_repeats)))
+        for _, row in rows[-4:]:
+            print(f"  {row.name}: " + ", ".join(f"{k} {row.median(k):.3f}s" for k in row.times), flush=True)
+        del theirs, ours
+    if "load" in args.only:
+        rows.append(("float32", load_row(file, folder, args.repeats)))
+    rss = rss_row(file, folder, args.gen_size, args.gen_steps) if "rss" in args.only else None
+
+    bf16 = "native" if features["native_bf16"] else "emulated (not timed)"
+    text = (f"Measured by `benchmarks/compare.py` on {features['model']}, {features['threads']} threads, "
+            f"torch {torch.__version__} ({features['torch_capability']}, bfloat16 {bf16}), "
+            f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s.\n\n" + table(rows, peak, rss))
+    print("\n" + text)
+    if not args.no_readme:
+        write_readme(text, Path(args.readme))
+        print(f"written into {args.readme}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Pipeline.compile(): the compiled UNet gives the plain path's images, and never a stale graph."""
+
+import pytest
+import torch
+from conftest import psnr, random_pipeline
+
+from sdtorch.configs import TINY_SD1
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_compiled_unet_gives_the_plain_images_and_follows_weight_changes_and_hooks():
+    pipe = random_pipeline(TINY_SD1, seed=3)
+    settings = dict(width=32, height=32, steps=4, cfg_scale=7.0, seed=5)
+    plain = pipe("a red circle", **settings)[0]
+    assert pipe.compile() is pipe
+    compiled = pipe.compiled_unet
+    assert not compiled.usable()  # gradients are on out here: the plain module runs
+    assert psnr(pipe("a red circle", **settings)[0], plain) >= 50
+    graph = compiled._compiled
+    assert graph is not None  # the generation ran the graph, not the plain module
+
+    g = torch.Generator().manual_seed(0)
+    x, t, context = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900]), torch.randn(2, 7, 128, generator=g)
+    with torch.inference_mode():
+        first = compiled(x, t, context)
+        torch.testing.assert_close(first, pipe.unet(x, t, context), rtol=1e-4, atol=1e-5)
+        pipe.unet.conv_out.bias.add_(0.5)  # frozen into the graph: a stale graph would still give `first`
+        changed = compiled(x, t, context)
+        assert compiled._compiled is not graph
+        torch.testing.assert_close(changed, first + 0.5, rtol=1e-4, atol=1e-4)
+        handle = pipe.unet.conv_out.register_forward_hook(lambda module, args, out: out * 2)  # as a LoRA does
+        assert not compiled.usable()
+        torch.testing.assert_close(compiled(x, t, context), 2 * changed, rtol=1e-4, atol=1e-4)
+        handle.remove()
+    assert pipe.compile(False).compiled_unet is None
