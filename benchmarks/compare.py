@@ -17,8 +17,9 @@ the median. Rows:
   rss             peak resident memory of a fresh process that loads the single file and runs that generation
 
 Ratios are diffusers' time over the other's (above 1: faster than diffusers). "Peak used" is the UNet step's
-arithmetic (counted with torch's FlopCounterMode) per second over the machine's measured float32 matmul
-rate (a large sgemm), the best this machine's cores are seen to do.
+arithmetic (counted with torch's FlopCounterMode) per second, by the fastest implementation, over the
+machine's measured matmul rate in that dtype (a 4096 x 4096 matmul): what its cores are seen to reach.
+`--device cuda` (benchmarks/gpu.sh) runs the same on a GPU, without OpenVINO and the RSS row.
 """
 
 from __future__ import annotations
@@ -68,17 +69,24 @@ def cpu_features() -> dict[str, object]:
     }
 
 
-def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
-    """The best FLOP/s of an n x n matmul in `dtype`: the rate this machine's cores reach on dense math."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 4096, repeats: int = 3) -> float:
+    """The best FLOP/s of an n x n matmul in `dtype`: the rate this machine reaches on dense math."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
     return 2 * n**3 / best
 
 
+def _sync() -> None:
+    """Wait for queued GPU work, so that a timing covers it."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - start
 
 
@@ -104,6 +112,7 @@ class Row:
                 for label, fn in self.runs.items():
                     start = time.perf_counter()
                     self.outputs[label] = fn()
+                    _sync()
                     self.times.setdefault(label, []).append(time.perf_counter() - start)
         return self
 
@@ -215,17 +224,18 @@ def openvino_unet(unet, example: tuple, dtype: torch.dtype) -> Callable[..., tor
 # ----------------------------------------------------------------------------- the rows
 
 
-def unet_rows(ours: dict, theirs, sizes: list[int], dtype: torch.dtype, openvino: bool, repeats: int) -> list[Row]:
+def unet_rows(ours: dict, theirs, sizes: list[int], dtype: torch.dtype, openvino: bool, repeats: int,
+              device: torch.device) -> list[Row]:
     """A guided UNet step at each size: diffusers, OpenVINO (diffusers' UNet converted) and sdtorch's variants."""
     rows = []
     for size in sizes:
         g = torch.Generator().manual_seed(size)
-        x = torch.randn(2, 4, size // 8, size // 8, generator=g).to(dtype)
-        t = torch.tensor([500, 500])
-        context = torch.randn(2, 77, 768, generator=g).to(dtype)
+        x = torch.randn(2, 4, size // 8, size // 8, generator=g).to(device, dtype)
+        t = torch.tensor([500, 500], device=device)
+        context = torch.randn(2, 77, 768, generator=g).to(device, dtype)
         runs: dict[str, Callable[[], object]] = {"diffusers": lambda: theirs.unet(x, t, context).sample}
         if openvino:
-            ov_unet = openvino_unet(theirs.unet, (x.float(), t, context.float()), dtype)
+            ov_unet = openvino_unet(theirs.unet, (x.float(), t, context.float()), dtype)  # CPU only
             runs["openvino"] = lambda: ov_unet(x, t, context)
         for label, pipe in ours.items():
             runs[label] = lambda pipe=pipe: (pipe.compiled_unet or pipe.unet)(x, t, context)
@@ -241,15 +251,16 @@ def unet_rows(ours: dict, theirs, sizes: list[int], dtype: torch.dtype, openvino
     return rows
 
 
-def text_row(ours: dict, theirs, repeats: int) -> Row:
+def text_row(ours: dict, theirs, repeats: int, device: torch.device) -> Row:
     ids = theirs.tokenizer([NEGATIVE, PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids = ids.to(device)
     runs = {"diffusers": lambda: theirs.text_encoder(ids)[0]}
     runs.update({label: (lambda pipe=pipe: pipe.text_encoder(ids)) for label, pipe in ours.items()})
     return Row("text encoding (2 x 77 tokens)", runs).measure(repeats)
 
 
-def vae_row(ours: dict, theirs, dtype: torch.dtype, repeats: int) -> Row:
-    latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+def vae_row(ours: dict, theirs, dtype: torch.dtype, repeats: int, device: torch.device) -> Row:
+    latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     runs = {"diffusers": lambda: theirs.vae.decode(latents).sample}
     runs.update({label: (lambda pipe=pipe: pipe.vae.decode(latents)) for label, pipe in ours.items()})
     return Row("VAE decode 512x512", runs).measure(repeats)
@@ -323,7 +334,7 @@ def rss_row(file: Path, folder: Path, size: int, steps: int) -> dict[str, float]
 # ----------------------------------------------------------------------------- the table
 
 
-def table(rows: list[tuple[str, Row]], peak_flops: float, rss: dict[str, float] | None) -> str:
+def table(rows: list[tuple[str, Row]], peaks: dict[str, float], rss: dict[str, float] | None) -> str:
     """Markdown: one line per row, median seconds per implementation and diffusers' time over each."""
     labels = list(dict.fromkeys(label for _, row in rows for label in row.times))
     others = [label for label in labels if label != "diffusers"]
@@ -335,7 +346,7 @@ def table(rows: list[tuple[str, Row]], peak_flops: float, rss: dict[str, float] 
         cells += [f"{row.median(label):.3f}" if label in row.times else "" for label in labels]
         cells += [f"{row.median('diffusers') / row.median(label):.2f}x" if label in row.times else "" for label in others]
         fastest = min(row.times, key=row.median)
-        cells.append(f"{row.flops / row.median(fastest) / peak_flops:.0%} ({fastest})" if row.flops else "")
+        cells.append(f"{row.flops / row.median(fastest) / peaks[dtype]:.0%} ({fastest})" if row.flops else "")
         lines.append("| " + " | ".join(cells) + " |")
     if rss:
         ratio = rss["sdtorch"] / rss["diffusers"]
@@ -361,12 +372,12 @@ def write_readme(text: str, readme: Path) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-def sdtorch_variants(file: Path, dtype: torch.dtype) -> dict:
+def sdtorch_variants(file: Path, dtype: torch.dtype, device: torch.device) -> dict:
     """The sdtorch pipelines to time: the default path, and each documented option on top of it (sharing its
     modules)."""
     import sdtorch
 
-    plain = sdtorch.load(file, dtype=dtype)
+    plain = sdtorch.load(file, dtype=dtype, device=device)
     return {"sdtorch": plain, "sdtorch --compile": copy.copy(plain).compile()}
 
 
@@ -375,8 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", choices=["unet", "text", "vae", "generation", "load", "rss"],
                         default=["unet", "text", "vae", "generation", "load", "rss"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 256], help="UNet step image sides")
-    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"],
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"],
                         help="default: float32, and bfloat16 where the CPU has it natively")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (benchmarks/gpu.sh): no OpenVINO, no RSS")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per implementation (median)")
     parser.add_argument("--gen-size", type=int, default=512)
     parser.add_argument("--gen-steps", type=int, default=20)
@@ -388,23 +400,27 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     features = cpu_features()
+    device = torch.device(args.device)
     dtypes = args.dtypes or ["float32", *(["bfloat16"] if features["native_bf16"] else [])]
-    peak = matmul_peak()
-    print(f"CPU: {json.dumps(features)}\nmeasured float32 matmul peak: {peak / 1e9:.0f} GFLOP/s", flush=True)
+    peaks = {name: matmul_peak(getattr(torch, name), device) for name in dtypes}
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else features["model"]
+    print(f"CPU: {json.dumps(features)}\ndevice: {machine}", flush=True)
+    print("measured matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()), flush=True)
     file, folder = write_models(Path(args.workdir))
 
     rows: list[tuple[str, Row]] = []
     for name in dtypes:
         dtype = getattr(torch, name)
         print(f"{name}:", flush=True)
-        theirs = diffusers_pipeline(folder, dtype)
-        ours = sdtorch_variants(file, dtype)
+        theirs = diffusers_pipeline(folder, dtype).to(device)
+        ours = sdtorch_variants(file, dtype, device)
         if "unet" in args.only:
-            rows += [(name, r) for r in unet_rows(ours, theirs, args.sizes, dtype, not args.no_openvino, args.repeats)]
+            openvino = not args.no_openvino and device.type == "cpu"
+            rows += [(name, r) for r in unet_rows(ours, theirs, args.sizes, dtype, openvino, args.repeats, device)]
         if "text" in args.only:
-            rows.append((name, text_row(ours, theirs, args.repeats)))
+            rows.append((name, text_row(ours, theirs, args.repeats, device)))
         if "vae" in args.only:
-            rows.append((name, vae_row(ours, theirs, dtype, args.repeats)))
+            rows.append((name, vae_row(ours, theirs, dtype, args.repeats, device)))
         if "generation" in args.only:
             rows.append((name, generation_row(ours, theirs, args.gen_size, args.gen_steps, args.gen_repeats)))
         for _, row in rows[-4:]:
@@ -412,12 +428,13 @@ def main(argv: list[str] | None = None) -> None:
         del theirs, ours
     if "load" in args.only:
         rows.append(("float32", load_row(file, folder, args.repeats)))
-    rss = rss_row(file, folder, args.gen_size, args.gen_steps) if "rss" in args.only else None
+    rss = rss_row(file, folder, args.gen_size, args.gen_steps) if "rss" in args.only and device.type == "cpu" else None
 
     bf16 = "native" if features["native_bf16"] else "emulated (not timed)"
-    text = (f"Measured by `benchmarks/compare.py` on {features['model']}, {features['threads']} threads, "
+    peak_text = ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
+    text = (f"Measured by `benchmarks/compare.py` on {machine}, {features['threads']} CPU threads, "
             f"torch {torch.__version__} ({features['torch_capability']}, bfloat16 {bf16}), "
-            f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s.\n\n" + table(rows, peak, rss))
+            f"matmul peak {peak_text}.\n\n" + table(rows, peaks, rss))
     print("\n" + text)
     if not args.no_readme:
         write_readme(text, Path(args.readme))
