@@ -14,6 +14,7 @@ the call runs the plain module, and a changed weight or dtype rebuilds the graph
 from __future__ import annotations
 
 import torch
+import torch._inductor.config as inductor_config
 from torch import Tensor, nn
 
 
@@ -43,6 +44,7 @@ class CompiledUNet:
         state = self._weights_state()
         if self._compiled is None or state != self._state:
             torch._dynamo.reset()  # drop graphs holding the old frozen weights
-            self._compiled = torch.compile(self.unet, dynamic=False, options={"freezing": True})
+            self._compiled = torch.compile(self.unet, dynamic=False)
             self._state = state
-        return self._compiled(x, t, context)
+        with inductor_config.patch(freezing=True):  # read when a call compiles (compile()'s options= is not)
+            return self._compiled(x, t, context)
