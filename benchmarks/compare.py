@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import platform
 import re
@@ -114,6 +115,7 @@ class Row:
                     self.outputs[label] = fn()
                     _sync()
                     self.times.setdefault(label, []).append(time.perf_counter() - start)
+        self.runs = {}  # the closures hold models (OpenVINO's too): let them go
         return self
 
     def median(self, label: str) -> float:
@@ -423,9 +425,12 @@ def main(argv: list[str] | None = None) -> None:
             rows.append((name, vae_row(ours, theirs, dtype, args.repeats, device)))
         if "generation" in args.only:
             rows.append((name, generation_row(ours, theirs, args.gen_size, args.gen_steps, args.gen_repeats)))
-        for _, row in rows[-4:]:
-            print(f"  {row.name}: " + ", ".join(f"{k} {row.median(k):.3f}s" for k in row.times), flush=True)
+        for dtype_name, row in rows:
+            if dtype_name == name:
+                print(f"  {row.name}: " + ", ".join(f"{k} {row.median(k):.3f}s" for k in row.times), flush=True)
+            row.outputs.clear()
         del theirs, ours
+        gc.collect()
     if "load" in args.only:
         rows.append(("float32", load_row(file, folder, args.repeats)))
     rss = rss_row(file, folder, args.gen_size, args.gen_steps) if "rss" in args.only and device.type == "cpu" else None
