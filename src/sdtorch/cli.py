@@ -304,6 +304,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"sdtorch: error: {printable(message, keep_newlines=False)} (see: {self.prog} --help)\n")
 
 
+def _add_compile_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", action="store_true", help="run the UNet through torch.compile (Pipeline.compile): "
+                        "faster steps after a first compile of minutes per image size (see README, Speed)")
+
+
 def _add_limit_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", action="append", default=[], metavar="KEY=VALUE",
                         help=f"raise or lower a limit ({', '.join(f'{f.name}={f.default}' for f in dataclasses.fields(Limits))})")
@@ -336,8 +341,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_request_flags(gen)
     gen.add_argument("--hires", action="store_true", help="hires fix with its defaults (any --hires-* flag turns it on)")
     gen.add_argument("--dtype", type=_dtype, default=None, help="float32 (default), float16 or bfloat16")
-    gen.add_argument("--compile", action="store_true", help="run the UNet through torch.compile: faster "
-                     "steps after a first compile of minutes per image size (see README, Speed)")
+    _add_compile_flag(gen)
     gen.add_argument("--lora-dir", help="folder of LoRA files that <lora:name:weight> in a prompt picks by name")
     gen.add_argument("--embeddings-dir", help="folder of textual-inversion embeddings, used by writing their name")
     gen.add_argument("--from", dest="from_image", help="re-create an image from the parameters it carries; "
@@ -382,8 +386,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--api-auth", metavar="USER:PASS[,USER:PASS]", help="HTTP Basic auth on every path")
     serve.add_argument("--out", default="outputs", help="where save_images writes (default: outputs/)")
     serve.add_argument("--dtype", type=_dtype, default=None, help="float32 (default), float16 or bfloat16")
-    serve.add_argument("--compile", action="store_true", help="run the UNet through torch.compile: faster "
-                     "steps after a first compile of minutes per image size (see README, Speed)")
+    _add_compile_flag(serve)
     _add_limit_flag(serve)
     serve.set_defaults(run=cmd_serve)
 
