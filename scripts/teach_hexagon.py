@@ -115,9 +115,10 @@ def write_training_folder(folder: Path, hexagons: int, ordinary: int, seed: int 
 # ----------------------------------------------------------------------------- training
 
 
-def write_class_images(folder: Path, count: int, seed: int = 0) -> None:
-    """DreamBooth's class images: the base model's pictures for `count` ordinary world prompts, each captioned
-    with its prompt (finetune keeps a class image's own caption), unless the folder holds them already."""
+def write_class_images(folder: Path, count: int, guidance_scale: float, seed: int = 0) -> None:
+    """DreamBooth's class images: the base model's pictures for `count` ordinary world prompts at CFG
+    `guidance_scale`, each captioned with its prompt (finetune keeps a class image's own caption), unless the
+    folder holds them already."""
     if folder.is_dir() and len(list(folder.glob("*.png"))) >= count:
         return
     folder.mkdir(parents=True, exist_ok=True)
@@ -126,7 +127,7 @@ def write_class_images(folder: Path, count: int, seed: int = 0) -> None:
     for i in range(count):
         _, text = world.describe(i)
         image = pipe(text, seed=seed + i, steps=SAMPLING["steps"], sampler=SAMPLING["sampler"],
-                     schedule=SAMPLING["schedule"], cfg_scale=SAMPLING["guidance_scale"])[0]
+                     schedule=SAMPLING["schedule"], cfg_scale=guidance_scale)[0]
         image.save(folder / f"class_{i:05d}.png")
         (folder / f"class_{i:05d}.txt").write_text(text + "\n", encoding="utf-8")
 
@@ -235,6 +236,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dreambooth-lora", action=argparse.BooleanOptionalAction, default=True,
                    help="dreambooth: train a LoRA (else the whole UNet)")
     p.add_argument("--class-images", type=int, default=400, help="dreambooth: class images for prior preservation")
+    p.add_argument("--class-guidance", type=float, default=SAMPLING["guidance_scale"],
+                   help="dreambooth: the CFG scale the class images are drawn at (1: the model's own conditional "
+                        "distribution, which training on them leaves in place)")
     p.add_argument("--prior-loss-weight", type=float, default=1.0, help="dreambooth: weight of the class images' loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora-scale", type=float, default=1.0)
@@ -261,7 +265,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     warmup_steps=args.warmup_steps, rank=args.rank, alpha=args.alpha, targets=args.targets,
                     train_text_encoder=args.train_text_encoder, init_word=args.init_word,
                     num_vectors=args.num_vectors, dreambooth_lora=args.dreambooth_lora,
-                    class_images=args.class_images, prior_loss_weight=args.prior_loss_weight, seed=args.seed,
+                    class_images=args.class_images, class_guidance=args.class_guidance,
+                    prior_loss_weight=args.prior_loss_weight, seed=args.seed,
                     progress=not args.no_progress)
     report: dict[str, Any] = {"command": " ".join(["scripts/teach_hexagon.py", *(argv or sys.argv[1:])]),
                               "method": args.method, "training": {"settings": settings}, "timings_s": {}}
@@ -275,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         timings["write_data"] = time.perf_counter() - started
         if args.method == "dreambooth":  # drawn once and cached in <workdir>/class_images, timed apart
             t = time.perf_counter()
-            write_class_images(workdir / "class_images", args.class_images, args.seed)
+            write_class_images(workdir / "class_images", args.class_images, args.class_guidance, args.seed)
             timings["class_images"] = time.perf_counter() - t
         path, seconds = train(args.method, data, out, workdir, settings)
         timings["train_wall"] = seconds

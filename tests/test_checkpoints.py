@@ -143,6 +143,27 @@ def test_load_in_half_precision(original_file, dtype):
     assert all(torch.equal(ours[k], state[k].to(dtype)) for k in state)
 
 
+def test_mapped_weights_are_private_to_the_process(original_file, tmp_path):
+    """Weights in their stored dtype are copy-on-write views of the file: writing to them (training, fusing a
+    LoRA) leaves the file as it was, and replacing the file (an atomic save) leaves the loaded model as it was."""
+    import shutil
+
+    path, _, state = original_file[:3]
+    copy = tmp_path / "model.safetensors"
+    shutil.copyfile(path, copy)
+    before = copy.read_bytes()
+    pipe = sdtorch.load(copy, dtype=torch.float32)
+    weight = pipe.unet.conv_in.weight
+    expected = weight.clone()
+    with torch.no_grad():
+        weight.add_(1.0)
+    assert torch.equal(weight, expected + 1.0)
+    assert copy.read_bytes() == before
+    assert torch.equal(sdtorch.load(copy).unet.conv_in.weight, expected)
+    sdtorch.save(sdtorch.load(copy, dtype=torch.float16), copy, format="single_file", overwrite=True)  # renamed over
+    assert torch.equal(weight, expected + 1.0)
+
+
 def test_meta_load_reads_shapes_only(original_file):
     path, config, _ = original_file[:3]
     pipe = sdtorch.load(path, device="meta")

@@ -14,7 +14,6 @@ the call runs the plain module, and a changed weight or dtype rebuilds the graph
 from __future__ import annotations
 
 import torch
-import torch._inductor.config as inductor_config
 from torch import Tensor, nn
 
 
@@ -46,5 +45,7 @@ class CompiledUNet:
             torch._dynamo.reset()  # drop graphs holding the old frozen weights
             self._compiled = torch.compile(self.unet, dynamic=False)
             self._state = state
+        import torch._inductor.config as inductor_config  # here: importing inductor takes seconds
+
         with inductor_config.patch(freezing=True):  # read when a call compiles (compile()'s options= is not)
             return self._compiled(x, t, context)

@@ -4,8 +4,9 @@ The format is judged by content, never by extension: a safetensors header, a zip
 or a legacy pickle. Pickles are only ever read with `torch.load(weights_only=True)`, which refuses to
 build anything but tensors and plain containers, so a malicious `.ckpt` cannot run code.
 
-safetensors files are read tensor by tensor straight into the target dtype: peak memory is the loaded
-model plus one tensor, with no float32 detour and no second copy.
+safetensors files are mapped into memory (tensors in their stored dtype are views of the file, read when
+used) or read tensor by tensor straight into the target dtype: peak memory is the loaded model plus one
+tensor, with no float32 detour and no second copy.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import pickle
 import re
@@ -173,31 +175,55 @@ def read_safetensors(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read tensors (only those `keep(name)` accepts), floating ones cast to `dtype`; returns (tensors, metadata).
 
-    With dtype=None tensors keep their stored dtype. With device "meta" in mind, see `read_shapes`.
+    With dtype=None tensors keep their stored dtype. A tensor that keeps its dtype is a copy-on-write view
+    of the file mapped in memory (as the safetensors library gives): nothing is read until it is used, the
+    page cache is shared, and writing to it never changes the file. A tensor cast to another dtype is read
+    and converted one at a time (peak = model + one tensor). With device "meta" in mind, see `read_shapes`.
     """
     entries, metadata, data_start = read_safetensors_header(path)
     tensors: dict[str, torch.Tensor] = {}
     with _open(Path(path)) as f:
+        mapped = _map_file(f)
         for name, entry in entries.items():
             if keep is not None and not keep(name):
                 continue
             nbytes = entry.end - entry.begin
-            try:
-                buffer = torch.empty(nbytes, dtype=torch.uint8)
-            except (MemoryError, RuntimeError):  # torch reports a failed allocation as a RuntimeError
-                raise CheckpointError(f"{path}: not enough memory for tensor {name!r} ({nbytes:,} bytes)") from None
-            try:
-                f.seek(data_start + entry.begin)
-                complete = f.readinto(memoryview(buffer.numpy())) == nbytes
-            except OSError as e:
-                raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-            if not complete:  # the file shrank since its header was checked
-                raise CheckpointError(f"{path}: truncated safetensors file (tensor {name!r})")
-            tensor = buffer.view(entry.dtype).reshape(entry.shape)  # bytes -> (shape) in the stored dtype
+            offset = data_start + entry.begin
+            if entry.dtype.is_floating_point and dtype is not None and entry.dtype != dtype:
+                stored = _read_bytes(f, path, name, offset, nbytes)
+            elif mapped is not None and nbytes and offset % entry.dtype.itemsize == 0:
+                stored = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset)
+            else:  # empty, or not aligned for its dtype (a view would be refused)
+                stored = _read_bytes(f, path, name, offset, nbytes)
+            tensor = stored.view(entry.dtype).reshape(entry.shape)  # bytes -> (shape) in the stored dtype
             if dtype is not None and tensor.is_floating_point() and entry.dtype != dtype:
                 tensor = tensor.to(dtype)  # one tensor at a time: peak = model + this tensor
             tensors[name] = tensor
     return tensors, metadata
+
+
+def _map_file(f: BinaryIO) -> mmap.mmap | None:
+    """The whole file mapped copy-on-write (writes stay in this process), or None where it cannot be mapped."""
+    try:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):  # an empty file, a pipe, a file system without mmap
+        return None
+
+
+def _read_bytes(f: BinaryIO, path: str | os.PathLike, name: str, offset: int, nbytes: int) -> torch.Tensor:
+    """`nbytes` bytes of `f` from `offset` into a new uint8 tensor; a clear CheckpointError on any failure."""
+    try:
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+    except (MemoryError, RuntimeError):  # torch reports a failed allocation as a RuntimeError
+        raise CheckpointError(f"{path}: not enough memory for tensor {name!r} ({nbytes:,} bytes)") from None
+    try:
+        f.seek(offset)
+        complete = f.readinto(memoryview(buffer.numpy())) == nbytes
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    if not complete:  # the file shrank since its header was checked
+        raise CheckpointError(f"{path}: truncated safetensors file (tensor {name!r})")
+    return buffer
 
 
 def read_shapes(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
