@@ -236,7 +236,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dreambooth-lora", action=argparse.BooleanOptionalAction, default=True,
                    help="dreambooth: train a LoRA (else the whole UNet)")
     p.add_argument("--class-images", type=int, default=400, help="dreambooth: class images for prior preservation")
-    p.add_argument("--class-guidance", type=float, default=SAMPLING["guidance_scale"],
+    p.add_argument("--class-guidance", type=float, default=1.0,
                    help="dreambooth: the CFG scale the class images are drawn at (1: the model's own conditional "
                         "distribution, which training on them leaves in place)")
     p.add_argument("--prior-loss-weight", type=float, default=1.0, help="dreambooth: weight of the class images' loss")

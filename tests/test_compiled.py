@@ -28,7 +28,7 @@ def test_compiled_unet_gives_the_plain_images_and_follows_weight_changes_and_hoo
         torch.testing.assert_close(first, pipe.unet(x, t, context), rtol=1e-4, atol=1e-5)
         pipe.unet.conv_out.bias.add_(0.5)
         with inductor_config.patch(freezing=True):  # the weights are constants of the graph: it does not see this
-            torch.testing.assert_close(graph(x, t, context), first)
+            torch.testing.assert_close(graph(x, t, context)[0], first)
         changed = compiled(x, t, context)
         assert compiled._compiled is not graph
         torch.testing.assert_close(changed, first + 0.5, rtol=1e-4, atol=1e-4)
@@ -37,3 +37,10 @@ def test_compiled_unet_gives_the_plain_images_and_follows_weight_changes_and_hoo
         torch.testing.assert_close(compiled(x, t, context), 2 * changed, rtol=1e-4, atol=1e-4)
         handle.remove()
     assert pipe.compile(False).compiled_unet is None
+
+
+def test_compiled_step_caching_gives_the_plain_step_caching_images():
+    pipe = random_pipeline(TINY_SD1, seed=3)
+    settings = dict(width=32, height=32, steps=5, cfg_scale=7.0, seed=5, deep_cache=2)
+    plain = pipe("a red circle", **settings)[0]
+    assert psnr(pipe.compile()("a red circle", **settings)[0], plain) >= 50

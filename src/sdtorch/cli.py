@@ -220,7 +220,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     guidance = pipe.default_cfg_scale if args.cfg is None else args.cfg
     report = evaluate(
         pipe, args.prompts, args.held_out, seed=args.seed, guidance_scale=guidance, compare_guidance=not args.no_compare,
-        steps=args.steps, sampler=args.sampler, schedule=args.schedule,
+        steps=args.steps, sampler=args.sampler, schedule=args.schedule, deep_cache=args.deep_cache,
         progress=lambda done, total: print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True),
     )
     print(file=sys.stderr)
@@ -365,6 +365,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=20)
     ev.add_argument("--sampler", default="DPM++ 2M")
     ev.add_argument("--schedule", default="Karras")
+    ev.add_argument("--deep-cache", type=int, default=1, help="step caching interval (1: off; see generate --deep-cache)")
     ev.add_argument("--json", help="also write the report here")
     ev.set_defaults(run=cmd_eval)
 

@@ -13,6 +13,8 @@ the call runs the plain module, and a changed weight or dtype rebuilds the graph
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -22,7 +24,7 @@ class CompiledUNet:
 
     def __init__(self, unet: nn.Module):
         self.unet = unet
-        self._compiled: nn.Module | None = None
+        self._compiled: Callable[..., tuple[Tensor, Tensor]] | None = None
         self._state: tuple | None = None  # what the graph was built for: weight versions, dtype, device
 
     def _weights_state(self) -> tuple:
@@ -38,14 +40,20 @@ class CompiledUNet:
 
     def __call__(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
         """x: (B, C, H, W), t: (B,), context: (B, L, D) -> (B, Cout, H, W), as the UNet."""
+        return self.split_forward(x, t, context)[0]
+
+    def split_forward(self, x: Tensor, t: Tensor, context: Tensor, deep: Tensor | None = None,
+                      shallow: int = 1) -> tuple[Tensor, Tensor]:
+        """`UNet.split_forward` (step caching) through the compiled graph: one graph per input shapes, per
+        `shallow` and per whole / shallow call."""
         if not self.usable():
-            return self.unet(x, t, context)
+            return self.unet.split_forward(x, t, context, deep, shallow)
         state = self._weights_state()
         if self._compiled is None or state != self._state:
             torch._dynamo.reset()  # drop graphs holding the old frozen weights
-            self._compiled = torch.compile(self.unet, dynamic=False)
+            self._compiled = torch.compile(self.unet.split_forward, dynamic=False)
             self._state = state
         import torch._inductor.config as inductor_config  # here: importing inductor takes seconds
 
         with inductor_config.patch(freezing=True):  # read when a call compiles (compile()'s options= is not)
-            return self._compiled(x, t, context)
+            return self._compiled(x, t, context, deep, shallow)

@@ -12,7 +12,7 @@ follows diffusers' pipelines, so the same generator gives diffusers' image.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from .compiled import CompiledUNet
 from .configs import ModelConfig
 from .decoding import decode_latents
 from .adapters.lora import lora_files, lora_hash
@@ -41,6 +42,7 @@ from .sampling.common import Callback
 from .sampling.denoiser import Conditioning, Denoiser
 from .sampling.samplers import resolve, sample
 from .sampling.schedules import DiscreteSchedule
+from .step_cache import StepCache
 
 @dataclass
 class Job:
@@ -88,7 +90,7 @@ class Model(Protocol):
     tokenizer: CLIPTokenizer
     text_encoder: nn.Module
     unet: nn.Module
-    compiled_unet: Callable[[Tensor, Tensor, Tensor], Tensor] | None  # runs the UNet when set (Pipeline.compile)
+    compiled_unet: CompiledUNet | None  # runs the UNet when set (Pipeline.compile)
     vae: AutoencoderKL
     config: ModelConfig
     vae_scale_factor: int
@@ -147,6 +149,8 @@ def _generate(
     device = next(pipe.unet.parameters()).device
 
     forward = pipe.compiled_unet or pipe.unet
+    if request.source.deep_cache > 1:
+        forward = StepCache(forward.split_forward, request.source.deep_cache)
 
     def unet(x: Tensor, t: Tensor, context: Tensor) -> Tensor:  # sampler math stays float32 where x lives
         out = forward(x.to(device, unet_dtype), t.to(device), context.to(device, unet_dtype))

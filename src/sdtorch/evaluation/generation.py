@@ -49,6 +49,7 @@ def generate_and_score(
     steps: int = 20,
     sampler: str = "DPM++ 2M",
     schedule: str = "Karras",
+    deep_cache: int = 1,
     batch_size: int = 50,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def generate_and_score(
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         images += pipe([p.text for p in batch], steps=steps, cfg_scale=guidance_scale, sampler_name=sampler,
-                       scheduler=schedule, seed=seed + start)
+                       scheduler=schedule, deep_cache=deep_cache, seed=seed + start)
         if progress is not None:
             progress(len(images), len(prompts))
     predictions = judge.predict(images)
@@ -89,6 +90,7 @@ def evaluate(
     steps: int = 20,
     sampler: str = "DPM++ 2M",
     schedule: str = "Karras",
+    deep_cache: int = 1,
     batch_size: int = 50,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
@@ -101,14 +103,15 @@ def evaluate(
     prompts = eval_prompts(count, held_out, seed)
     report: dict[str, Any] = {
         "settings": {"prompts": count, "held_out_prompts": held_out, "seed": seed, "guidance_scale": guidance_scale,
-                     "steps": steps, "sampler": sampler, "schedule": schedule},
+                     "steps": steps, "sampler": sampler, "schedule": schedule, "deep_cache": deep_cache},
         "guided": None,
         "unguided": None,
     }
     runs = {"guided": guidance_scale, "unguided": 1.0} if compare_guidance else {"guided": guidance_scale}
     for key, scale in runs.items():
         results = generate_and_score(pipe, prompts, judge, seed=seed, guidance_scale=scale, steps=steps,
-                                     sampler=sampler, schedule=schedule, batch_size=batch_size, progress=progress)
+                                     sampler=sampler, schedule=schedule, deep_cache=deep_cache, batch_size=batch_size,
+                                     progress=progress)
         results.pop("images")
         report[key] = results
     return report

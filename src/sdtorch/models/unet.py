@@ -121,14 +121,17 @@ class DownBlock(nn.Module):
         )
         self.downsamplers = nn.ModuleList([Downsample(out_channels)]) if downsample else None
 
+    def stage(self, j: int, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Stage j: ResBlock j, then SpatialTransformer j on attention levels. (B,Cin,H,W) -> (B,C,H,W)."""
+        x = self.resnets[j](x, emb)
+        return x if self.attentions is None else self.attentions[j](x, context)
+
     def forward(
         self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]
     ) -> torch.Tensor:
         """Runs the level, appending each stage's output to `skips`."""
-        for j, resnet in enumerate(self.resnets):
-            x = resnet(x, emb)
-            if self.attentions is not None:
-                x = self.attentions[j](x, context)
+        for j in range(len(self.resnets)):
+            x = self.stage(j, x, emb, context)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)  # (B,C,H,W) -> (B,C,H/2,W/2)
@@ -174,14 +177,19 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
 
     def forward(
-        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor],
+        start: int = 0, stop: int | None = None,
     ) -> torch.Tensor:
-        """Runs the level, consuming its skips from the end of `skips`."""
-        for j, resnet in enumerate(self.resnets):
+        """Runs stages [start, stop) of the level (all of it and the Upsample by default), consuming their
+        skips from the end of `skips`."""
+        stop = len(self.resnets) if stop is None else stop
+        for j in range(start, stop):
             x = torch.cat([x, skips.pop()], dim=1)  # (B,C,H,W) + (B,Cskip,H,W) -> (B,C+Cskip,H,W)
-            x = resnet(x, emb)
+            x = self.resnets[j](x, emb)
             if self.attentions is not None:
                 x = self.attentions[j](x, context)
+        if stop < len(self.resnets):
+            return x
         if self.upsamplers is not None:  # to the next level's skip size: 2H, or 2H - 1 where a downsample rounded up
             x = self.upsamplers[0](x, skips[-1].shape[2:])  # (B,C,H,W) -> (B,C,~2H,~2W)
         return x
@@ -240,17 +248,43 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
         """x: (B, in_channels, H, W) latents, t: (B,) timesteps (a scalar is broadcast), context: (B, L,
         context_dim) -> (B, out_channels, H, W)."""
+        return self.split_forward(x, t, context)[0]
+
+    def split_forward(
+        self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, deep: torch.Tensor | None = None,
+        shallow: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The UNet as step caching (DeepCache, Ma et al. 2023) splits it: a shallow part, conv_in and the first
+        `shallow` stages of the first down level with the last `shallow + 1` stages of the last up level (which
+        consume their skips), around a deep part, all the rest.
+
+        Without `deep`: the whole UNet; returns (output, deep features), the deep part's output, which is what
+        enters the last up level's stage `len - shallow - 1`: (B, C0, H, W). With `deep` (from an earlier
+        call, same shapes): only the shallow part, on those features; returns (output, deep).
+        shallow: 0 .. layers_per_block; the shallow part's share of the work grows with it.
+        """
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0 or t.shape == (1,):
             t = t.reshape(1).expand(x.shape[0])  # () -> (B,)
         self._check_inputs(x, t, context)
+        first, last = self.down_blocks[0], self.up_blocks[-1]
+        if not 0 <= shallow < len(last.resnets):
+            raise InvalidInputError(f"shallow must be 0 .. {len(last.resnets) - 1}, got {shallow}")
+        split = len(last.resnets) - shallow - 1  # the last up level's first shallow stage
 
         emb = self.time_embedding(t)  # (B,) -> (B, time_embed_dim)
         h = self.conv_in(x)  # (B,Cin,H,W) -> (B,C0,H,W)
         skips = [h]
-        for block in self.down_blocks:
-            h = block(h, emb, context, skips)
-        h = self.mid_block(h, emb, context)
-        for block in self.up_blocks:
-            h = block(h, emb, context, skips)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B,C0,H,W) -> (B,Cout,H,W)
+        if deep is None:
+            for block in self.down_blocks:
+                h = block(h, emb, context, skips)
+            h = self.mid_block(h, emb, context)
+            for block in self.up_blocks[:-1]:
+                h = block(h, emb, context, skips)
+            deep = last(h, emb, context, skips, stop=split)  # leaves the skips of conv_in and `shallow` stages
+        else:
+            for j in range(shallow):
+                h = first.stage(j, h, emb, context)
+                skips.append(h)
+        h = last(deep, emb, context, skips, start=split)
+        return self.conv_out(F.silu(self.conv_norm_out(h))), deep  # (B,C0,H,W) -> (B,Cout,H,W)
