@@ -12,9 +12,11 @@ the median. Rows:
                   float32, and bfloat16 where the CPU has it natively
   text            encoding a prompt and a negative prompt (batch 2, 77 tokens)
   vae             decoding one 512x512 latent
-  generation      a whole --gen-size txt2img of --gen-steps DPM++ 2M steps, CFG 7 (encode, denoise, decode)
+  generation      a whole --gen-size txt2img of --gen-steps DPM++ 2M steps, CFG 7 (encode, denoise, decode);
+                  also compiled with step caching (--deep-cache N), whose picture differs (PSNR printed)
   load            loading the original-layout single file (float32) into a ready pipeline
   rss             peak resident memory of a fresh process that loads the single file and runs that generation
+                  (sdtorch in float32, and in bfloat16 where native, against diffusers in float32)
 
 Ratios are diffusers' time over the other's (above 1: faster than diffusers). "Peak used" is the UNet step's
 arithmetic (counted with torch's FlopCounterMode) per second, by the fastest implementation, over the
@@ -192,9 +194,9 @@ def diffusers_generate(pipe, size: int, steps: int):
                 guidance_scale=7.0, generator=torch.Generator().manual_seed(0)).images[0]
 
 
-def sdtorch_generate(pipe, size: int, steps: int):
+def sdtorch_generate(pipe, size: int, steps: int, deep_cache: int = 1):
     return pipe(PROMPT, NEGATIVE, height=size, width=size, steps=steps, sampler="DPM++ 2M", schedule="Karras",
-                cfg_scale=7.0, generator=torch.Generator().manual_seed(0))[0]
+                cfg_scale=7.0, deep_cache=deep_cache, generator=torch.Generator().manual_seed(0))[0]
 
 
 def openvino_unet(unet, example: tuple, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
@@ -268,8 +270,9 @@ def vae_row(ours: dict, theirs, dtype: torch.dtype, repeats: int, device: torch.
     return Row("VAE decode 512x512", runs).measure(repeats)
 
 
-def generation_row(ours: dict, theirs, size: int, steps: int, repeats: int) -> Row:
-    """The whole txt2img; prints each sdtorch variant's PSNR against diffusers' picture (same math, same noise)."""
+def generation_row(ours: dict, theirs, size: int, steps: int, repeats: int, deep_cache: int) -> Row:
+    """The whole txt2img, and with step caching (`deep_cache`) on the compiled pipeline; prints each sdtorch
+    variant's PSNR against diffusers' picture (same math, same noise) and the cached one's against sdtorch's own."""
     import numpy as np
 
     def psnr(a, b) -> float:
@@ -280,12 +283,21 @@ def generation_row(ours: dict, theirs, size: int, steps: int, repeats: int) -> R
     for pipe in ours.values():
         if pipe.compiled_unet is not None:  # compile for this size untimed (one step), as a warm cache would
             sdtorch_generate(pipe, size, 1)
+            if deep_cache > 1:
+                sdtorch_generate(pipe, size, 2, deep_cache)  # and the shallow part's graph
     runs = {"diffusers": lambda: diffusers_generate(theirs, size, steps)}
     runs.update({label: (lambda pipe=pipe: sdtorch_generate(pipe, size, steps)) for label, pipe in ours.items()})
+    cached = f"{list(ours)[-1]} --deep-cache {deep_cache}"
+    if deep_cache > 1:
+        runs[cached] = lambda pipe=list(ours.values())[-1]: sdtorch_generate(pipe, size, steps, deep_cache)
     row = Row(f"whole {size}x{size} {steps}-step generation", runs).measure(repeats, warmup=0)
-    for label in ours:
-        print(f"    generation {label}: PSNR against diffusers' image "
-              f"{psnr(row.outputs[label], row.outputs['diffusers']):.1f} dB", flush=True)
+    for label in runs:
+        if label != "diffusers":
+            print(f"    generation {label}: PSNR against diffusers' image "
+                  f"{psnr(row.outputs[label], row.outputs['diffusers']):.1f} dB", flush=True)
+    if deep_cache > 1:
+        print(f"    generation {cached}: PSNR against sdtorch's image without it "
+              f"{psnr(row.outputs[cached], row.outputs['sdtorch']):.1f} dB", flush=True)
     return row
 
 
@@ -308,21 +320,23 @@ def peak():  # bytes: VmHWM, the process's peak resident set
             return int(line.split()[1]) * 1024
 
 impl, file, folder, size, steps = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+dtype = getattr(torch, impl.split()[-1])
 start = time.perf_counter()
 with torch.inference_mode():
-    if impl == "diffusers":
+    if impl.startswith("diffusers"):
         compare.diffusers_generate(compare.diffusers_pipeline(compare.Path(folder), file=compare.Path(file)), size, steps)
     else:
         import sdtorch
-        compare.sdtorch_generate(sdtorch.load(file), size, steps)
+        compare.sdtorch_generate(sdtorch.load(file, dtype=dtype), size, steps)
 print(peak(), time.perf_counter() - start)
 """
 
 
-def rss_row(file: Path, folder: Path, size: int, steps: int) -> dict[str, float]:
-    """Peak RSS (bytes) of a fresh process per implementation that loads the single file and generates."""
+def rss_row(file: Path, folder: Path, size: int, steps: int, bf16: bool) -> dict[str, float]:
+    """Peak RSS (bytes) of a fresh process per implementation that loads the float32 single file and generates
+    (sdtorch also loading it as bfloat16 where `bf16`)."""
     peaks = {}
-    for impl in ("diffusers", "sdtorch"):
+    for impl in ("diffusers float32", "sdtorch float32", *(["sdtorch bfloat16"] if bf16 else [])):
         out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(Path(__file__).parent), impl, str(file), str(folder),
                               str(size), str(steps)], capture_output=True, text=True, check=False)
         if out.returncode:
@@ -351,9 +365,11 @@ def table(rows: list[tuple[str, Row]], peaks: dict[str, float], rss: dict[str, f
         cells.append(f"{row.flops / row.median(fastest) / peaks[dtype]:.0%} ({fastest})" if row.flops else "")
         lines.append("| " + " | ".join(cells) + " |")
     if rss:
-        ratio = rss["sdtorch"] / rss["diffusers"]
-        lines.append(f"| peak RSS, load + whole generation | float32 | {rss['diffusers'] / 2**30:.2f} GiB "
-                     f"| sdtorch {rss['sdtorch'] / 2**30:.2f} GiB = {ratio:.2f}x diffusers' |" + " |" * (len(head) - 4))
+        base = rss["diffusers float32"]
+        ours = ", ".join(f"{impl} {peak / 2**30:.2f} GiB = {peak / base:.2f}x" for impl, peak in rss.items()
+                         if impl.startswith("sdtorch"))
+        lines.append(f"| peak RSS, load + whole generation | diffusers float32 | {base / 2**30:.2f} GiB | {ours} "
+                     "of diffusers' |" + " |" * (len(head) - 4))
     return "\n".join(lines)
 
 
@@ -395,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gen-size", type=int, default=512)
     parser.add_argument("--gen-steps", type=int, default=20)
     parser.add_argument("--gen-repeats", type=int, default=2, help="timed whole generations per implementation")
+    parser.add_argument("--deep-cache", type=int, default=3,
+                        help="the generation row's step-caching interval on the compiled pipeline (1: leave it out)")
     parser.add_argument("--no-openvino", action="store_true")
     parser.add_argument("--workdir", default="/tmp/sdtorch-compare", help="where the random model files are kept")
     parser.add_argument("--readme", default=str(REPO / "README.md"))
@@ -424,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
         if "vae" in args.only:
             rows.append((name, vae_row(ours, theirs, dtype, args.repeats, device)))
         if "generation" in args.only:
-            rows.append((name, generation_row(ours, theirs, args.gen_size, args.gen_steps, args.gen_repeats)))
+            rows.append((name, generation_row(ours, theirs, args.gen_size, args.gen_steps, args.gen_repeats,
+                                              args.deep_cache)))
         for dtype_name, row in rows:
             if dtype_name == name:
                 print(f"  {row.name}: " + ", ".join(f"{k} {row.median(k):.3f}s" for k in row.times), flush=True)
@@ -433,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
         gc.collect()
     if "load" in args.only:
         rows.append(("float32", load_row(file, folder, args.repeats)))
-    rss = rss_row(file, folder, args.gen_size, args.gen_steps) if "rss" in args.only and device.type == "cpu" else None
+    rss = (rss_row(file, folder, args.gen_size, args.gen_steps, features["native_bf16"])
+           if "rss" in args.only and device.type == "cpu" else None)
 
     bf16 = "native" if features["native_bf16"] else "emulated (not timed)"
     peak_text = ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
