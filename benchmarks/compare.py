@@ -212,7 +212,10 @@ def openvino_unet(unet, example: tuple, dtype: torch.dtype) -> Callable[..., tor
         def forward(self, x, t, context):
             return self.unet(x, t, context).sample
 
+    if unet.dtype != torch.float32:  # traced in float32 (its inputs are); the hint sets the compute precision
+        unet = copy.deepcopy(unet).float()
     model = ov.convert_model(Traced(unet), example_input=example)
+    del unet
     precision = {torch.float32: "f32", torch.bfloat16: "bf16"}[dtype]
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
                                                       "INFERENCE_NUM_THREADS": torch.get_num_threads()})
