@@ -40,7 +40,7 @@ def test_split_forward_is_the_unet_and_its_shallow_part_on_the_same_features_is_
 def test_the_cache_runs_the_whole_unet_every_interval_calls_and_when_shapes_change():
     calls = []
 
-    def split_forward(x, t, context, deep, shallow):
+    def split_forward(x, t, context, deep):
         calls.append("whole" if deep is None else "shallow")
         return x + (0 if deep is None else deep), x * 0 + 1  # a deep feature of ones
 
@@ -52,7 +52,6 @@ def test_the_cache_runs_the_whole_unet_every_interval_calls_and_when_shapes_chan
     cache(torch.zeros(2, 4, 16, 16), torch.tensor([1, 1]), context)  # a new size (a hires pass): whole again
     cache(x[:1], torch.tensor([1]), context[:1])  # a new batch: whole again
     assert calls[7:] == ["whole", "whole"]
-    assert (cache.whole_calls, cache.shallow_calls) == (5, 4)
     with pytest.raises(ValueError):
         StepCache(split_forward, interval=0)
 

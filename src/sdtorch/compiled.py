@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .models.unet import SHALLOW_STAGES
+
 
 class CompiledUNet:
     """Callable like `unet(x, t, context)`; runs the compiled graph where it is valid, else `unet` itself."""
@@ -43,7 +45,7 @@ class CompiledUNet:
         return self.split_forward(x, t, context)[0]
 
     def split_forward(self, x: Tensor, t: Tensor, context: Tensor, deep: Tensor | None = None,
-                      shallow: int = 1) -> tuple[Tensor, Tensor]:
+                      shallow: int = SHALLOW_STAGES) -> tuple[Tensor, Tensor]:
         """`UNet.split_forward` (step caching) through the compiled graph: one graph per input shapes, per
         `shallow` and per whole / shallow call."""
         if not self.usable():

@@ -13,22 +13,18 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-SplitForward = Callable[..., tuple[Tensor, Tensor]]  # UNet.split_forward(x, t, context, deep, shallow)
-SHALLOW_STAGES = 1  # the first down level's stages in the shallow part (DeepCache's branch at layer 0)
+SplitForward = Callable[..., tuple[Tensor, Tensor]]  # UNet.split_forward(x, t, context, deep)
 
 
 class StepCache:
     """Callable like `unet(x, t, context)`: the whole UNet on every `interval`-th call (and whenever the input
     shapes change), the shallow part on the kept deep features on the calls between."""
 
-    def __init__(self, split_forward: SplitForward, interval: int, shallow: int = SHALLOW_STAGES):
+    def __init__(self, split_forward: SplitForward, interval: int):
         if interval < 1:
             raise ValueError(f"interval must be >= 1, got {interval}")
         self.split_forward = split_forward
         self.interval = interval
-        self.shallow = shallow
-        self.whole_calls = 0  # what ran, for the tests and the benchmark
-        self.shallow_calls = 0
         self._deep: Tensor | None = None
         self._shapes: tuple | None = None  # the input shapes the deep features were made for
         self._since_whole = 0
@@ -37,11 +33,9 @@ class StepCache:
         """x: (B, C, H, W), t: (B,), context: (B, L, D) -> (B, Cout, H, W)."""
         shapes = (x.shape, context.shape)
         reuse = self._deep is not None and shapes == self._shapes and self._since_whole < self.interval - 1
-        out, deep = self.split_forward(x, t, context, self._deep if reuse else None, self.shallow)
+        out, deep = self.split_forward(x, t, context, self._deep if reuse else None)
         if reuse:
-            self.shallow_calls += 1
             self._since_whole += 1
         else:
-            self.whole_calls += 1
             self._deep, self._shapes, self._since_whole = deep, shapes, 0
         return out

@@ -21,6 +21,8 @@ from ..errors import InvalidInputError
 from .attention import SpatialTransformer
 from .checkpointing import Checkpointable
 
+SHALLOW_STAGES = 1  # split_forward's default: the first down level's stages in the shallow part (DeepCache's layer 0)
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of timesteps (Vaswani et al. 2017, sec. 3.5; DDPM's time encoding), cos first.
@@ -252,7 +254,7 @@ class UNet(nn.Module):
 
     def split_forward(
         self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, deep: torch.Tensor | None = None,
-        shallow: int = 1,
+        shallow: int = SHALLOW_STAGES,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The UNet as step caching (DeepCache, Ma et al. 2023) splits it: a shallow part, conv_in and the first
         `shallow` stages of the first down level with the last `shallow + 1` stages of the last up level (which
