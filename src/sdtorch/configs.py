@@ -1,7 +1,7 @@
-"""Dataclass configs for every model part, with presets (SD1, SD2, tiny) and diffusers conversion.
+"""Dataclass configs for every model part, with presets (SD1, SD2, tiny; SDXL's UNets) and diffusers conversion.
 
-One config-driven class per model part covers SD1 and SD2 (and later SDXL): the differences live
-here, as a handful of fields, not in separate model classes.
+One config-driven class per model part covers SD1 and SD2 (and SDXL's UNet; its other parts later): the
+differences live here, as a handful of fields, not in separate model classes.
 """
 
 from __future__ import annotations
@@ -84,12 +84,21 @@ class UNetConfig:
     attention_levels: tuple[bool, ...] = (True, True, True, False)  # SpatialTransformers per level
     layers_per_block: int = 2  # ResBlocks per down level (up levels have one more)
     num_heads: tuple[int, ...] = (8, 8, 8, 8)  # attention heads per level (mid block uses the last)
-    context_dim: int = 768  # text context width: 768 SD1, 1024 SD2
-    use_linear_proj: bool = False  # SD2: Linear proj_in/proj_out instead of 1x1 conv
-    transformer_depth: int = 1
+    context_dim: int = 768  # text context width: 768 SD1, 1024 SD2, 2048 SDXL
+    use_linear_proj: bool = False  # SD2, SDXL: Linear proj_in/proj_out instead of 1x1 conv
+    # Transformer blocks per SpatialTransformer: one count for every level and the mid block (SD1, SD2), or one a
+    # level (SDXL: (0, 2, 10)), 0 where a level has no attention; the mid block takes the last level's count.
+    transformer_depth: int | tuple[int, ...] = 1
     norm_groups: int = 32
     norm_eps: float = 1e-5
-    sample_size: int = 64  # native latent side (64 -> 512 px; SD2's 768 px v-models: 96)
+    sample_size: int = 64  # native latent side (64 -> 512 px; SD2's 768 px v-models: 96; SDXL: 128)
+    # SDXL's addition embedding (diffusers' "text_time"), added to the timestep embedding: the pooled text
+    # embedding and sinusoids of the size/crop numbers ("time ids"), `addition_time_embed_dim` wide each, through
+    # Linear-SiLU-Linear. 0: none (SD1, SD2). `addition_in_dim` = pooled width + time ids * addition_time_embed_dim
+    # (base: 1280 + 6 * 256 = 2816; refiner: 1280 + 5 * 256 = 2560), diffusers'
+    # projection_class_embeddings_input_dim.
+    addition_time_embed_dim: int = 0
+    addition_in_dim: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.block_channels)
@@ -101,19 +110,64 @@ class UNetConfig:
         _check_sizes("UNet", in_channels=self.in_channels, out_channels=self.out_channels,
                      block_channels=self.block_channels, num_heads=self.num_heads, context_dim=self.context_dim,
                      norm_groups=self.norm_groups, sample_size=self.sample_size)
-        _check_layers("UNet", layers_per_block=self.layers_per_block, transformer_depth=self.transformer_depth)
+        _check_layers("UNet", layers_per_block=self.layers_per_block)
+        self._check_transformer_depth()
         _check_norm_groups("UNet", self.block_channels, self.norm_groups)
         _check(0 < self.norm_eps < 1, f"UNet config: norm_eps must be between 0 and 1, not {self.norm_eps}")
+        self._check_addition()
+
+    def _check_transformer_depth(self) -> None:
+        """An int: 1 .. MAX_LAYERS. A tuple: one entry a level, 1 .. MAX_LAYERS where the level has attention
+        and for the last level (the mid block's), else 0."""
+        depth = self.transformer_depth
+        if isinstance(depth, int):
+            _check_layers("UNet", transformer_depth=depth)
+            return
+        n = len(self.block_channels)
+        _check(len(depth) == n, f"UNet config: transformer_depth {depth} needs one entry per level ({n})")
+        for level, (d, attention) in enumerate(zip(depth, self.attention_levels)):
+            if attention or level == n - 1:
+                mid = " (and the mid block's)" if level == n - 1 else ""
+                _check(1 <= d <= MAX_LAYERS, f"UNet config: transformer_depth of level {level}{mid} must be between "
+                                             f"1 and {MAX_LAYERS}, not {d}")
+            else:
+                _check(d == 0, f"UNet config: level {level} has no attention: its transformer_depth must be 0, "
+                               f"not {d}")
+
+    def _check_addition(self) -> None:
+        """Both addition sizes are 0 (no addition embedding) or both between 1 and MAX_SIZE."""
+        sizes = (self.addition_time_embed_dim, self.addition_in_dim)
+        if sizes != (0, 0):
+            _check(0 not in sizes, f"UNet config: addition_time_embed_dim and addition_in_dim must be both 0 (no "
+                                   f"addition embedding) or both set, not {sizes[0]} and {sizes[1]}")
+            _check_sizes("UNet", addition_time_embed_dim=sizes[0], addition_in_dim=sizes[1])
 
     @property
     def time_embed_dim(self) -> int:
         return 4 * self.block_channels[0]
 
+    @property
+    def level_depths(self) -> tuple[int, ...]:
+        """Transformer blocks per SpatialTransformer, one entry a level."""
+        depth = self.transformer_depth
+        return (depth,) * len(self.block_channels) if isinstance(depth, int) else tuple(depth)
+
+    @property
+    def mid_depth(self) -> int:
+        """Transformer blocks of the mid block's SpatialTransformer: the last level's count."""
+        return self.level_depths[-1]
+
+    @property
+    def has_addition(self) -> bool:
+        """Whether the UNet takes SDXL's pooled text embedding and time ids (the addition embedding)."""
+        return self.addition_time_embed_dim > 0
+
     def to_diffusers(self) -> dict[str, Any]:
         down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.attention_levels]
         up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.attention_levels)]
         heads = list(self.num_heads)
-        return {
+        depth = self.transformer_depth
+        cfg = {
             "_class_name": "UNet2DConditionModel",
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
@@ -125,7 +179,7 @@ class UNetConfig:
             "attention_head_dim": heads[0] if len(set(heads)) == 1 else heads,
             "cross_attention_dim": self.context_dim,
             "use_linear_projection": self.use_linear_proj,
-            "transformer_layers_per_block": self.transformer_depth,
+            "transformer_layers_per_block": depth if isinstance(depth, int) else list(depth),
             "norm_num_groups": self.norm_groups,
             "norm_eps": self.norm_eps,
             "flip_sin_to_cos": True,
@@ -136,6 +190,10 @@ class UNetConfig:
             "mid_block_scale_factor": 1,
             "sample_size": self.sample_size,
         }
+        if self.has_addition:
+            cfg.update(addition_embed_type="text_time", addition_time_embed_dim=self.addition_time_embed_dim,
+                       projection_class_embeddings_input_dim=self.addition_in_dim)
+        return cfg
 
     @classmethod
     def from_diffusers(cls, cfg: dict[str, Any], source: str = "diffusers UNet config") -> UNetConfig:
@@ -148,30 +206,46 @@ class UNetConfig:
                 f"{source}: down_block_types {reprlib.repr(down)} is not a list of CrossAttnDownBlock2D and "
                 "DownBlock2D (sdtorch does not support other UNet blocks yet)"
             )
-        # diffusers' `attention_head_dim` is, for SD1/SD2, the number of heads per level
+        # diffusers' `attention_head_dim` is, for SD1/SD2/SDXL, the number of heads per level
         heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
-        unsupported = [k for k in ("addition_embed_type", "class_embed_type", "encoder_hid_dim") if cfg.get(k)]
+        addition = cfg.get("addition_embed_type")
+        unsupported = [k for k in ("class_embed_type", "encoder_hid_dim", "reverse_transformer_layers_per_block")
+                       if cfg.get(k)]
+        unsupported += [f"addition_embed_type {addition!r}"] if addition not in (None, "text_time") else []
         if unsupported or cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
             raise ArchitectureError(f"{source}: uses features sdtorch does not support yet: {unsupported}")
-        depth = cfg.get("transformer_layers_per_block", 1)
-        if isinstance(depth, list):
-            if not depth or any(d != depth[0] for d in depth):
-                raise ArchitectureError(f"{source}: per-level transformer depth is not supported yet")
-            depth = depth[0]
+        if addition:
+            _require_keys(cfg, ("addition_time_embed_dim", "projection_class_embeddings_input_dim"), source)
+        attention = [t == "CrossAttnDownBlock2D" for t in down]
         return _from_diffusers(cls, dict(
             in_channels=cfg.get("in_channels", 4),
             out_channels=cfg.get("out_channels", 4),
             block_channels=channels,
-            attention_levels=[t == "CrossAttnDownBlock2D" for t in down],
+            attention_levels=attention,
             layers_per_block=cfg.get("layers_per_block", 2),
             num_heads=_tuple(heads, len(channels) if isinstance(channels, list) else 1),
             context_dim=cfg.get("cross_attention_dim", 768),
             use_linear_proj=cfg.get("use_linear_projection") or False,
-            transformer_depth=depth,
+            transformer_depth=_level_depths(cfg.get("transformer_layers_per_block", 1), attention),
             norm_groups=cfg.get("norm_num_groups", 32),
             norm_eps=cfg.get("norm_eps", 1e-5),
             sample_size=cfg.get("sample_size") or 64,
+            addition_time_embed_dim=cfg["addition_time_embed_dim"] if addition else 0,
+            addition_in_dim=cfg["projection_class_embeddings_input_dim"] if addition else 0,
         ), source)
+
+
+def _level_depths(depth: Any, attention: list[bool]) -> Any:
+    """diffusers' `transformer_layers_per_block` as UNetConfig's `transformer_depth`: an int, or a list of equal
+    counts, is one count; another list (SDXL's [1, 2, 10]) keeps its counts for levels with attention and the last
+    level (the mid block's count), 0 for the others. Values of other types are left for the type check."""
+    if not isinstance(depth, list) or not depth:
+        return depth
+    if all(d == depth[0] for d in depth):
+        return depth[0]
+    last = len(depth) - 1
+    return [d if level == last or (level < len(attention) and attention[level]) else 0
+            for level, d in enumerate(depth)]
 
 
 @dataclass(frozen=True)
@@ -380,6 +454,19 @@ SD2 = ModelConfig(
     ),
 )
 SD2_BASE = SD2.replace(prediction_type="epsilon", unet=dataclasses.replace(SD2.unet, sample_size=64))  # 512px, eps
+
+# SDXL's UNets (the pipeline does not run SDXL yet): head width 64, linear proj, the text_time addition embedding
+# of the pooled OpenCLIP bigG embedding (1280) and the size/crop numbers, 256 wide each.
+SDXL_UNET = UNetConfig(  # base: time ids (original h, w, crop top, left, target h, w)
+    block_channels=(320, 640, 1280), attention_levels=(False, True, True), num_heads=(5, 10, 20),
+    context_dim=2048, use_linear_proj=True, transformer_depth=(0, 2, 10), sample_size=128,
+    addition_time_embed_dim=256, addition_in_dim=1280 + 6 * 256,
+)
+SDXL_REFINER_UNET = UNetConfig(  # refiner: time ids (original h, w, crop top, left, aesthetic score)
+    block_channels=(384, 768, 1536, 1536), attention_levels=(False, True, True, False), num_heads=(6, 12, 24, 24),
+    context_dim=1280, use_linear_proj=True, transformer_depth=4, sample_size=128,
+    addition_time_embed_dim=256, addition_in_dim=1280 + 5 * 256,
+)
 
 # Tiny shapes for tests: the same code paths as SD, small enough for a 2-core CPU. They follow SD's
 # conventions (8 UNet heads with conv proj; head dim 64 with linear proj and in CLIP; 32 norm groups),

@@ -2,7 +2,8 @@
 
 A dataclass's fields are its file's keys; a field whose type is itself a dataclass is a table
 (`[model.unet]`). Field types understood: bool, int, float (ints accepted), str, tuple[T, ...]
-(a TOML array), `T | None` (TOML has no null: None is only ever a default) and dataclasses.
+(a TOML array), `T | U` (the first that fits), `T | None` (TOML has no null: None is only ever a
+default) and dataclasses.
 Checks that need more than a type (ranges, one of several names) belong in the dataclass's
 `__post_init__`, raising an `SdtorchError`: its message gets the file and section prepended here.
 """
@@ -97,9 +98,13 @@ def _convert(value: Any, hint: Any, source: str, section: str) -> Any:
             raise _Mismatch
         return from_table(hint, value, source=source, section=section)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):  # T | None: a value given is a T
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(value, inner, source, section)
+    if origin in (typing.Union, types.UnionType):  # T | U | None: a value given is the first of T, U it fits
+        for inner in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, inner, source, section)
+            except _Mismatch:
+                pass
+        raise _Mismatch
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise _Mismatch

@@ -60,7 +60,8 @@ def _block(table: dict[str, str], original: str, ours: str, inner: dict[str, str
 
 
 def unet_table(cfg: UNetConfig) -> dict[str, str]:
-    """UNet: original `input_blocks`/`middle_block`/`output_blocks` -> diffusers-style block paths."""
+    """UNet: original `input_blocks`/`middle_block`/`output_blocks` -> diffusers-style block paths (SD1, SD2 and
+    SDXL: levels without attention, any transformer depth, the addition embedding `label_emb.0`)."""
     t = {
         "time_embed.0": "time_embedding.linear_1",
         "time_embed.2": "time_embedding.linear_2",
@@ -69,6 +70,9 @@ def unet_table(cfg: UNetConfig) -> dict[str, str]:
         "out.0": "conv_norm_out",
         "out.2": "conv_out",
     }
+    if cfg.has_addition:  # SDXL: label_emb.0 is Sequential(Linear, SiLU, Linear)
+        t["label_emb.0.0"] = "add_embedding.linear_1"
+        t["label_emb.0.2"] = "add_embedding.linear_2"
     _block(t, "middle_block.0", "mid_block.resnets.0", _UNET_RESNET)
     _block(t, "middle_block.2", "mid_block.resnets.1", _UNET_RESNET)
     levels, per = len(cfg.block_channels), cfg.layers_per_block

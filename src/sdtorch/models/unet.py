@@ -1,10 +1,12 @@
-"""The denoising UNet of Stable Diffusion 1.x / 2.x (Rombach et al. 2022), driven by `UNetConfig`.
+"""The denoising UNet of Stable Diffusion 1.x / 2.x (Rombach et al. 2022) and SDXL (Podell et al. 2023), driven
+by `UNetConfig`.
 
     x (B,Cin,H,W) -> conv_in -> down levels: ResBlocks [+ SpatialTransformers], stride-2 conv ──skips──┐
                                   mid: ResBlock, SpatialTransformer, ResBlock                          │
     (B,Cout,H,W) <- conv_out <- up levels: [concat skip, ResBlock [+ transformer]]..., 2x upsample <───┘
 
-Every ResBlock receives the timestep embedding; every SpatialTransformer attends to the text context.
+Every ResBlock receives the timestep embedding (SDXL: plus the addition embedding of the pooled text embedding
+and the size/crop numbers); every SpatialTransformer attends to the text context.
 Module names reproduce diffusers' `UNet2DConditionModel` state-dict keys exactly.
 """
 
@@ -37,8 +39,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, dim % 2))  # (B, dim)
 
 
-class TimeEmbedding(nn.Module):
-    """Sinusoidal timestep features followed by Linear-SiLU-Linear."""
+class _EmbeddingMLP(nn.Module):
+    """Linear-SiLU-Linear from features to the time embedding width (`linear_1`, `linear_2`)."""
 
     def __init__(self, in_dim: int, embed_dim: int):
         super().__init__()
@@ -46,10 +48,34 @@ class TimeEmbedding(nn.Module):
         self.linear_1 = nn.Linear(in_dim, embed_dim)
         self.linear_2 = nn.Linear(embed_dim, embed_dim)
 
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """features: (B, in_dim) -> (B, embed_dim) in the dtype of the weights."""
+        features = features.to(self.linear_1.weight.dtype)
+        return self.linear_2(F.silu(self.linear_1(features)))
+
+
+class TimeEmbedding(_EmbeddingMLP):
+    """Sinusoidal timestep features followed by Linear-SiLU-Linear."""
+
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """t: (B,) -> (B, embed_dim) in the dtype of the weights."""
-        emb = timestep_embedding(t, self.in_dim).to(self.linear_1.weight.dtype)  # (B, in_dim)
-        return self.linear_2(F.silu(self.linear_1(emb)))
+        return self.project(timestep_embedding(t, self.in_dim))  # (B, in_dim) -> (B, embed_dim)
+
+
+class AdditionEmbedding(_EmbeddingMLP):
+    """SDXL's conditioning on the pooled text embedding and the size/crop numbers (Podell et al. 2023, sec. 2.2):
+    each number gets the timestep's sinusoid, `time_dim` wide; these follow the pooled embedding into
+    Linear-SiLU-Linear. diffusers' `add_embedding` ("text_time"); `label_emb.0` in the original layout."""
+
+    def __init__(self, in_dim: int, time_dim: int, embed_dim: int):
+        super().__init__(in_dim, embed_dim)
+        self.time_dim = time_dim
+
+    def forward(self, text_embeds: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        """text_embeds: (B, P), time_ids: (B, N), P + N * time_dim = in_dim -> (B, embed_dim)."""
+        ids = timestep_embedding(time_ids.flatten(), self.time_dim)  # (B*N,) -> (B*N, time_dim)
+        ids = ids.unflatten(0, time_ids.shape).flatten(1)  # (B*N, time_dim) -> (B, N*time_dim)
+        return self.project(torch.cat([text_embeds.to(ids.dtype), ids], dim=-1))  # (B, P + N*time_dim)
 
 
 class ResBlock(Checkpointable):
@@ -98,11 +124,19 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, size=size, mode="nearest"))  # (B,C,H,W) -> (B,C,2H,2W) or `size`
 
 
-def _transformer(channels: int, heads: int, config: UNetConfig) -> SpatialTransformer:
+def _transformer(channels: int, heads: int, depth: int, config: UNetConfig) -> SpatialTransformer:
     return SpatialTransformer(
         channels, heads, config.context_dim,
-        depth=config.transformer_depth, use_linear_proj=config.use_linear_proj, norm_groups=config.norm_groups,
+        depth=depth, use_linear_proj=config.use_linear_proj, norm_groups=config.norm_groups,
     )
+
+
+def _level_transformers(count: int, channels: int, level: int, config: UNetConfig) -> nn.ModuleList | None:
+    """`count` SpatialTransformers for a level with attention; None for a level without."""
+    if not config.attention_levels[level]:
+        return None
+    heads, depth = config.num_heads[level], config.level_depths[level]
+    return nn.ModuleList(_transformer(channels, heads, depth, config) for _ in range(count))
 
 
 class DownBlock(nn.Module):
@@ -116,11 +150,7 @@ class DownBlock(nn.Module):
             ResBlock(in_channels if j == 0 else out_channels, out_channels, time_dim, groups, eps)
             for j in range(config.layers_per_block)
         )
-        self.attentions = (
-            nn.ModuleList(_transformer(out_channels, config.num_heads[level], config) for _ in self.resnets)
-            if config.attention_levels[level]
-            else None
-        )
+        self.attentions = _level_transformers(len(self.resnets), out_channels, level, config)
         self.downsamplers = nn.ModuleList([Downsample(out_channels)]) if downsample else None
 
     def stage(self, j: int, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -148,7 +178,7 @@ class MidBlock(nn.Module):
         super().__init__()
         time_dim, groups, eps = config.time_embed_dim, config.norm_groups, config.norm_eps
         self.resnets = nn.ModuleList(ResBlock(channels, channels, time_dim, groups, eps) for _ in range(2))
-        self.attentions = nn.ModuleList([_transformer(channels, config.num_heads[-1], config)])
+        self.attentions = nn.ModuleList([_transformer(channels, config.num_heads[-1], config.mid_depth, config)])
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x, emb)
@@ -171,11 +201,7 @@ class UpBlock(nn.Module):
             ResBlock((in_channels if j == 0 else out_channels) + skip, out_channels, time_dim, groups, eps)
             for j, skip in enumerate(skip_channels)
         )
-        self.attentions = (
-            nn.ModuleList(_transformer(out_channels, config.num_heads[level], config) for _ in self.resnets)
-            if config.attention_levels[level]
-            else None
-        )
+        self.attentions = _level_transformers(len(self.resnets), out_channels, level, config)
         self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
 
     def forward(
@@ -198,7 +224,8 @@ class UpBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """Predicts the noise (or v) in a latent, given the timestep and the text context.
+    """Predicts the noise (or v) in a latent, given the timestep and the text context (SDXL: and the pooled text
+    embedding and size/crop numbers).
 
     `state_dict()` keys equal those of diffusers' `UNet2DConditionModel` built from `config.to_diffusers()`.
     """
@@ -210,6 +237,10 @@ class UNet(nn.Module):
         levels = len(channels)
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
         self.time_embedding = TimeEmbedding(channels[0], config.time_embed_dim)
+        if config.has_addition:
+            self.add_embedding = AdditionEmbedding(
+                config.addition_in_dim, config.addition_time_embed_dim, config.time_embed_dim
+            )
 
         skip_channels = [channels[0]]  # channels of every skip the down path will produce, in order
         self.down_blocks = nn.ModuleList()
@@ -247,14 +278,47 @@ class UNet(nn.Module):
                 f"context must be (B={x.shape[0]}, L, {cfg.context_dim}); got shape {tuple(context.shape)}"
             )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+    def _check_addition(self, batch: int, text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None) -> None:
+        cfg = self.config
+        given = (text_embeds is not None, time_ids is not None)
+        if not cfg.has_addition:
+            if any(given):
+                raise InvalidInputError("this UNet (SD1/SD2) takes no text_embeds or time_ids; only SDXL UNets do")
+            return
+        width, total = cfg.addition_time_embed_dim, cfg.addition_in_dim
+        need = (f"text_embeds (B={batch}, P), the pooled text embedding, and time_ids (B={batch}, N), the size/crop "
+                f"numbers, with P + N * {width} = {total}")
+        if not all(given):
+            raise InvalidInputError(f"this SDXL UNet needs {need}")
+        if not (text_embeds.ndim == time_ids.ndim == 2 and text_embeds.shape[0] == time_ids.shape[0] == batch
+                and text_embeds.shape[1] + time_ids.shape[1] * width == total):
+            raise InvalidInputError(
+                f"this SDXL UNet needs {need}; got shapes {tuple(text_embeds.shape)} and {tuple(time_ids.shape)}"
+            )
+
+    def embed(
+        self, t: torch.Tensor, text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The embedding every ResBlock receives: t: (B,) -> (B, time_embed_dim), plus SDXL's addition embedding
+        of text_embeds (B, P) and time_ids (B, N) (checked by `split_forward`)."""
+        emb = self.time_embedding(t)  # (B,) -> (B, time_embed_dim)
+        if self.config.has_addition:
+            emb = emb + self.add_embedding(text_embeds, time_ids)  # (B, P), (B, N) -> (B, time_embed_dim)
+        return emb
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, *,
+        text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x: (B, in_channels, H, W) latents, t: (B,) timesteps (a scalar is broadcast), context: (B, L,
-        context_dim) -> (B, out_channels, H, W)."""
-        return self.split_forward(x, t, context)[0]
+        context_dim) -> (B, out_channels, H, W). SDXL UNets (`config.has_addition`) also need text_embeds (B, P),
+        the pooled text embedding, and time_ids (B, N), the size/crop numbers; other UNets take neither."""
+        return self.split_forward(x, t, context, text_embeds=text_embeds, time_ids=time_ids)[0]
 
     def split_forward(
         self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, deep: torch.Tensor | None = None,
-        shallow: int = SHALLOW_STAGES,
+        shallow: int = SHALLOW_STAGES, *, text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The UNet as step caching (DeepCache, Ma et al. 2023) splits it: a shallow part, conv_in and the first
         `shallow` stages of the first down level with the last `shallow + 1` stages of the last up level (which
@@ -264,17 +328,19 @@ class UNet(nn.Module):
         enters the last up level's stage `len - shallow - 1`: (B, C0, H, W). With `deep` (from an earlier
         call, same shapes): only the shallow part, on those features; returns (output, deep).
         shallow: 0 .. layers_per_block; the shallow part's share of the work grows with it.
+        text_embeds, time_ids: SDXL's extra conditioning, as in `forward`.
         """
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0 or t.shape == (1,):
             t = t.reshape(1).expand(x.shape[0])  # () -> (B,)
         self._check_inputs(x, t, context)
+        self._check_addition(x.shape[0], text_embeds, time_ids)
         first, last = self.down_blocks[0], self.up_blocks[-1]
         if not 0 <= shallow < len(last.resnets):
             raise InvalidInputError(f"shallow must be 0 .. {len(last.resnets) - 1}, got {shallow}")
         split = len(last.resnets) - shallow - 1  # the last up level's first shallow stage
 
-        emb = self.time_embedding(t)  # (B,) -> (B, time_embed_dim)
+        emb = self.embed(t, text_embeds, time_ids)  # (B,) -> (B, time_embed_dim)
         h = self.conv_in(x)  # (B,Cin,H,W) -> (B,C0,H,W)
         skips = [h]
         if deep is None:
