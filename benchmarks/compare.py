@@ -13,7 +13,7 @@ the median. Rows:
   text            encoding a prompt and a negative prompt (batch 2, 77 tokens)
   vae             decoding one 512x512 latent
   generation      a whole --gen-size txt2img of --gen-steps DPM++ 2M steps, CFG 7 (encode, denoise, decode);
-                  also compiled with step caching (--deep-cache N), whose picture differs (PSNR printed)
+                  also compiled with step caching (--deep-cache N [N ...]), whose picture differs (PSNR printed)
   load            loading the original-layout single file (float32) into a ready pipeline
   rss             peak resident memory of a fresh process that loads the single file and runs that generation
                   (sdtorch in float32, and in bfloat16 where native, against diffusers in float32)
@@ -273,9 +273,10 @@ def vae_row(ours: dict, theirs, dtype: torch.dtype, repeats: int, device: torch.
     return Row("VAE decode 512x512", runs).measure(repeats)
 
 
-def generation_row(ours: dict, theirs, size: int, steps: int, repeats: int, deep_cache: int) -> Row:
-    """The whole txt2img, and with step caching (`deep_cache`) on the compiled pipeline; prints each sdtorch
-    variant's PSNR against diffusers' picture (same math, same noise) and the cached one's against sdtorch's own."""
+def generation_row(ours: dict, theirs, size: int, steps: int, repeats: int, deep_cache: list[int]) -> Row:
+    """The whole txt2img, and with step caching at each interval of `deep_cache` (above 1) on the compiled
+    pipeline; prints each sdtorch variant's PSNR against diffusers' picture (same math, same noise) and the cached
+    ones' against sdtorch's own."""
     import numpy as np
 
     def psnr(a, b) -> float:
@@ -286,21 +287,21 @@ def generation_row(ours: dict, theirs, size: int, steps: int, repeats: int, deep
     for pipe in ours.values():
         if pipe.compiled_unet is not None:  # compile for this size untimed (one step), as a warm cache would
             sdtorch_generate(pipe, size, 1)
-            if deep_cache > 1:
-                sdtorch_generate(pipe, size, 2, deep_cache)  # and the shallow part's graph
+            if any(n > 1 for n in deep_cache):
+                sdtorch_generate(pipe, size, 2, 2)  # and the shallow part's graph
     runs = {"diffusers": lambda: diffusers_generate(theirs, size, steps)}
     runs.update({label: (lambda pipe=pipe: sdtorch_generate(pipe, size, steps)) for label, pipe in ours.items()})
-    cached = f"{list(ours)[-1]} --deep-cache {deep_cache}"
-    if deep_cache > 1:
-        runs[cached] = lambda pipe=list(ours.values())[-1]: sdtorch_generate(pipe, size, steps, deep_cache)
+    last_label, last = list(ours.items())[-1]
+    cached = {f"{last_label} --deep-cache {n}": n for n in deep_cache if n > 1}
+    runs.update({label: (lambda n=n: sdtorch_generate(last, size, steps, n)) for label, n in cached.items()})
     row = Row(f"whole {size}x{size} {steps}-step generation", runs).measure(repeats, warmup=0)
     for label in runs:
         if label != "diffusers":
             print(f"    generation {label}: PSNR against diffusers' image "
                   f"{psnr(row.outputs[label], row.outputs['diffusers']):.1f} dB", flush=True)
-    if deep_cache > 1:
-        print(f"    generation {cached}: PSNR against sdtorch's image without it "
-              f"{psnr(row.outputs[cached], row.outputs['sdtorch']):.1f} dB", flush=True)
+    for label in cached:
+        print(f"    generation {label}: PSNR against sdtorch's image without it "
+              f"{psnr(row.outputs[label], row.outputs['sdtorch']):.1f} dB", flush=True)
     return row
 
 
@@ -414,8 +415,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gen-size", type=int, default=512)
     parser.add_argument("--gen-steps", type=int, default=20)
     parser.add_argument("--gen-repeats", type=int, default=2, help="timed whole generations per implementation")
-    parser.add_argument("--deep-cache", type=int, default=3,
-                        help="the generation row's step-caching interval on the compiled pipeline (1: leave it out)")
+    parser.add_argument("--deep-cache", type=int, nargs="+", default=[3],
+                        help="the generation row's step-caching intervals on the compiled pipeline, a column each "
+                             "(1: none)")
     parser.add_argument("--no-openvino", action="store_true")
     parser.add_argument("--workdir", default="/tmp/sdtorch-compare", help="where the random model files are kept")
     parser.add_argument("--readme", default=str(REPO / "README.md"))
