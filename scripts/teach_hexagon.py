@@ -19,7 +19,9 @@ draws one in the world's style) and the built-in model (`sdtorch.load()`) has ne
                             A1111's settings (lr 5e-3, no weight decay, no clipping), hexagons only;
        dreambooth           `--dreambooth-lora` or the whole UNet on the hexagons (their own captions), with
                             prior preservation: `--class-images` class images the base model draws (cached
-                            in `<workdir>/class_images`, captioned, from ordinary world prompts);
+                            in `<workdir>/class_images`, captioned, from ordinary world prompts), or with
+                            `--class-source renders` the world's own renders of those prompts (kohya-style
+                            regularisation pictures, in `<workdir>/class_renders`);
   3. evaluates the base model and the tuned one on the same prompts and seeds:
        - `--hexagon-prompts` hexagon prompts (world phrasings, seed-fixed), judged by the attribute judge
          (`evaluation.judge`): the share read as a hexagon and the share with every named attribute right;
@@ -132,6 +134,22 @@ def write_class_images(folder: Path, count: int, guidance_scale: float, seed: in
         (folder / f"class_{i:05d}.txt").write_text(text + "\n", encoding="utf-8")
 
 
+def write_class_renders(folder: Path, count: int, seed: int = 0) -> None:
+    """DreamBooth's class images as the world's own renders of the prompts `write_class_images` draws."""
+    if folder.is_dir() and len(list(folder.glob("*.png"))) >= count:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    world = shapes.ShapesDataset(count, seed=2000 + seed, split="train")
+    for i in range(count):
+        attrs, text = world.describe(i)
+        shapes.render(attrs).save(folder / f"class_{i:05d}.png")
+        (folder / f"class_{i:05d}.txt").write_text(text + "\n", encoding="utf-8")
+
+
+def class_folder(workdir: Path, source: str) -> Path:
+    return workdir / ("class_images" if source == "generated" else "class_renders")
+
+
 def training_config(method: str, data: Path, out: Path, workdir: Path, settings: dict[str, Any]) -> FineTuneConfig:
     """The finetune config of `method` with the script's settings."""
     dataset = DatasetConfig(folder=str(data), resolution=64, cache_latents=True, seed=settings["seed"])
@@ -148,7 +166,7 @@ def training_config(method: str, data: Path, out: Path, workdir: Path, settings:
                                     templates=("[filewords]",), formats=("a1111_safetensors",))
         return FineTuneConfig(**common, textual_inversion=ti, weight_decay=0.0, max_grad_norm=0.0,
                               progress=settings.get("progress", True))
-    dreambooth = DreamBoothConfig(class_prompt="a shape", class_dir=str(workdir / "class_images"),
+    dreambooth = DreamBoothConfig(class_prompt="a shape", class_dir=str(class_folder(workdir, settings["class_source"])),
                                   num_class_images=settings["class_images"], lora=settings["dreambooth_lora"],
                                   prior_loss_weight=settings["prior_loss_weight"])
     extra = lora if settings["dreambooth_lora"] else dict(train_text_encoder=settings["train_text_encoder"])
@@ -236,6 +254,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dreambooth-lora", action=argparse.BooleanOptionalAction, default=True,
                    help="dreambooth: train a LoRA (else the whole UNet)")
     p.add_argument("--class-images", type=int, default=400, help="dreambooth: class images for prior preservation")
+    p.add_argument("--class-source", choices=("generated", "renders"), default="generated",
+                   help="dreambooth: class images drawn by the base model, or the world's renders of the same prompts")
     p.add_argument("--class-guidance", type=float, default=1.0,
                    help="dreambooth: the CFG scale the class images are drawn at (1: the model's own conditional "
                         "distribution, which training on them leaves in place)")
@@ -265,7 +285,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     warmup_steps=args.warmup_steps, rank=args.rank, alpha=args.alpha, targets=args.targets,
                     train_text_encoder=args.train_text_encoder, init_word=args.init_word,
                     num_vectors=args.num_vectors, dreambooth_lora=args.dreambooth_lora,
-                    class_images=args.class_images, class_guidance=args.class_guidance,
+                    class_images=args.class_images, class_source=args.class_source,
+                    class_guidance=args.class_guidance,
                     prior_loss_weight=args.prior_loss_weight, seed=args.seed,
                     progress=not args.no_progress)
     report: dict[str, Any] = {"command": " ".join(["scripts/teach_hexagon.py", *(argv or sys.argv[1:])]),
@@ -278,9 +299,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.skip_train:
         report["data"] = {**write_training_folder(data, args.hexagons, args.ordinary, args.seed), "folder": str(data)}
         timings["write_data"] = time.perf_counter() - started
-        if args.method == "dreambooth":  # drawn once and cached in <workdir>/class_images, timed apart
+        if args.method == "dreambooth":  # made once and cached in the workdir, timed apart
             t = time.perf_counter()
-            write_class_images(workdir / "class_images", args.class_images, args.class_guidance, args.seed)
+            folder = class_folder(workdir, args.class_source)
+            if args.class_source == "generated":
+                write_class_images(folder, args.class_images, args.class_guidance, args.seed)
+            else:
+                write_class_renders(folder, args.class_images, args.seed)
             timings["class_images"] = time.perf_counter() - t
         path, seconds = train(args.method, data, out, workdir, settings)
         timings["train_wall"] = seconds

@@ -5,6 +5,7 @@ import json
 import random
 from pathlib import Path
 
+import PIL.Image
 import pytest
 
 from sdtorch.data import shapes
@@ -71,3 +72,14 @@ def test_toy_run_writes_report_and_grid(teach, tmp_path, one_thread, method, ext
     if method == "textual-inversion":  # trained on hexagon captions only: the embedding changes no other prompt
         assert saved["data"]["ordinary_images"] == 0
         assert saved["results"]["base"]["base_concepts"] == saved["results"]["tuned"]["base_concepts"]
+
+
+def test_class_renders_are_the_world_drawing_the_generated_class_prompts(teach, tmp_path):
+    renders = teach.class_folder(tmp_path, "renders")
+    assert renders != teach.class_folder(tmp_path, "generated")  # the two sources never share a cache
+    teach.write_class_renders(renders, 3, seed=0)
+    captions = [p.with_suffix(".txt").read_text().strip() for p in sorted(renders.glob("*.png"))]
+    world = shapes.ShapesDataset(3, seed=2000, split="train")  # the prompts write_class_images draws
+    assert captions == [world.describe(i)[1] for i in range(3)]
+    first = shapes.render(world.describe(0)[0])
+    assert first.convert("RGB").tobytes() == PIL.Image.open(renders / "class_00000.png").convert("RGB").tobytes()
