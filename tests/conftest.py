@@ -49,14 +49,14 @@ def context():
 
 def random_pipeline(config, seed: int):
     """A tiny sdtorch Pipeline of `config` with random weights (norms and biases perturbed too)."""
-    from sdtorch.models.clip import CLIPTextEncoder
+    from sdtorch.models.sdxl_text import text_encoder_for
     from sdtorch.models.tokenizer import CLIPTokenizer
     from sdtorch.models.unet import UNet
     from sdtorch.models.vae import AutoencoderKL
     from sdtorch.pipeline import Pipeline
 
     torch.manual_seed(seed)
-    parts = [CLIPTextEncoder(config.text_encoder), UNet(config.unet), AutoencoderKL(config.vae)]
+    parts = [text_encoder_for(config), UNet(config.unet), AutoencoderKL(config.vae)]
     with torch.no_grad():
         for module in parts:
             for p in module.parameters():

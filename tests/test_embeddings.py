@@ -247,7 +247,7 @@ def test_generation_uses_the_embedding(tmp_path, pipe):
     pipe.load_embedding(write("a1111_safetensors", tmp_path, "mystyle", vectors(2)))
     with torch.no_grad():
         cond, _ = encode_conditioning(pipe.tokenizer, pipe.text_encoder, [prompt], None, steps=4)
-        group = encode_prompt_groups(pipe.tokenizer, pipe.text_encoder, [["a mystyle picture", "a cat picture"]])[0]
+        group = encode_prompt_groups(pipe.tokenizer, pipe.text_encoder, [["a mystyle picture", "a cat picture"]])[0][0]
     contexts = cond.images[0][0].contexts
     assert torch.equal(contexts[0], group[0].float()) and torch.equal(contexts[1], group[1].float())
     images = pipe("mystyle", steps=1, width=32, height=32, seed=1)

@@ -333,9 +333,9 @@ def test_bad_prompts(tok, encoder):
 def test_groups_of_one_equal_encode_prompts(tok, encoder):
     prompts = ["a (red:1.5) circle", "cat " * 80, "BREAK dog"]
     with torch.no_grad():
-        groups = encode_prompt_groups(tok, encoder, [[p] for p in prompts], clip_skip=2)
+        groups, pooled = encode_prompt_groups(tok, encoder, [[p] for p in prompts], clip_skip=2)
         alone = [encode_prompts(tok, encoder, [p], clip_skip=2) for p in prompts]
-    assert [g.shape for g in groups] == [(1, 77, 128), (1, 154, 128), (1, 154, 128)]
+    assert [g.shape for g in groups] == [(1, 77, 128), (1, 154, 128), (1, 154, 128)] and pooled == [None] * 3
     for group, reference in zip(groups, alone):
         assert_parity(group, reference)
 
@@ -346,7 +346,7 @@ def test_group_means_are_restored_over_the_whole_schedule(tok, encoder):
     recorder = Recorder(encoder)
     texts = ["a (red:1.5) circle", "a [blue] circle, " + "cat " * 80]
     with torch.no_grad():
-        (group, other) = encode_prompt_groups(tok, recorder, [texts, ["dog"]])
+        (group, other), _ = encode_prompt_groups(tok, recorder, [texts, ["dog"]])
         chunks = [tokenize_prompt(tok, texts[0]) + tokenize_prompt(tok, ""), tokenize_prompt(tok, texts[1])]
         raw = [[encoder(torch.tensor([c.tokens]))[0] for c in cs] for cs in chunks]  # (77, D) each
     assert recorder.calls == [((5, 77), torch.long, 1)]  # 2 x 2 chunks and "dog", one call

@@ -236,6 +236,8 @@ def test_names_never_reach_the_file_system(client, folders):
         answer = client.post(f"{API}/txt2img", {**FAST, "override_settings": {"sd_model_checkpoint": name}})
         assert answer.status == 400 and "Model not found" in answer.body["detail"], answer.body
         assert client.post(f"{API}/options", {"sd_model_checkpoint": name}).status == 400
+        answer = client.post(f"{API}/txt2img", {**FAST, "refiner_checkpoint": name})
+        assert answer.status == 400 and "Model not found" in answer.body["detail"], answer.body
     answer = client.post(f"{API}/txt2img", {**FAST, "prompt": "a star <lora:../../etc/passwd:1>"})
     assert answer.status == 422 and "is not in" in answer.body["detail"]
     assert client.get(f"{API}/options").body["sd_model_checkpoint"] == "shapes"

@@ -40,16 +40,20 @@ class CompiledUNet:
         """Whether a call now would use the compiled graph (inference, no hooks)."""
         return not (torch.is_grad_enabled() or self.unet.training or self._hooked())
 
-    def __call__(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        """x: (B, C, H, W), t: (B,), context: (B, L, D) -> (B, Cout, H, W), as the UNet."""
-        return self.split_forward(x, t, context)[0]
+    def __call__(self, x: Tensor, t: Tensor, context: Tensor, *, text_embeds: Tensor | None = None,
+                 time_ids: Tensor | None = None) -> Tensor:
+        """x: (B, C, H, W), t: (B,), context: (B, L, D) (SDXL: text_embeds (B, P), time_ids (B, K)) ->
+        (B, Cout, H, W), as the UNet."""
+        return self.split_forward(x, t, context, text_embeds=text_embeds, time_ids=time_ids)[0]
 
     def split_forward(self, x: Tensor, t: Tensor, context: Tensor, deep: Tensor | None = None,
-                      shallow: int = SHALLOW_STAGES) -> tuple[Tensor, Tensor]:
+                      shallow: int = SHALLOW_STAGES, *, text_embeds: Tensor | None = None,
+                      time_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """`UNet.split_forward` (step caching) through the compiled graph: one graph per input shapes, per
         `shallow` and per whole / shallow call."""
+        added = dict(text_embeds=text_embeds, time_ids=time_ids)
         if not self.usable():
-            return self.unet.split_forward(x, t, context, deep, shallow)
+            return self.unet.split_forward(x, t, context, deep, shallow, **added)
         state = self._weights_state()
         if self._compiled is None or state != self._state:
             torch._dynamo.reset()  # drop graphs holding the old frozen weights
@@ -58,4 +62,4 @@ class CompiledUNet:
         import torch._inductor.config as inductor_config  # here: importing inductor takes seconds
 
         with inductor_config.patch(freezing=True):  # read when a call compiles (compile()'s options= is not)
-            return self._compiled(x, t, context, deep, shallow)
+            return self._compiled(x, t, context, deep, shallow, **added)

@@ -1,7 +1,8 @@
-"""Dataclass configs for every model part, with presets (SD1, SD2, tiny; SDXL's UNets) and diffusers conversion.
+"""Dataclass configs for every model part, with presets (SD1, SD2, SDXL base and refiner, tiny) and diffusers
+conversion.
 
-One config-driven class per model part covers SD1 and SD2 (and SDXL's UNet; its other parts later): the
-differences live here, as a handful of fields, not in separate model classes.
+One config-driven class per model part covers SD1, SD2 and SDXL: the differences live here, as a handful of
+fields, not in separate model classes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .errors import ArchitectureError, InvalidInputError
 from .tomlconfig import from_table
 
 T = TypeVar("T")
-FAMILIES = ("sd1", "sd2")
+FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("scaled_linear", "linear")
 # Sizes and counts past these are a corrupt config, not a model (SD's largest: a 49,408-token
@@ -304,7 +305,8 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
-    """CLIP text transformer: OpenAI ViT-L/14 (SD1) or OpenCLIP ViT-H/14 (SD2), by these fields."""
+    """CLIP text transformer: OpenAI ViT-L/14 (SD1, SDXL), OpenCLIP ViT-H/14 (SD2) or ViT-bigG/14 (SDXL), by
+    these fields."""
 
     vocab_size: int = 49408
     max_length: int = 77
@@ -317,7 +319,9 @@ class TextEncoderConfig:
     pad_token_id: int = 49407  # SD1 pads with <|endoftext|>; SD2 (OpenCLIP) pads with 0
     bos_token_id: int = 49406
     eos_token_id: int = 49407
-    projection_dim: int = 768  # recorded for the diffusers config; SD1/SD2 conditioning does not use it
+    projection_dim: int = 768  # the pooled embedding's width (used with with_projection; else only recorded)
+    hidden_state_output: bool = False  # SDXL: condition on a layer's raw output, the penultimate by default
+    with_projection: bool = False  # SDXL's bigG: text_projection gives the pooled embedding
 
     def __post_init__(self) -> None:
         _check_sizes("text encoder", vocab_size=self.vocab_size, max_length=self.max_length, width=self.width,
@@ -331,7 +335,7 @@ class TextEncoderConfig:
 
     def to_diffusers(self) -> dict[str, Any]:
         return {
-            "architectures": ["CLIPTextModel"],
+            "architectures": ["CLIPTextModelWithProjection" if self.with_projection else "CLIPTextModel"],
             "model_type": "clip_text_model",
             "vocab_size": self.vocab_size,
             "max_position_embeddings": self.max_length,
@@ -354,9 +358,11 @@ class TextEncoderConfig:
 
     @classmethod
     def from_diffusers(
-        cls, cfg: dict[str, Any], pad_token_id: int = 49407, source: str = "transformers CLIP text config"
+        cls, cfg: dict[str, Any], pad_token_id: int = 49407, source: str = "transformers CLIP text config",
+        hidden_state_output: bool = False,
     ) -> TextEncoderConfig:
-        """The config of transformers' `CLIPTextModel` (its config.json, parsed); `source` names it in errors."""
+        """The config of transformers' `CLIPTextModel` or `CLIPTextModelWithProjection` (its config.json, parsed);
+        `hidden_state_output` as the model family conditions (SDXL); `source` names it in errors."""
         _require_keys(cfg, ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"), source)
         return _from_diffusers(cls, dict(
             vocab_size=cfg.get("vocab_size", 49408),
@@ -371,6 +377,8 @@ class TextEncoderConfig:
             bos_token_id=cfg.get("bos_token_id", 49406),
             eos_token_id=cfg.get("eos_token_id", 49407),
             projection_dim=cfg.get("projection_dim", 768),
+            hidden_state_output=hidden_state_output,
+            with_projection="CLIPTextModelWithProjection" in cfg.get("architectures", ()),
         ), source)
 
 
@@ -405,17 +413,57 @@ class ScheduleConfig:
 class ModelConfig:
     """A whole Stable Diffusion model: its parts, family and parameterisation."""
 
-    family: str = "sd1"  # "sd1" or "sd2"; the kind reported to users adds "-inpaint" for 9-channel UNets
+    family: str = "sd1"  # one of FAMILIES; the kind reported to users adds "-inpaint" for 9-channel UNets
     prediction_type: str = "epsilon"  # "epsilon" or "v_prediction"
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
-    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # SDXL: the first of its encoders
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    text_encoder_2: TextEncoderConfig | None = None  # SDXL base's second encoder (OpenCLIP bigG)
 
     def __post_init__(self) -> None:
         _check(self.family in FAMILIES, f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
         _check(self.prediction_type in PREDICTION_TYPES,
                f"prediction_type {self.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+        if not self.is_sdxl:
+            _check(self.text_encoder_2 is None and not self.unet.has_addition,
+                   f"a {self.family} model has one text encoder and no addition embedding (those are SDXL's)")
+            return
+        encoders = self.text_encoders
+        _check(self.unet.has_addition, f"an {self.family} UNet needs the addition embedding (addition_in_dim)")
+        _check(all(e.hidden_state_output for e in encoders),
+               f"{self.family}: every text encoder conditions on a hidden state (hidden_state_output)")
+        _check(encoders[-1].with_projection, f"{self.family}: the last text encoder needs its text_projection")
+        width = sum(e.width for e in encoders)
+        _check(width == self.unet.context_dim,
+               f"{self.family}: the text encoders' widths add up to {width}, not the UNet's context_dim "
+               f"{self.unet.context_dim}")
+        pooled = self.pooled_dim
+        _check((self.unet.addition_in_dim - pooled) % self.unet.addition_time_embed_dim == 0
+               and self.unet.addition_in_dim > pooled,
+               f"{self.family}: addition_in_dim {self.unet.addition_in_dim} is not the pooled width {pooled} plus "
+               f"whole time ids of {self.unet.addition_time_embed_dim}")
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.family.startswith("sdxl")
+
+    @property
+    def text_encoders(self) -> tuple[TextEncoderConfig, ...]:
+        """The text encoders in the order their outputs are concatenated (the original files' embedders)."""
+        return (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
+
+    @property
+    def pooled_dim(self) -> int:
+        """SDXL: the pooled text embedding's width (the last encoder's projection); 0 for SD1/SD2."""
+        return self.text_encoders[-1].projection_dim if self.is_sdxl else 0
+
+    @property
+    def num_time_ids(self) -> int:
+        """SDXL: the size/crop numbers the UNet takes (6 for the base, 5 for the refiner); 0 for SD1/SD2."""
+        if not self.is_sdxl:
+            return 0
+        return (self.unet.addition_in_dim - self.pooled_dim) // self.unet.addition_time_embed_dim
 
     @property
     def is_inpainting(self) -> bool:
@@ -429,7 +477,10 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["text_encoder_2"] is None:  # TOML has no null: an absent key is the default
+            del d["text_encoder_2"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "model config") -> ModelConfig:
@@ -455,8 +506,8 @@ SD2 = ModelConfig(
 )
 SD2_BASE = SD2.replace(prediction_type="epsilon", unet=dataclasses.replace(SD2.unet, sample_size=64))  # 512px, eps
 
-# SDXL's UNets (the pipeline does not run SDXL yet): head width 64, linear proj, the text_time addition embedding
-# of the pooled OpenCLIP bigG embedding (1280) and the size/crop numbers, 256 wide each.
+# SDXL's UNets: head width 64, linear proj, the text_time addition embedding of the pooled OpenCLIP bigG
+# embedding (1280) and the size/crop numbers, 256 wide each.
 SDXL_UNET = UNetConfig(  # base: time ids (original h, w, crop top, left, target h, w)
     block_channels=(320, 640, 1280), attention_levels=(False, True, True), num_heads=(5, 10, 20),
     context_dim=2048, use_linear_proj=True, transformer_depth=(0, 2, 10), sample_size=128,
@@ -467,6 +518,17 @@ SDXL_REFINER_UNET = UNetConfig(  # refiner: time ids (original h, w, crop top, l
     context_dim=1280, use_linear_proj=True, transformer_depth=4, sample_size=128,
     addition_time_embed_dim=256, addition_in_dim=1280 + 5 * 256,
 )
+# SDXL's text encoders: OpenAI CLIP ViT-L/14 (all 12 layers kept) and OpenCLIP ViT-bigG/14 with its projection,
+# both conditioning on the penultimate layer's raw output.
+SDXL_CLIP_L = TextEncoderConfig(hidden_state_output=True)
+SDXL_CLIP_G = TextEncoderConfig(
+    width=1280, num_layers=32, num_heads=20, mlp_width=5120, activation="gelu", pad_token_id=0,
+    projection_dim=1280, hidden_state_output=True, with_projection=True,
+)
+SDXL_VAE = VAEConfig(scaling_factor=0.13025)
+SDXL = ModelConfig(family="sdxl", unet=SDXL_UNET, vae=SDXL_VAE, text_encoder=SDXL_CLIP_L,
+                   text_encoder_2=SDXL_CLIP_G)
+SDXL_REFINER = ModelConfig(family="sdxl-refiner", unet=SDXL_REFINER_UNET, vae=SDXL_VAE, text_encoder=SDXL_CLIP_G)
 
 # Tiny shapes for tests: the same code paths as SD, small enough for a 2-core CPU. They follow SD's
 # conventions (8 UNet heads with conv proj; head dim 64 with linear proj and in CLIP; 32 norm groups),
@@ -487,10 +549,36 @@ TINY_SD2 = TINY_SD1.replace(
     text_encoder=dataclasses.replace(TINY_SD1.text_encoder, activation="gelu", pad_token_id=0),
 )
 
+# SDXL in miniature: two encoders of widths 32 + 64 (the second with a 32-wide projection), levels without and
+# with attention, transformer depth 1 and 2, 6 time ids (refiner: the second encoder only, 5 time ids).
+_TINY_CLIP_L = TextEncoderConfig(width=32, num_layers=3, num_heads=2, mlp_width=64, projection_dim=32,
+                                 hidden_state_output=True)
+_TINY_CLIP_G = dataclasses.replace(_TINY_CLIP_L, width=64, num_heads=4, mlp_width=128, activation="gelu",
+                                   pad_token_id=0, with_projection=True)
+TINY_SDXL = ModelConfig(
+    family="sdxl",
+    unet=UNetConfig(block_channels=(32, 64), attention_levels=(False, True), layers_per_block=1, num_heads=(1, 2),
+                    context_dim=96, use_linear_proj=True, transformer_depth=(0, 2), addition_time_embed_dim=8,
+                    addition_in_dim=32 + 6 * 8),
+    vae=dataclasses.replace(TINY_SD1.vae, scaling_factor=0.13025),
+    text_encoder=_TINY_CLIP_L,
+    text_encoder_2=_TINY_CLIP_G,
+)
+TINY_SDXL_REFINER = TINY_SDXL.replace(
+    family="sdxl-refiner",
+    unet=dataclasses.replace(TINY_SDXL.unet, context_dim=64, addition_in_dim=32 + 5 * 8),
+    text_encoder=_TINY_CLIP_G,
+    text_encoder_2=None,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     "sd1": SD1,
     "sd2": SD2,
     "sd2-base": SD2_BASE,
+    "sdxl": SDXL,
+    "sdxl-refiner": SDXL_REFINER,
     "tiny-sd1": TINY_SD1,
     "tiny-sd2": TINY_SD2,
+    "tiny-sdxl": TINY_SDXL,
+    "tiny-sdxl-refiner": TINY_SDXL_REFINER,
 }

@@ -7,6 +7,9 @@
 `run(model, request)` validates a GenerationRequest, resolves it against the model (`plan` -> a Job) and
 generates. The order in which a single explicit `generator` is drawn from (VAE samples, noise, sampler noise)
 follows diffusers' pipelines, so the same generator gives diffusers' image.
+
+A refiner (A1111's, e.g. SDXL's refiner after its base) is a second model that takes over the running sampler
+at `refiner_switch_at`, with its own conditioning, and decodes the result (`sampling.samplers.ModelSwitch`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from .prompt_schedule import encode_conditioning, split_and
 from .request import GenerationRequest, Limits, random_seed, suggestion
 from .sampling.common import Callback
 from .sampling.denoiser import Conditioning, Denoiser
-from .sampling.samplers import resolve, sample
+from .sampling.samplers import ModelSwitch, resolve, sample
 from .sampling.schedules import DiscreteSchedule
 from .step_cache import StepCache
 
@@ -68,6 +71,7 @@ class Job:
     region: tuple[int, int, int, int] | None = None  # "only masked": the part of the image generated
     hires_size: tuple[int, int] | None = None  # (width, height) of the hires fix's second pass
     written_prompts: list[str] = dataclasses.field(default_factory=list)  # as given, <lora:...> tags included
+    refiner: Model | None = None  # takes over the sampling at source.refiner_switch_at (A1111's refiner)
     loras: dict[str, float] = dataclasses.field(default_factory=dict)  # the prompts' <lora:name:weight> tags
     warnings: list[str] = dataclasses.field(default_factory=list)  # what was adjusted or fell back, for the user
 
@@ -102,16 +106,19 @@ class Model(Protocol):
 
     def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str: ...
 
+    def load_refiner(self, source: str) -> Model: ...  # the model a request's refiner_checkpoint names
+
     def unload_lora(self, name: str | None = None) -> None: ...
 
 
 def run(
     model: Model, request: GenerationRequest, generator: torch.Generator | None = None,
-    callback: Callback | None = None, limits: Limits | None = None,
+    callback: Callback | None = None, limits: Limits | None = None, refiner: Model | None = None,
 ) -> GenerationResult:
-    """Validate `request`, resolve it against `model` and generate: txt2img, img2img, inpainting, hires fix."""
+    """Validate `request`, resolve it against `model` and generate: txt2img, img2img, inpainting, hires fix;
+    with a `refiner` (or the request's refiner_checkpoint), A1111's refiner."""
     limits = limits or Limits()
-    job = plan(model, request.validate(limits), generator, limits)
+    job = plan(model, request.validate(limits), generator, limits, refiner)
     with _prompt_loras(model, job) as hashes:
         images = _generate(model, job, callback, job.warnings, hashes)
     return GenerationResult(images, resolved_request(job), job.warnings)
@@ -145,6 +152,34 @@ def _generate(
     pipe: Model, request: Job, callback: Callback | None, warnings: list[str], lora_hashes: dict[str, str],
 ) -> list[Image.Image]:
     """Run one job end to end and return PIL images carrying their infotext; decoding warnings go to `warnings`."""
+    denoiser = _denoiser(pipe, request)
+    embeddings = pipe.text_encoder.textual_inversion  # records the embeddings the prompts use
+    if embeddings is not None:
+        embeddings.used.clear()
+    with torch.inference_mode():
+        cond, uncond = _conditioning(pipe, request)
+        # the refiner runs in the hires fix's second pass only (A1111's default, "Hires fix refiner pass")
+        switch = _refiner_switch(request) if request.hires_size is None else None
+        if request.region is not None:
+            images = _inpaint_only_masked(pipe, denoiser, request, cond, uncond, callback, warnings, switch)
+        else:
+            latents = _sample(pipe, denoiser, request, cond, uncond, callback, switch)
+            if request.hires_size is not None:
+                switch = _refiner_switch(request, hires=True)
+                latents = _hires_pass(pipe, denoiser, request, latents, callback, warnings, switch)
+            images = _decode(_decoder(pipe, request, switch), latents, request, warnings)
+            if request.mask is not None and request.source.inpaint.mask_overlay:
+                images = [paste_back(request.image, img, None, request.mask) for img in images]
+    refined = switch is not None and switch.engaged
+    if switch is not None and not refined:
+        warnings.append(f"the refiner did not run: no step of this sampling is past refiner_switch_at "
+                        f"{request.source.refiner_switch_at}")
+    hashes = {"Lora hashes": lora_hashes, "TI hashes": embeddings.hashes(embeddings.used) if embeddings else {}}
+    return _with_infotext(pipe, request, images, hashes, refined)
+
+
+def _denoiser(pipe: Model, request: Job) -> Denoiser:
+    """The model's UNet as D(x, sigma): run on the model's device and dtype, with step caching if asked."""
     unet_dtype = next(pipe.unet.parameters()).dtype
     device = next(pipe.unet.parameters()).device
 
@@ -152,27 +187,36 @@ def _generate(
     if request.source.deep_cache > 1:
         forward = StepCache(forward.split_forward, request.source.deep_cache)
 
-    def unet(x: Tensor, t: Tensor, context: Tensor) -> Tensor:  # sampler math stays float32 where x lives
-        out = forward(x.to(device, unet_dtype), t.to(device), context.to(device, unet_dtype))
+    pooled_dim = pipe.config.pooled_dim
+
+    def unet(x: Tensor, t: Tensor, context: Tensor, added: Tensor | None = None) -> Tensor:
+        """The UNet on the model's device and dtype; sampler math stays float32 where x lives. added (B, P+K):
+        SDXL's pooled text embedding and time ids."""
+        extra = {}
+        if added is not None:
+            added = added.to(device, unet_dtype)
+            extra = dict(text_embeds=added[:, :pooled_dim], time_ids=added[:, pooled_dim:])
+        out = forward(x.to(device, unet_dtype), t.to(device), context.to(device, unet_dtype), **extra)
         return out.to(x.device, torch.float32)
 
-    denoiser = Denoiser(unet, DiscreteSchedule(pipe.config.schedule), pipe.config.prediction_type)
-    embeddings = pipe.text_encoder.textual_inversion  # records the embeddings the prompts use
-    if embeddings is not None:
-        embeddings.used.clear()
-    with torch.inference_mode():
-        cond, uncond = _conditioning(pipe, request)
-        if request.region is not None:
-            images = _inpaint_only_masked(pipe, denoiser, request, cond, uncond, callback, warnings)
-        else:
-            latents = _sample(pipe, denoiser, request, cond, uncond, callback)
-            if request.hires_size is not None:
-                latents = _hires_pass(pipe, denoiser, request, latents, callback, warnings)
-            images = _decode(pipe, latents, request, warnings)
-            if request.mask is not None and request.source.inpaint.mask_overlay:
-                images = [paste_back(request.image, img, None, request.mask) for img in images]
-    hashes = {"Lora hashes": lora_hashes, "TI hashes": embeddings.hashes(embeddings.used) if embeddings else {}}
-    return _with_infotext(pipe, request, images, hashes)
+    return Denoiser(unet, DiscreteSchedule(pipe.config.schedule), pipe.config.prediction_type)
+
+
+def _refiner_switch(request: Job, hires: bool = False) -> ModelSwitch | None:
+    """The refiner's denoiser and conditioning for the first pass, or the hires pass (None without a refiner).
+    The refiner encodes the prompts with its own text encoder, its time ids with its own shape (the SDXL
+    refiner's aesthetic scores), over the same model evaluations (A1111 `setup_conds` after the switch)."""
+    refiner = request.refiner
+    if refiner is None:
+        return None
+    hires_steps = (request.source.hires.hr_second_pass_steps or request.steps) if hires else None
+    cond, uncond = _conditioning(refiner, request, hires_steps=hires_steps)
+    return ModelSwitch(_denoiser(refiner, request), cond, uncond, request.source.refiner_switch_at)
+
+
+def _decoder(pipe: Model, request: Job, switch: ModelSwitch | None) -> Model:
+    """The model whose VAE decodes: the refiner once it has run (A1111 decodes with the model loaded last)."""
+    return request.refiner if switch is not None and switch.engaged else pipe
 
 
 def _conditioning(
@@ -184,9 +228,29 @@ def _conditioning(
     info, _ = resolve(request.sampler)
     composed = any(len(parts) > 1 or parts[0][1] != 1.0 for parts in map(split_and, request.prompts))
     negatives = request.negative_prompts if request.guidance_scale != 1.0 or composed else None
-    return encode_conditioning(
+    cond, uncond = encode_conditioning(
         pipe.tokenizer, pipe.text_encoder, request.prompts, negatives, info.prompt_steps(request.steps),
-        hires_steps=None if hires_steps is None else info.prompt_steps(hires_steps), clip_skip=request.clip_skip)
+        hires_steps=None if hires_steps is None else info.prompt_steps(hires_steps), clip_skip=request.clip_skip,
+        zero_empty_negatives=pipe.config.is_sdxl)
+    if not pipe.config.is_sdxl:
+        return cond, uncond
+    width, height = (request.width, request.height) if hires_steps is None else request.hires_size
+    cond = dataclasses.replace(cond, time_ids=sdxl_time_ids(pipe.config, width, height, negative=False))
+    if uncond is not None:
+        uncond = dataclasses.replace(uncond, time_ids=sdxl_time_ids(pipe.config, width, height, negative=True))
+    return cond, uncond
+
+
+REFINER_AESTHETIC_SCORES = (6.0, 2.5)  # (prompt, negative): A1111's sdxl_refiner_high/low_aesthetic_score
+
+
+def sdxl_time_ids(config: ModelConfig, width: int, height: int, negative: bool) -> Tensor:
+    """SDXL's size/crop conditioning (K,) for a width x height image, as A1111 and diffusers set it by default:
+    original size = target size, crop (0, 0). The base takes (original h, w, crop top, left, target h, w), the
+    refiner (original h, w, crop top, left, aesthetic score), the score lower on the negative side."""
+    if config.num_time_ids == 5:
+        return torch.tensor([height, width, 0, 0, REFINER_AESTHETIC_SCORES[negative]], dtype=torch.float32)
+    return torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32)
 
 
 def _noise(request: Job, shape: tuple[int, ...]) -> Tensor:
@@ -211,15 +275,16 @@ def _encode_image(pipe: Model, image: Image.Image | Tensor, batch: int, generato
 
 def _sample(
     pipe: Model, denoiser: Denoiser, request: Job, cond: Conditioning, uncond: Conditioning | None,
-    callback: Callback | None,
+    callback: Callback | None, switch: ModelSwitch | None = None,
 ) -> Tensor:
-    """Latents (B,4,h,w) for txt2img, img2img or inpainting at the request's size."""
+    """Latents (B,4,h,w) for txt2img, img2img or inpainting at the request's size; `switch`: the refiner."""
     batch, f = len(request.prompts), pipe.vae_scale_factor
     shape = (batch, pipe.config.vae.latent_channels, request.height // f, request.width // f)
     generator = _sampler_generator(request)
     common = dict(sampler=request.sampler, schedule=request.schedule, steps=request.steps, context=cond,
                   uncond_context=uncond, guidance_scale=request.guidance_scale,
-                  guidance_rescale=request.guidance_rescale, eta=request.eta, generator=generator, callback=callback)
+                  guidance_rescale=request.guidance_rescale, eta=request.eta, generator=generator, callback=callback,
+                  switch=switch)
     if request.image is None:
         return sample(denoiser, _noise(request, shape), **common)
     if request.mask is None:  # img2img: the image's latents noised part-way (diffusers: encode, then noise)
@@ -243,24 +308,30 @@ def _inpaint(pipe: Model, denoiser: Denoiser, request: Job, shape: tuple, common
         masked = _encode_image(pipe, masked_image(request.image, request.mask), batch, generator)
         extra = torch.cat([mask, masked], dim=1)  # (B,5,h,w): mask, masked-image latents
         return sample(denoiser, noise, extra_channels=extra, **start, **common)
+    # diffusers encodes the masked image for ordinary models too (and does not use it): its VAE sample's draw
+    # (one image's latents) comes before the sampler's, so ancestral samplers get diffusers' noise
+    vae_dtype = next(pipe.vae.parameters()).dtype
+    torch.randn((1, *shape[1:]), generator=generator, device=generator.device, dtype=vae_dtype)
     return sample(denoiser, noise, keep_latents=image_latents, keep_mask=mask, **start, **common)
 
 
 def _inpaint_only_masked(
     pipe: Model, denoiser: Denoiser, request: Job, cond: Conditioning, uncond: Conditioning | None,
-    callback: Callback | None, warnings: list[str],
+    callback: Callback | None, warnings: list[str], switch: ModelSwitch | None,
 ) -> list[Image.Image]:
     """A1111's "inpaint only masked": generate the masked region (plus padding) at the full request size,
     then paste it back into the original image through the mask."""
     original, full_mask, region = request.image, request.mask, request.region  # at the image's own size
     crop = dataclasses.replace(request, image=crop_for_inpaint(original, region, request.width, request.height),
                                mask=crop_for_inpaint(full_mask, region, request.width, request.height))
-    latents = _sample(pipe, denoiser, crop, cond, uncond, callback)
-    return [paste_back(original, img, region, full_mask) for img in _decode(pipe, latents, request, warnings)]
+    latents = _sample(pipe, denoiser, crop, cond, uncond, callback, switch)
+    images = _decode(_decoder(pipe, request, switch), latents, request, warnings)
+    return [paste_back(original, img, region, full_mask) for img in images]
 
 
 def _hires_pass(
     pipe: Model, denoiser: Denoiser, request: Job, latents: Tensor, callback: Callback | None, warnings: list[str],
+    switch: ModelSwitch | None = None,
 ) -> Tensor:
     """A1111's hires fix: upscale the first pass (in latent or pixel space) and denoise it again at the target size."""
     (width, height), f, hires = request.hires_size, pipe.vae_scale_factor, request.source.hires
@@ -280,7 +351,7 @@ def _hires_pass(
                   context=cond, uncond_context=uncond, guidance_scale=request.guidance_scale,
                   guidance_rescale=request.guidance_rescale, eta=request.eta,
                   generator=_sampler_generator(request), callback=callback,
-                  init_latents=init, strength=hires.hr_denoising_strength)
+                  init_latents=init, strength=hires.hr_denoising_strength, switch=switch)
 
 
 def _decode(pipe: Model, latents: Tensor, request: Job, warnings: list[str]) -> list[Image.Image]:
@@ -292,11 +363,16 @@ def _decode(pipe: Model, latents: Tensor, request: Job, warnings: list[str]) -> 
 
 
 def resolved_request(job: Job, index: int | None = None) -> GenerationRequest:
-    """The request with the model's defaults filled in; for one image (its prompt and seed) when `index` is given."""
+    """The request with the model's defaults filled in; for one image (its prompt and seed) when `index` is given.
+    A refiner given as a model is named by the file it was loaded from (None when it has none)."""
+    refiner_source = job.source.refiner_checkpoint
+    if job.refiner is not None and not refiner_source:
+        refiner_source = job.refiner.report.source if getattr(job.refiner, "report", None) else None
     request = job.source.replace(
         steps=job.steps, sampler_name=job.sampler,
         scheduler=schedule_label("sgm_uniform" if job.schedule == "trailing" else job.schedule),
         cfg_scale=job.guidance_scale, seed=job.seeds[0], width=job.width, height=job.height,
+        refiner_checkpoint=refiner_source if job.refiner is not None else None,
     )
     if index is not None:
         request = request.replace(prompt=job.written_prompts[index], negative_prompt=job.negative_prompts[index],
@@ -304,15 +380,25 @@ def resolved_request(job: Job, index: int | None = None) -> GenerationRequest:
     return request
 
 
-def _with_infotext(pipe: Model, job: Job, images: list[Image.Image], hashes: dict[str, dict[str, str]]) -> list[Image.Image]:
+def _with_infotext(
+    pipe: Model, job: Job, images: list[Image.Image], hashes: dict[str, dict[str, str]], refined: bool = False,
+) -> list[Image.Image]:
     """Attach A1111's "parameters" text (with `hashes`: {"Lora hashes" / "TI hashes": {name: hash}}) and the seed
-    to each image."""
+    to each image. The refiner is named, as A1111 names it ("name [hash]"), when it ran."""
     extra = {key: ", ".join(f"{n}: {h}" for n, h in named.items()) for key, named in hashes.items() if named} or None
+    refiner = _title(job.refiner, job.source.refiner_checkpoint) if refined else None
     for i, img in enumerate(images):
-        img.info["parameters"] = format_infotext(resolved_request(job, i), model_hash=pipe.model_hash,
-                                                 model_name=pipe.model_name, version=f"sdtorch {_version()}", extra=extra)
+        request = resolved_request(job, i).replace(refiner_checkpoint=refiner)
+        img.info["parameters"] = format_infotext(request, model_hash=pipe.model_hash, model_name=pipe.model_name,
+                                                 version=f"sdtorch {_version()}", extra=extra)
         img.info["seed"] = job.seeds[i]
     return images
+
+
+def _title(model: Model, given: str | None) -> str:
+    """A1111's short title of a checkpoint: "name [hash]" (single files), the name alone (folders)."""
+    name = model.model_name or given or "refiner"
+    return f"{name} [{model.model_hash}]" if model.model_hash else name
 
 
 def _version() -> str:
@@ -324,14 +410,16 @@ def _version() -> str:
         return "dev"
 
 
-def plan(model: Model, request: GenerationRequest, generator: torch.Generator | None, limits: Limits) -> Job:
-    """Resolve a validated request against a model: defaults, seeds, images and masks, sizes (checked on `limits`)."""
+def plan(
+    model: Model, request: GenerationRequest, generator: torch.Generator | None, limits: Limits,
+    refiner: Model | None = None,
+) -> Job:
+    """Resolve a validated request against a model: defaults, seeds, images and masks, sizes (checked on `limits`),
+    the refiner (`refiner`, else the one the request names)."""
     prompts = request.prompts()
     negatives = request.negative_prompt if isinstance(request.negative_prompt, list) else [request.negative_prompt] * len(prompts)
     info, kind = resolve(request.sampler_name, request.scheduler)
-    if request.clip_skip > model.config.text_encoder.num_layers:
-        raise InvalidInputError(f"clip_skip {request.clip_skip} is more than the text encoder's "
-                                f"{model.config.text_encoder.num_layers} layers")
+    _check_clip_skip(model, request.clip_skip, "this model")
     if model.config.is_inpainting and request.mask is None:
         raise InvalidInputError("this is an inpainting model (9-channel UNet): pass an init image and a mask")
     batch = request.batch_size
@@ -377,6 +465,9 @@ def plan(model: Model, request: GenerationRequest, generator: torch.Generator | 
         if min(hires_size) < 8:
             raise InvalidInputError(f"the hires fix's target {hires_size[0]}x{hires_size[1]} is too small")
         request.check_size(*hires_size, limits)
+    refiner = _refiner(model, request, refiner)  # last: loading one is the slow part
+    if refiner is not None:
+        _check_clip_skip(refiner, request.clip_skip, "the refiner")
     return Job(
         source=request, prompts=prompts, negative_prompts=negatives, seeds=[seed + i for i in range(len(prompts))],
         width=width, height=height, steps=request.steps,
@@ -384,7 +475,43 @@ def plan(model: Model, request: GenerationRequest, generator: torch.Generator | 
         sampler=info.name, schedule=kind, clip_skip=request.clip_skip, generator=generator, eta=request.eta,
         guidance_rescale=request.guidance_rescale, image=init, strength=request.denoising_strength, mask=mask,
         region=region, hires_size=hires_size, written_prompts=written, loras=loras, warnings=warnings,
+        refiner=refiner,
     )
+
+
+def _check_clip_skip(model: Model, clip_skip: int, which: str) -> None:
+    usable_layers = min(e.num_layers - e.hidden_state_output for e in model.config.text_encoders)
+    if clip_skip > usable_layers:
+        raise InvalidInputError(f"clip_skip {clip_skip} is more than the {usable_layers} text-encoder "
+                                f"layers {which} can condition on")
+
+
+NO_REFINER = ("", "None", "none")  # refiner_checkpoint values A1111 reads as "no refiner"
+
+
+def _refiner(model: Model, request: GenerationRequest, refiner: Model | None) -> Model | None:
+    """The refiner of a request (a given model, else the checkpoint it names), checked to fit the model: it
+    continues the model's latents (same latent channels and VAE factor, same UNet input) on its sigmas (same
+    training schedule and parameterisation). None without one, or when it is the model itself (A1111 then
+    does not switch)."""
+    name = request.refiner_checkpoint
+    if refiner is None and name is not None and name not in NO_REFINER:
+        refiner = model.load_refiner(name)
+    if refiner is None or refiner is model:
+        return None
+    ours, theirs = model.config, refiner.config
+    checks = (
+        ("latent channels", ours.vae.latent_channels, theirs.vae.latent_channels),
+        ("VAE downscale factor", model.vae_scale_factor, refiner.vae_scale_factor),
+        ("UNet input channels", ours.unet.in_channels, theirs.unet.in_channels),
+        ("prediction type", ours.prediction_type, theirs.prediction_type),
+        ("training noise schedule", ours.schedule, theirs.schedule),
+    )
+    for what, a, b in checks:
+        if a != b:
+            raise InvalidInputError(f"the refiner does not fit this model: its {what} is {b}, the model's {a} "
+                                    "(a refiner continues the model's latents on its noise levels)")
+    return refiner
 
 
 def _extra_networks(prompts: list[str]) -> tuple[list[str], dict[str, float], list[str]]:

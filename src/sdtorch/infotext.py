@@ -153,7 +153,8 @@ def format_infotext(
 
     `request` is resolved for that image: one prompt, its seed, size and CFG filled in. A keyed field is written
     when its value is not the default (or always, for the keys A1111 always writes); the hires fix's keys only
-    when it is on, the inpainting keys only with a mask.
+    when it is on, the inpainting keys only with a mask, "Refiner switch at" only with a "Refiner" (generation
+    writes the refiner that ran as A1111 does: "name [hash]").
     """
     values: dict[str, object] = {}
     if request.width is not None and request.height is not None:
@@ -164,6 +165,10 @@ def format_infotext(
             if key == "Denoising strength" and (owner == "hires") == (request.init_image is not None):
                 continue  # img2img's strength, or the hires fix's in txt2img
             if key == "Masked area padding" and not request.inpaint.inpaint_full_res:
+                continue
+            if key == "Refiner switch at":  # A1111 writes it, default or not, with the refiner that ran
+                if request.refiner_checkpoint is not None:
+                    values[key] = value
                 continue
             if key == "Hires upscale" and (obj.hr_resize_x or obj.hr_resize_y):  # the target size instead
                 values[HIRES_RESIZE] = f"{obj.hr_resize_x}x{obj.hr_resize_y}"

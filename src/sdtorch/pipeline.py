@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +24,7 @@ from .configs import ModelConfig
 from .errors import InvalidInputError
 from .generation import GenerationResult, run
 from .models.clip import CLIPTextEncoder
+from .models.sdxl_text import SDXLTextEncoder
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
@@ -44,12 +46,13 @@ class LoadReport:
 
 
 class Pipeline:
-    """Tokenizer, text encoder, UNet and VAE of one Stable Diffusion model."""
+    """Tokenizer, text encoder, UNet and VAE of one Stable Diffusion model (SDXL: `text_encoder` is its
+    encoders together, an `SDXLTextEncoder`)."""
 
     def __init__(
         self,
         tokenizer: CLIPTokenizer,
-        text_encoder: CLIPTextEncoder,
+        text_encoder: CLIPTextEncoder | SDXLTextEncoder,
         unet: UNet,
         vae: AutoencoderKL,
         config: ModelConfig,
@@ -66,6 +69,10 @@ class Pipeline:
         self.lora_adapters = LoraAdapters()  # the LoRAs applied to the UNet and text encoder (adapters/lora.py)
         self.lora_dir: Path | None = None  # where a prompt's <lora:name:weight> tags find their files
         self.compiled_unet: CompiledUNet | None = None  # set by compile(): generation runs the UNet through it
+        self._refiner: tuple[str, Pipeline] | None = None  # (name, model) of the refiner requests last named
+        # where a request's refiner_checkpoint is looked up (the server: its listed checkpoints only, so a client
+        # never makes it open an arbitrary path); None: the name is a local path
+        self.refiner_lookup: Callable[[str], str | None] | None = None
 
     @property
     def modules(self) -> dict[str, nn.Module]:
@@ -114,6 +121,7 @@ class Pipeline:
         request: GenerationRequest | None = None,
         generator: torch.Generator | None = None,
         callback: Callback | None = None,
+        refiner: Pipeline | None = None,
         **settings: Any,
     ) -> GenerationResult:
         """Generate images: txt2img, img2img (`image`, `strength`) or inpainting (`image` + `mask_image`).
@@ -122,11 +130,14 @@ class Pipeline:
             `scheduler`, `seed`, `width`, `height`, `batch_size`, `denoising_strength`, `clip_skip`, `eta`,
             `resize_mode`, `enable_hr` with `hr_scale` / `hr_upscaler` / `hr_second_pass_steps` / `hr_resize_x` /
             `hr_resize_y` / `hr_denoising_strength`, `mask_blur`, `inpainting_mask_invert`, `inpaint_full_res`,
-            `inpaint_full_res_padding`, `mask_overlay`, `tiled_decode`) or diffusers' names (`num_inference_steps`,
-            `guidance_scale`, `sampler`, `schedule`, `num_images_per_prompt`, `image`, `strength`, `mask_image`).
+            `inpaint_full_res_padding`, `mask_overlay`, `tiled_decode`, `refiner_checkpoint`, `refiner_switch_at`)
+            or diffusers' names (`num_inference_steps`, `guidance_scale`, `sampler`, `schedule`,
+            `num_images_per_prompt`, `image`, `strength`, `mask_image`).
             An unknown name is an error naming the closest valid one. Or pass a whole `request`.
         seed: image i of the batch uses seed + i (A1111); -1 (the default) picks one (reported in the infotext).
         generator: instead of seeds, one torch.Generator drives all noise in diffusers' order.
+        refiner: a second model that finishes the sampling from `refiner_switch_at` (default 0.8) on, as A1111's
+            refiner does (SDXL's refiner after its base); or name its checkpoint with `refiner_checkpoint`.
         Returns a list of PIL images (a GenerationResult, which also has `.request` and `.warnings`); each image
         carries its A1111 text in `img.info["parameters"]` and its seed in `img.info["seed"]`.
         """
@@ -138,7 +149,27 @@ class Pipeline:
             request = GenerationRequest.from_kwargs(**settings)
         elif prompt is not None or negative_prompt is not None or settings:
             raise InvalidInputError("pass either a request or prompt and settings, not both")
-        return run(self, request, generator=generator, callback=callback, limits=self.limits)
+        return run(self, request, generator=generator, callback=callback, limits=self.limits, refiner=refiner)
+
+    def load_refiner(self, name: str) -> Pipeline:
+        """The refiner a request names (`refiner_checkpoint`: a local checkpoint file or diffusers folder, or with
+        `refiner_lookup` set, a name it knows), loaded with `sdtorch.load` on this pipeline's device and dtype and
+        kept for the requests after (one at a time)."""
+        if self._refiner is not None and self._refiner[0] == name:
+            return self._refiner[1]
+        if self.refiner_lookup is not None:
+            source = self.refiner_lookup(name)
+        elif Path(name).expanduser().exists():
+            source = str(Path(name).expanduser())
+        else:
+            raise InvalidInputError(f"refiner_checkpoint {name!r} is not a checkpoint file or diffusers folder "
+                                    "(an infotext names a refiner A1111's way, \"name [hash]\": give its path)")
+        from .checkpoints.loading import load
+
+        self._refiner = None  # let the previous refiner go before the next loads
+        refiner = load(source, dtype=self.dtype, device=self.device)
+        self._refiner = (name, refiner)
+        return refiner
 
     def compile(self, enabled: bool = True) -> Pipeline:
         """Run the UNet through torch.compile (inductor, weights frozen) when generating; returns self.
@@ -150,8 +181,9 @@ class Pipeline:
         return self
 
     def load_embedding(self, path: str | os.PathLike, name: str | None = None) -> str:
-        """Load a textual-inversion embedding (A1111 .pt / .bin / .safetensors, diffusers learned_embeds) and return
-        its name, which prompts then use: by default the file's stem (A1111) or its token (diffusers)."""
+        """Load a textual-inversion embedding (A1111 .pt / .bin / .safetensors, diffusers learned_embeds; SDXL: an
+        A1111 / kohya file with clip_l and clip_g vectors, into each of its encoders) and return its name, which
+        prompts then use: by default the file's stem (A1111) or its token (diffusers)."""
         return load_embedding(self.tokenizer, self.text_encoder, path, name)
 
     def unload_embedding(self, name: str | None = None) -> None:
@@ -164,7 +196,8 @@ class Pipeline:
         return loaded_embeddings(self.text_encoder)
 
     def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
-        """Apply a LoRA file (kohya or diffusers; a folder: its pytorch_lora_weights.safetensors); return its name."""
+        """Apply a LoRA file (kohya or diffusers; a folder: its pytorch_lora_weights.safetensors) to the UNet and the
+        text encoder(s) (SDXL: both of its encoders, `lora_te1_` / `lora_te2_`); return its name."""
         return self.lora_adapters.load(path, {"unet": self.unet, "text_encoder": self.text_encoder}, scale, name)
 
     def unload_lora(self, name: str | None = None) -> None:

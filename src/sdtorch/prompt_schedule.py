@@ -29,10 +29,12 @@ may vary between runs, e.g. "[a:1]]"); this parser always keeps the bracket cons
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Union
 
+import torch
 from torch import nn
 
 from .errors import InvalidInputError
@@ -240,6 +242,7 @@ def encode_conditioning(
     *,
     hires_steps: int | None = None,
     clip_skip: int = 1,
+    zero_empty_negatives: bool = False,
 ) -> tuple[Conditioning, Conditioning | None]:
     """Float32 conditioning for a batch's prompts and negatives (None: no negative side) over a sampler
     run of `steps` model evaluations (`SamplerInfo.prompt_steps`; `hires_steps` as `prompt_schedule`),
@@ -248,7 +251,9 @@ def encode_conditioning(
     Prompts split on AND into weighted sub-prompts; negatives are read whole (A1111 splits only the
     prompt). Each distinct text is scheduled once and its schedule's texts encoded as one group
     (`encode_prompt_groups`), all groups in one text-encoder call. Where contexts differ in length the
-    empty prompt's encoding is the padding between prompt and negative sides.
+    empty prompt's encoding is the padding between prompt and negative sides. With a text encoder that
+    pools (SDXL), each context segment carries its pooled embedding; `zero_empty_negatives` (A1111 on SDXL)
+    makes a negative side of only empty prompts all zeros, contexts and pooled embeddings alike.
     """
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise InvalidInputError("prompts must be a non-empty list of strings")
@@ -257,20 +262,29 @@ def encode_conditioning(
     subprompts = [split_and(p) for p in prompts]
     texts = list(dict.fromkeys([t for parts in subprompts for t, _ in parts] + list(negative_prompts or [])))
     schedules = [prompt_schedule(t, steps, hires_steps) for t in texts]
-    encoded = encode_prompt_groups(tokenizer, text_encoder, [[t for _, t in s] for s in schedules], clip_skip)
+    encoded, pooled = encode_prompt_groups(tokenizer, text_encoder, [[t for _, t in s] for s in schedules], clip_skip)
     contexts = {
-        text: ScheduledContext(tuple(end for end, _ in schedule), tuple(group.float()))  # (77k, D) each
-        for text, schedule, group in zip(texts, schedules, encoded)
+        text: ScheduledContext(tuple(end for end, _ in schedule), tuple(group.float()),  # (77k, D) each
+                               pooled=None if pools is None else tuple(pools.float()))  # (P,) each
+        for text, schedule, group, pools in zip(texts, schedules, encoded, pooled)
     }
     padding = None
     if len({group.shape[1] for group in encoded}) > 1:  # A1111's cond_stage_model_empty_prompt
         padding = contexts[""].contexts[0] if "" in contexts else encode_prompt_groups(
-            tokenizer, text_encoder, [[""]], clip_skip)[0][0].float()
+            tokenizer, text_encoder, [[""]], clip_skip)[0][0][0].float()
     cond = Conditioning(
-        tuple(tuple(ScheduledContext(contexts[t].ends, contexts[t].contexts, w) for t, w in parts)
-              for parts in subprompts),
+        tuple(tuple(dataclasses.replace(contexts[t], weight=w) for t, w in parts) for parts in subprompts),
         padding,
     )
     if negative_prompts is None:
         return cond, None
-    return cond, Conditioning(tuple((contexts[t],) for t in negative_prompts), padding)
+    negatives = [contexts[t] for t in negative_prompts]
+    if zero_empty_negatives and not any(negative_prompts):
+        negatives = [_zeros_like(c) for c in negatives]
+    return cond, Conditioning(tuple((c,) for c in negatives), padding)
+
+
+def _zeros_like(scheduled: ScheduledContext) -> ScheduledContext:
+    """The same schedule with every context and pooled embedding zero."""
+    pooled = None if scheduled.pooled is None else tuple(map(torch.zeros_like, scheduled.pooled))
+    return dataclasses.replace(scheduled, contexts=tuple(map(torch.zeros_like, scheduled.contexts)), pooled=pooled)

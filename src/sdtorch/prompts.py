@@ -223,19 +223,21 @@ def encode_prompts(
     k = max(len(chunks) for chunks in per_prompt)
     empty = tokenize_prompt(tokenizer, "")[0]
     chunks = [c for cs in per_prompt for c in cs + [empty] * (k - len(cs))]  # prompt-major, B * k
-    z = _encode_chunks(text_encoder, chunks, list(range(len(chunks))), clip_skip)  # (B*k, 77, D)
+    z, _ = _encode_chunks(text_encoder, chunks, list(range(len(chunks))), clip_skip)  # (B*k, 77, D)
     return z.reshape(len(prompts), k * z.shape[1], z.shape[2])  # (B, 77*k, D)
 
 
 def encode_prompt_groups(
     tokenizer: CLIPTokenizer, text_encoder: nn.Module, groups: list[list[str]], clip_skip: int = 1
-) -> list[torch.Tensor]:
-    """Encode groups of prompts as A1111 encodes one prompt's editing schedule: (n, 77 * k, D) per group.
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Encode groups of prompts as A1111 encodes one prompt's editing schedule: (contexts (n, 77 * k, D) per
+    group, pooled embeddings (n, P) per group, or None where the text encoder has none).
 
     A group's n prompts are padded with empty chunks to its longest (k chunks), and each chunk position
     is mean-restored over the whole group's (n, 77, D) outputs (A1111 takes the means over the batch it
     encodes: the schedule's texts). Every chunk of every group goes through the text encoder in one call.
     A group of one prompt gives what `encode_prompts` gives for that prompt, embeddings included.
+    A prompt's pooled embedding (SDXL) is its first chunk's, as A1111 takes it.
     """
     if not groups or not all(isinstance(g, (list, tuple)) and g for g in groups):
         raise InvalidInputError("groups must be a non-empty list of non-empty lists of prompts")
@@ -253,24 +255,38 @@ def encode_prompt_groups(
             positions += range(first, first + k)
         shapes.append((len(group), k))
         first += k
-    z = _encode_chunks(text_encoder, chunks, positions, clip_skip)  # (R, 77, D)
-    out, row = [], 0
+    z, pooled = _encode_chunks(text_encoder, chunks, positions, clip_skip)  # (R, 77, D), (R, P) | None
+    contexts, pools, row = [], [], 0
     for n, k in shapes:
-        out.append(z[row : row + n * k].reshape(n, k * z.shape[1], z.shape[2]))  # (n, 77*k, D)
+        contexts.append(z[row : row + n * k].reshape(n, k * z.shape[1], z.shape[2]))  # (n, 77*k, D)
+        pools.append(None if pooled is None else pooled[row : row + n * k : k])  # (n, P): each first chunk's
         row += n * k
-    return out
+    return contexts, pools
 
 
 def _encode_chunks(
     text_encoder: nn.Module, chunks: list[PromptChunk], positions: list[int], clip_skip: int
-) -> torch.Tensor:
-    """Encode chunks in one call (R, 77, D), weight each token, and restore the mean of every set of
-    chunks that share a `positions` index (R indices)."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encode chunks in one call: (contexts (R, 77, D), pooled (R, P) or None). Each token is weighted and
+    the mean of every set of chunks that share a `positions` index (R indices) restored, separately for
+    each of the encoder's `part_widths` (SDXL's encoders side by side, each weighted on its own as A1111
+    does); the pooled embeddings are not weighted."""
     device = _device_of(text_encoder)
     ids = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=device)  # (R, 77)
-    z = text_encoder(ids, clip_skip=clip_skip)  # (R, 77, D)
+    if hasattr(text_encoder, "encode"):
+        z, pooled = text_encoder.encode(ids, clip_skip=clip_skip)  # (R, 77, D), (R, P) | None
+    else:
+        z, pooled = text_encoder(ids, clip_skip=clip_skip), None
     weights = torch.tensor([c.multipliers for c in chunks], dtype=z.dtype, device=z.device)  # (R, 77)
     index = torch.tensor(positions, device=z.device)  # (R,)
+    widths = getattr(text_encoder, "part_widths", (z.shape[-1],))
+    parts = [_weighted(part, weights, index) for part in z.split(list(widths), dim=-1)]
+    return torch.cat(parts, dim=-1), pooled
+
+
+def _weighted(z: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """z (R, 77, D) weighted token by token (R, 77), each set of rows sharing an `index` brought back to its
+    mean before weighting (A1111's "Original" emphasis)."""
     original_mean = z.mean(dim=(1, 2))  # (R,)
     z = z * weights.unsqueeze(-1)  # (R, 77, D)
     weighted_mean = z.mean(dim=(1, 2))  # (R,)

@@ -9,6 +9,7 @@ names such as `num_inference_steps` are aliases), the CLI (its flags are made fr
 below), the infotext (its keys are in the same table) and, later, the HTTP server. `None` means "the
 model's own default" (the built-in model's CFG 4 and 64 px; 7.5 and the native size otherwise).
 `validate()` checks types, ranges and `Limits` before any work starts; it needs no model.
+A refiner (`refiner_checkpoint`) takes over the sampling at `refiner_switch_at` (generation.py).
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ def at_least(low: float) -> Check:
 
 def above(low: float) -> Check:
     return lambda v, _: None if v > low else f"must be > {low}"
+
+
+def below(high: float) -> Check:
+    return lambda v, _: None if v < high else f"must be < {high}"
 
 
 def at_most(limit: str) -> Check:
@@ -242,6 +247,12 @@ class GenerationRequest:
     deep_cache: int = setting(1, "step caching (DeepCache): the whole UNet every N-th model call, only its "
                               "shallow layers between (1: off); about 2x faster at 3, and the picture changes",
                               cli="--deep-cache", key="Deep cache interval", checks=(at_least(1),))
+    refiner_checkpoint: str | None = setting(None, "a second model that finishes the sampling (A1111's refiner, "
+                                             "e.g. SDXL's): a checkpoint path (the server: a model name)",
+                                             cli="--refiner", key="Refiner")
+    refiner_switch_at: float = setting(0.8, "the fraction of the sampling, by noise level, after which the refiner "
+                                       "runs", cli="--refiner-switch-at", key="Refiner switch at",
+                                       checks=(finite, above(0.0), below(1.0)))
     tiled_decode: bool | None = setting(None, "decode the VAE in tiles (None: above 1024 px)")
     hires: HiresFix | None = setting(None, "the hires fix (None: off)")
     inpaint: Inpainting = field(default_factory=Inpainting, metadata=dict(help="inpainting settings"))

@@ -29,11 +29,11 @@ class StepCache:
         self._shapes: tuple | None = None  # the input shapes the deep features were made for
         self._since_whole = 0
 
-    def __call__(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        """x: (B, C, H, W), t: (B,), context: (B, L, D) -> (B, Cout, H, W)."""
+    def __call__(self, x: Tensor, t: Tensor, context: Tensor, **added: Tensor | None) -> Tensor:
+        """x: (B, C, H, W), t: (B,), context: (B, L, D) (and SDXL's text_embeds, time_ids) -> (B, Cout, H, W)."""
         shapes = (x.shape, context.shape)
         reuse = self._deep is not None and shapes == self._shapes and self._since_whole < self.interval - 1
-        out, deep = self.split_forward(x, t, context, self._deep if reuse else None)
+        out, deep = self.split_forward(x, t, context, self._deep if reuse else None, **added)
         if reuse:
             self._since_whole += 1
         else:

@@ -9,8 +9,15 @@ name's tokens were, each vector taking one of a chunk's 75 token positions. The 
    - A1111 `.safetensors`: `emb_params` (n, D)
    - diffusers `learned_embeds.safetensors` / `.bin`: {token: (D,) or (n, D)}
    The name is the file's stem for A1111 files and the token for diffusers files, unless the caller gives one.
+   An SDXL embedding (A1111 / kohya, `.safetensors` or `.pt`) holds n vectors for each of SDXL's encoders:
+   `clip_l` (n, 768) for CLIP ViT-L and `clip_g` (n, 1280) for OpenCLIP bigG; `read_sdxl_embedding` reads it
+   as one `Embedding` per key, named by the file's stem.
 2. `load_embedding` adds it to the text encoder's `EmbeddingDatabase` (`CLIPTextEncoder.textual_inversion`),
    which gives each vector a token id from the encoder's `vocab_size` on and keeps each name's token ids.
+   SDXL: each of the `SDXLTextEncoder`'s encoders keeps its own database and gets its key's vectors (A1111's
+   `textual_inversion_key`; the refiner's bigG takes `clip_g`). Every embedding goes into all of them at once,
+   in the same order with the same count, so a name has the same ids in each, and the SDXLTextEncoder's
+   `textual_inversion` (the first encoder's database) is what prompts look names up in.
 3. `prompts.tokenize_prompt` finds those name token sequences in each emphasis run's tokens, as A1111's
    `EmbeddingDatabase.find_embedding_at_position` does, and writes the vectors' ids in their place; an
    embedding that does not fit in the open chunk starts the next one (A1111's `tokenize_line`).
@@ -36,6 +43,7 @@ from torch import nn
 
 from ..checkpoints.io import detect_format, file_sha256, read_pickle_checkpoint, read_safetensors
 from ..errors import CheckpointError, InvalidInputError
+from ..models.sdxl_text import SDXLTextEncoder
 from ..models.tokenizer import CLIPTokenizer
 from ..prompts import CHUNK_LENGTH
 
@@ -65,6 +73,46 @@ def read_embedding(path: str | os.PathLike, name: str | None = None) -> Embeddin
     and UnsafeCheckpointError for a pickle that asks for anything but tensors and plain containers.
     """
     path = Path(path)
+    found_name, value = _find_vectors(path, _read_contents(path))
+    return Embedding(name if name is not None else found_name, _checked_vectors(path, value), str(path))
+
+
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")  # an SDXL embedding's vectors for CLIP ViT-L and for OpenCLIP bigG
+
+
+def read_sdxl_embedding(path: str | os.PathLike, name: str | None = None) -> dict[str, Embedding]:
+    """Read an SDXL embedding (A1111 / kohya: `clip_l` (n, 768) and `clip_g` (n, 1280), `.safetensors` or `.pt`):
+    {"clip_l": Embedding, "clip_g": Embedding}, both named `name` or the file's stem.
+
+    Raises CheckpointError for an SD1 / SD2 embedding, a file that is no embedding, or vector counts that differ.
+    """
+    path = Path(path)
+    data = _read_contents(path)
+    if not isinstance(data, dict) or not all(key in data for key in SDXL_EMBEDDING_KEYS):
+        held = [key for key in SDXL_EMBEDDING_KEYS if isinstance(data, dict) and key in data]
+        if held:
+            missing = [key for key in SDXL_EMBEDDING_KEYS if key not in held]
+            raise CheckpointError(f"{path}: an SDXL embedding needs {' and '.join(SDXL_EMBEDDING_KEYS)} vectors; "
+                                  f"this one has no {missing[0]}")
+        _, value = _find_vectors(path, data)  # says what else the file is, if it is no embedding at all
+        width = f" of width {value.shape[-1]}" if isinstance(value, torch.Tensor) and value.ndim else ""
+        raise CheckpointError(
+            f"{path}: an SD1 / SD2 embedding (one table of vectors{width}); an SDXL model takes embeddings made "
+            f"for SDXL, which hold {' and '.join(SDXL_EMBEDDING_KEYS)} vectors"
+        )
+    parts = {key: _checked_vectors(path, data[key], key) for key in SDXL_EMBEDDING_KEYS}
+    counts = {key: vectors.shape[0] for key, vectors in parts.items()}
+    if len(set(counts.values())) != 1:
+        raise CheckpointError(
+            f"{path}: the SDXL embedding's vector counts differ ({counts}): a name takes the same token positions "
+            "in every encoder"
+        )
+    name = path.stem if name is None else name
+    return {key: Embedding(name, vectors, str(path)) for key, vectors in parts.items()}
+
+
+def _read_contents(path: Path) -> object:
+    """The contents of an embedding file, its format judged by content; refuses files far too large."""
     try:
         size = path.stat().st_size
     except OSError as e:
@@ -75,11 +123,8 @@ def read_embedding(path: str | os.PathLike, name: str | None = None) -> Embeddin
             "is it a model checkpoint?"
         )
     if detect_format(path) == "safetensors":
-        data: object = read_safetensors(path)[0]
-    else:
-        data = read_pickle_checkpoint(path)
-    found_name, value = _find_vectors(path, data)
-    return Embedding(name if name is not None else found_name, _checked_vectors(path, value), str(path))
+        return read_safetensors(path)[0]
+    return read_pickle_checkpoint(path)
 
 
 def _find_vectors(path: Path, data: object) -> tuple[str, object]:
@@ -95,7 +140,7 @@ def _find_vectors(path: Path, data: object) -> tuple[str, object]:
     if "emb_params" in data:  # A1111 .safetensors
         return path.stem, data["emb_params"]
     if "clip_l" in data and "clip_g" in data:
-        raise CheckpointError(f"{path}: an SDXL embedding (clip_l + clip_g vectors); sdtorch runs SD1 and SD2 models")
+        raise CheckpointError(f"{path}: an SDXL embedding (clip_l + clip_g vectors): it loads into SDXL models only")
     if len(data) == 1:  # diffusers: {token: vectors}
         token, value = next(iter(data.items()))
         if isinstance(token, str):
@@ -106,19 +151,21 @@ def _find_vectors(path: Path, data: object) -> tuple[str, object]:
     )
 
 
-def _checked_vectors(path: Path, value: object) -> torch.Tensor:
-    """The vectors as a float32 (n, D) tensor, 1 <= n <= 75; a (D,) vector becomes (1, D)."""
+def _checked_vectors(path: Path, value: object, key: str = "") -> torch.Tensor:
+    """The vectors as a float32 (n, D) tensor, 1 <= n <= 75; a (D,) vector becomes (1, D). key: which of an
+    SDXL embedding's tables they are, for the messages."""
+    what = f"the embedding's {key} vectors" if key else "the embedding's vectors"
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         kind = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
-        raise CheckpointError(f"{path}: the embedding's vectors are {kind}, not floating-point numbers")
+        raise CheckpointError(f"{path}: {what} are {kind}, not floating-point numbers")
     vectors = value.detach().reshape(1, -1) if value.ndim == 1 else value.detach()  # (n, D)
     if vectors.ndim != 2 or not 1 <= vectors.shape[0] <= CHUNK_LENGTH or vectors.shape[1] == 0:
         raise CheckpointError(
-            f"{path}: embedding vectors of shape {list(value.shape)}; expected (n, width) with 1 <= n <= "
+            f"{path}: {what} have shape {list(value.shape)}; expected (n, width) with 1 <= n <= "
             f"{CHUNK_LENGTH} (a prompt chunk holds {CHUNK_LENGTH} tokens)"
         )
     if not torch.isfinite(vectors).all():
-        raise CheckpointError(f"{path}: the embedding's vectors contain NaN or infinity")
+        raise CheckpointError(f"{path}: {what} contain NaN or infinity")
     return vectors.to(torch.float32).contiguous()
 
 
@@ -156,22 +203,27 @@ class EmbeddingDatabase:
         """Name -> number of vectors (token positions the name takes in a prompt)."""
         return {name: emb.vectors.shape[0] for name, (emb, _) in self._entries.items()}
 
-    def add(self, embedding: Embedding, name_ids: Sequence[int]) -> None:
-        """Add an embedding whose name the tokenizer spells `name_ids`; one of the same name is replaced (A1111)."""
-        name_ids = tuple(name_ids)
+    def check(self, embedding: Embedding, name_ids: Sequence[int]) -> None:
+        """Raise the error `add` would raise for this embedding, adding nothing."""
         if not name_ids:
             raise InvalidInputError(f"embedding name {embedding.name!r} has no tokens: no prompt could use it")
         if embedding.vectors.shape[1] != self.width:
             raise CheckpointError(
                 f"{embedding.path}: embedding {embedding.name!r} has vectors of width {embedding.vectors.shape[1]}, "
-                f"but this text encoder's width is {self.width} (SD1 768, SD2 1024): it was made for another model"
+                f"but this text encoder's width is {self.width} (SD1 768, SD2 1024, SDXL clip_l 768 and clip_g "
+                "1280): it was made for another model"
             )
         for other, (_, other_ids) in self._entries.items():
-            if other != embedding.name and other_ids == name_ids:
+            if other != embedding.name and other_ids == tuple(name_ids):
                 raise InvalidInputError(
                     f"embedding name {embedding.name!r} tokenizes as the loaded {other!r} does (names are "
                     "lower-cased): prompts could not tell them apart; pass another name"
                 )
+
+    def add(self, embedding: Embedding, name_ids: Sequence[int]) -> None:
+        """Add an embedding whose name the tokenizer spells `name_ids`; one of the same name is replaced (A1111)."""
+        name_ids = tuple(name_ids)
+        self.check(embedding, name_ids)
         self._entries[embedding.name] = (embedding, name_ids)
         self._hashes.pop(embedding.name, None)
         if embedding.path:
@@ -214,22 +266,46 @@ class EmbeddingDatabase:
 
 
 def load_embedding(
-    tokenizer: CLIPTokenizer, text_encoder: CLIPTextEncoder, path: str | os.PathLike, name: str | None = None
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextEncoder | SDXLTextEncoder,
+    path: str | os.PathLike,
+    name: str | None = None,
 ) -> str:
     """Read an embedding file and make `text_encoder` use it wherever its name is in a prompt; returns the name.
 
-    Raises CheckpointError when its width is not the text encoder's (an SD2 embedding on SD1, ...).
+    An SDXLTextEncoder takes SDXL embeddings (`read_sdxl_embedding`), each of its encoders its key's vectors.
+    Raises CheckpointError when its width is not the text encoder's (an SD2 embedding on SD1, ...) or it was
+    made for another family (an SD1 embedding on SDXL, ...); then nothing is loaded.
     """
-    embedding = read_embedding(path, name)
-    _add(tokenizer, text_encoder, embedding)
-    return embedding.name
+    if not isinstance(text_encoder, SDXLTextEncoder):
+        embedding = read_embedding(path, name)
+        _add(tokenizer, text_encoder, embedding)
+        return embedding.name
+    parts = read_sdxl_embedding(path, name)
+    encoders = list(zip(text_encoder.textual_inversion_keys, text_encoder.encoders))
+    vocab_sizes = {encoder.config.vocab_size for encoder in text_encoder.encoders}
+    if len(vocab_sizes) != 1:  # the encoders read one id sequence: a vector's id must mean the same in each
+        raise InvalidInputError(f"SDXL's text encoders have different vocab sizes {sorted(vocab_sizes)}: "
+                                "their embeddings' token ids could not agree")
+    name_ids = tokenizer.encode(parts[SDXL_EMBEDDING_KEYS[0]].name)
+    for key, encoder in encoders:  # every check first: the encoders' databases never get out of step
+        _database(encoder).check(parts[key], name_ids)
+    for key, encoder in encoders:
+        _add(tokenizer, encoder, parts[key])
+    return parts[SDXL_EMBEDDING_KEYS[0]].name
+
+
+def _database(text_encoder: CLIPTextEncoder) -> EmbeddingDatabase:
+    """The text encoder's database, or a new empty one for it (not yet attached)."""
+    database = text_encoder.textual_inversion
+    if database is None:
+        database = EmbeddingDatabase(text_encoder.config.vocab_size, text_encoder.config.width)
+    return database
 
 
 def _add(tokenizer: CLIPTokenizer, text_encoder: CLIPTextEncoder, embedding: Embedding) -> None:
     """Add `embedding` to the text encoder's database (created on first use)."""
-    database = text_encoder.textual_inversion
-    if database is None:
-        database = EmbeddingDatabase(text_encoder.config.vocab_size, text_encoder.config.width)
+    database = _database(text_encoder)
     database.add(embedding, tokenizer.encode(embedding.name))
     text_encoder.textual_inversion = database
 
@@ -241,6 +317,7 @@ def init_vectors(tokenizer: CLIPTokenizer, text_encoder: CLIPTextEncoder, init_t
     token table, and vector i is token floor(i * T / count)'s: "red ball" with count 4 gives red, red,
     ball, ball. Raises InvalidInputError when `init_text` has no tokens (A1111 would start from zeros).
     """
+    _refuse_sdxl_training(text_encoder)
     if not 1 <= count <= CHUNK_LENGTH:
         raise InvalidInputError(f"an embedding has 1 to {CHUNK_LENGTH} vectors (a prompt chunk's tokens), got {count}")
     ids = tokenizer.encode(init_text)[:count]
@@ -265,13 +342,27 @@ def add_trainable_embedding(
     Prompts naming it read the parameter itself, so the text encoder's output has gradients for it
     (and for nothing else once the encoder is frozen); `unload_embedding(text_encoder, name)` removes it.
     """
+    _refuse_sdxl_training(text_encoder)
     parameter = nn.Parameter(vectors.detach().to("cpu", torch.float32, copy=True))  # (n, D)
     _add(tokenizer, text_encoder, Embedding(name, parameter, ""))
     return parameter
 
 
-def unload_embedding(text_encoder: CLIPTextEncoder, name: str | None = None) -> None:
-    """Forget the embedding `name` (None: all of them); prompts then encode exactly as before it was loaded."""
+def _refuse_sdxl_training(text_encoder: nn.Module) -> None:
+    if isinstance(text_encoder, SDXLTextEncoder):
+        raise InvalidInputError("textual-inversion training for SDXL models is not supported yet (SDXL embeddings "
+                                "load and run: Pipeline.load_embedding)")
+
+
+def unload_embedding(text_encoder: CLIPTextEncoder | SDXLTextEncoder, name: str | None = None) -> None:
+    """Forget the embedding `name` (None: all of them); prompts then encode exactly as before it was loaded.
+    SDXL: from every encoder."""
+    if isinstance(text_encoder, SDXLTextEncoder):
+        if name is not None and name not in (text_encoder.encoders[0].textual_inversion or ()):
+            unload_embedding(text_encoder.encoders[0], name)  # raises the error that names what is loaded
+        for encoder in text_encoder.encoders:
+            unload_embedding(encoder, name)
+        return
     database = text_encoder.textual_inversion
     if name is None:
         text_encoder.textual_inversion = None
@@ -283,8 +374,8 @@ def unload_embedding(text_encoder: CLIPTextEncoder, name: str | None = None) -> 
         text_encoder.textual_inversion = None
 
 
-def loaded_embeddings(text_encoder: CLIPTextEncoder) -> dict[str, int]:
-    """Name -> number of vectors of every embedding `text_encoder` has loaded."""
+def loaded_embeddings(text_encoder: CLIPTextEncoder | SDXLTextEncoder) -> dict[str, int]:
+    """Name -> number of vectors of every embedding `text_encoder` has loaded (SDXL: each encoder has them all)."""
     database = text_encoder.textual_inversion
     return database.counts if database is not None else {}
 

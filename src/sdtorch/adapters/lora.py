@@ -7,11 +7,16 @@ kernel, stride and padding and up a 1x1 conv. alpha defaults to rank when the fi
 Formats, told apart per key (never by file name):
 - kohya / A1111: `lora_unet_<path>.lora_down.weight`, `.lora_up.weight`, `.alpha` and `lora_te_<path>...`, where
   <path> is the module path with `_` for `.`: the diffusers path (`down_blocks_0_attentions_0_..._to_q`) or
-  the original ldm one (`input_blocks_1_1_..._to_q`), the text encoder's as in transformers (`text_model_...`).
+  the original ldm one (`input_blocks_1_1_..._to_q`, as kohya writes SDXL's: it trains SDXL on the original
+  UNet), the text encoder's as in transformers (`text_model_...`).
 - diffusers / peft: `unet.<path>.lora_A.weight` / `.lora_B.weight` and `text_encoder.text_model.<path>...`, the
   older `.lora.down.weight`, `.lora_linear_layer.down.weight` and `...processor.to_q_lora.down.weight` forms;
   alpha from `.alpha` keys or diffusers' `lora_adapter_metadata` (lora_alpha, alpha_pattern, use_rslora).
-Refused with an error that names the key: SDXL files (`lora_te1_`, `text_encoder_2.`), LyCORIS' LoHa / LoKr /
+The text encoders each format names (`TextEncoderSlot`): SD1 / SD2 `lora_te_` and `text_encoder.`; SDXL base
+`lora_te1_` / `text_encoder.` (CLIP ViT-L) and `lora_te2_` / `text_encoder_2.` (OpenCLIP bigG); the SDXL refiner's
+only encoder (bigG) `lora_te_` (kohya's prefix for a model with one text encoder), `lora_te2_` and
+`text_encoder_2.` (diffusers' refiner pipeline holds it as text_encoder_2) and `text_encoder.`.
+Refused with an error that names the key: SDXL files on SD1 / SD2 models, LyCORIS' LoHa / LoKr /
 Tucker (`hada_`, `lokr_`, `lora_mid`), DoRA (`dora_scale`, `lora_magnitude_vector`), LoRA biases, and any
 key for a layer the model does not have or with a shape that does not fit it.
 
@@ -40,10 +45,11 @@ from ..checkpoints.io import describe_error, detect_format, file_sha256, read_ch
 from ..checkpoints.keymaps import _rename, unet_table
 from ..errors import CheckpointError, InvalidInputError
 
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder")  # the model parts a LoRA changes: the keys of `models`
 DIFFUSERS_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 
-_KOHYA_PREFIXES = ("lora_unet_", "lora_te_")
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_FILE_COMPONENTS = ("unet", "text_encoder_2", "text_encoder")  # diffusers' key prefixes (the longer one first)
 _KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 _DIFFUSERS_SUFFIXES = {
     ".lora_A.weight": "down", ".lora_B.weight": "up",
@@ -57,7 +63,7 @@ _OLD_PROJECTIONS = {
     "unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
     "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
 }
-_SDXL = ("lora_te1_", "lora_te2_", "text_encoder_2.")
+_SDXL = ("lora_te1_", "lora_te2_", "text_encoder_2.")  # keys only SDXL files have
 _UNSUPPORTED = {  # substring of a key -> what it is
     "hada_": "a LyCORIS LoHa", "lokr_": "a LyCORIS LoKr", "lora_mid": "a LyCORIS LoCon with Tucker decomposition",
     "dora_scale": "a DoRA", "lora_magnitude_vector": "a DoRA",
@@ -128,7 +134,8 @@ class LoraAdapters:
     ) -> str:
         """Read a LoRA file (or a diffusers folder holding pytorch_lora_weights.safetensors), apply it; return its name.
 
-        models: {"unet": UNet, "text_encoder": CLIPTextEncoder}. name defaults to the file stem (folder name).
+        models: {"unet": UNet, "text_encoder": CLIPTextEncoder or SDXLTextEncoder}. name defaults to the file stem
+        (folder name).
         """
         path = resolve_lora_path(source)
         name = (Path(source).name if path != Path(source) else path.stem) if name is None else name
@@ -210,11 +217,42 @@ def lora_hash(path: str | Path) -> str:
 # ---- reading the keys ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TextEncoderSlot:
+    """One CLIP encoder of `models["text_encoder"]` and the names LoRA files give it.
+
+    kohya: the layer-name prefixes (`lora_te_`, ...); diffusers: the key prefixes (`text_encoder`, ...);
+    path: the encoder's module path inside `models["text_encoder"]` with a trailing dot ("" for SD1 / SD2's CLIP).
+    """
+
+    kohya: tuple[str, ...]
+    diffusers: tuple[str, ...]
+    path: str
+
+
+def text_encoder_slots(text_encoder: nn.Module) -> list[TextEncoderSlot]:
+    """The CLIP encoders of an SD1 / SD2 `CLIPTextEncoder` or an SDXL `SDXLTextEncoder` (`encoders`: base
+    ViT-L then bigG; refiner bigG alone) with the prefixes each LoRA format gives them (module docstring)."""
+    encoders = getattr(text_encoder, "encoders", None)
+    if encoders is None:
+        return [TextEncoderSlot(("lora_te_",), ("text_encoder",), "")]
+    if len(encoders) == 1:  # kohya names a lone text encoder lora_te_; diffusers' refiner calls it text_encoder_2
+        return [TextEncoderSlot(("lora_te_", "lora_te2_"), ("text_encoder", "text_encoder_2"), "encoders.0.")]
+    return [TextEncoderSlot((f"lora_te{i + 1}_",), ("text_encoder" if i == 0 else f"text_encoder_{i + 1}",),
+                            f"encoders.{i}.") for i in range(len(encoders))]
+
+
+def _is_sdxl(models: Mapping[str, nn.Module]) -> bool:
+    return hasattr(models["text_encoder"], "encoders")
+
+
 def kohya_names(models: Mapping[str, nn.Module]) -> dict[str, tuple[str, str]]:
     """{kohya layer name: (model part, module path)} for every Linear and Conv2d a LoRA may target.
 
     UNet layers answer to their diffusers path and their original ldm path (`lora_unet_input_blocks_1_1_...`);
-    text-encoder layers to transformers' path (`lora_te_text_model_encoder_layers_0_self_attn_q_proj`).
+    text-encoder layers to transformers' path under each prefix of their encoder
+    (`lora_te_text_model_encoder_layers_0_self_attn_q_proj`; SDXL `lora_te1_...`, `lora_te2_...`;
+    bigG's projection `lora_te2_text_projection`).
     """
     names: dict[str, tuple[str, str]] = {}
     original = {ours: theirs for theirs, ours in unet_table(models["unet"].config).items()}
@@ -223,18 +261,37 @@ def kohya_names(models: Mapping[str, nn.Module]) -> dict[str, tuple[str, str]]:
         ldm = _rename(path, original)
         if ldm is not None:
             names["lora_unet_" + ldm.replace(".", "_")] = ("unet", path)
-    for path in _lora_targets(models["text_encoder"]):
-        names["lora_te_text_model_" + path.replace(".", "_")] = ("text_encoder", path)
+    text_encoder = models["text_encoder"]
+    for slot in text_encoder_slots(text_encoder):
+        encoder = text_encoder.get_submodule(slot.path[:-1]) if slot.path else text_encoder
+        for path in _lora_targets(encoder):
+            hf_path = path if path.startswith("text_projection") else "text_model." + path  # transformers' names
+            for prefix in slot.kohya:
+                names[prefix + hf_path.replace(".", "_")] = ("text_encoder", slot.path + path)
     return names
+
+
+def kohya_name(text_encoder: nn.Module, part: str, path: str) -> str:
+    """The kohya layer name a file written for this model gives (part, module path): the UNet's by its diffusers
+    path (`lora_unet_down_blocks_...`), a text encoder's by its first prefix (`lora_te_`, SDXL `lora_te1_` /
+    `lora_te2_`) and transformers' path. `kohya_names` reads it back."""
+    if part == "unet":
+        return "lora_unet_" + path.replace(".", "_")
+    for slot in text_encoder_slots(text_encoder):
+        if path.startswith(slot.path):
+            inner = path[len(slot.path):]
+            hf_path = inner if inner.startswith("text_projection") else "text_model." + inner
+            return slot.kohya[0] + hf_path.replace(".", "_")
+    raise InvalidInputError(f"{path!r} is in none of the text encoders")
 
 
 def _lora_targets(model: nn.Module) -> list[str]:
     return [path for path, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
-def _unsupported(key: str) -> str | None:
-    if key.startswith(_SDXL):
-        return "an SDXL LoRA (sdtorch loads SD1 and SD2 models)"
+def _unsupported(key: str, sdxl: bool) -> str | None:
+    if not sdxl and key.startswith(_SDXL):
+        return "an SDXL LoRA (this is an SD1 / SD2 model)"
     return next((what for part, what in _UNSUPPORTED.items() if part in key), None)
 
 
@@ -247,27 +304,30 @@ def _split_kohya(key: str) -> tuple[str, str] | None:
 
 
 def _split_diffusers(key: str) -> tuple[str, str, str] | None:
-    """`unet.<path>.lora_A.weight` (or an older form) -> (model part, path as the file names it, part)."""
+    """`unet.<path>.lora_A.weight` (or an older form) -> (the file's component: "unet", "text_encoder" or
+    "text_encoder_2", path as the file names it, part)."""
     suffix = next((s for s in _DIFFUSERS_SUFFIXES if key.endswith(s)), None)
     if suffix is None:
         return None
     stem = key[: -len(suffix)]
-    part = next((p for p in COMPONENTS if stem.startswith(p + ".")), None)
-    if part is None:
+    component = next((p for p in _FILE_COMPONENTS if stem.startswith(p + ".")), None)
+    if component is None:
         if ".processor." not in stem:  # diffusers' oldest files: UNet attention processors without a prefix
             return None
-        part, stem = "unet", "unet." + stem
-    path = stem[len(part) + 1:].replace(".processor.", ".")
+        component, stem = "unet", "unet." + stem
+    path = stem[len(component) + 1:].replace(".processor.", ".")
     if suffix.startswith("_lora."):
+        projections = _OLD_PROJECTIONS["unet" if component == "unet" else "text_encoder"]
         head, _, projection = path.rpartition(".")
-        if projection not in _OLD_PROJECTIONS[part]:
+        if projection not in projections:
             return None
-        path = f"{head}.{_OLD_PROJECTIONS[part][projection]}"
-    return part, path, _DIFFUSERS_SUFFIXES[suffix]
+        path = f"{head}.{projections[projection]}"
+    return component, path, _DIFFUSERS_SUFFIXES[suffix]
 
 
 def _peft_config(metadata: Mapping[str, str], where: str) -> dict[str, dict]:
-    """diffusers' `lora_adapter_metadata` (peft LoraConfig fields under "unet." / "text_encoder.") by part."""
+    """diffusers' `lora_adapter_metadata` (peft LoraConfig fields under "unet." / "text_encoder." /
+    "text_encoder_2.") by the file's component."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
@@ -314,43 +374,68 @@ def parse_lora(
     CheckpointError names the offending keys.
     """
     kohya = kohya_names(models)
+    sdxl = _is_sdxl(models)
     targets = {part: set(_lora_targets(models[part])) for part in COMPONENTS}
+    encoders = {component: slot.path for slot in text_encoder_slots(models["text_encoder"])
+                for component in slot.diffusers}  # diffusers' component -> module path prefix
     groups: dict[tuple[str, str], dict[str, tuple[str, Tensor]]] = {}  # target -> "down"/"up"/"alpha" -> (key, tensor)
-    file_paths: dict[tuple[str, str], str] = {}  # target -> its module path as the file names it (for peft alphas)
+    file_paths: dict[tuple[str, str], tuple[str, str]] = {}  # target -> (component, path) as the file names it
     bad: list[str] = []
+    hints: set[str] = set()  # what the keys naming no layer suggest
     for key, tensor in tensors.items():
-        if (why := _unsupported(key)) is not None:
+        if (why := _unsupported(key, sdxl)) is not None:
             raise CheckpointError(f"{where}: {key!r} belongs to {why}; only plain LoRA and LoCon files load")
         if (split := _split_kohya(key)) is not None:
             file_path, part = split
             target = kohya.get(file_path)
+            component = "unet" if file_path.startswith("lora_unet_") else "text_encoder"
         elif (split := _split_diffusers(key)) is not None:
             component, file_path, part = split
-            path = file_path.removeprefix("text_model.") if component == "text_encoder" else file_path
-            target = (component, path) if path in targets[component] else None
+            if component == "unet":
+                target = ("unet", file_path) if file_path in targets["unet"] else None
+            else:
+                prefix = encoders.get(component)
+                path = None if prefix is None else prefix + file_path.removeprefix("text_model.")
+                target = ("text_encoder", path) if path in targets["text_encoder"] else None
         else:
             bad.append(f"{key!r} (not a LoRA tensor name sdtorch knows)")
             continue
         if target is None:
-            bad.append(f"{key!r} (the model has no such Linear or Conv2d layer: a LoRA for another architecture?)")
+            bad.append(f"{key!r} (the model has no such Linear or Conv2d layer)")
+            hints.add(_hint(key, models))
             continue
         group = groups.setdefault(target, {})
         if part in group:
             raise CheckpointError(f"{where}: {group[part][0]!r} and {key!r} name the same layer")
         group[part] = (key, tensor)
-        file_paths[target] = file_path
+        file_paths[target] = (component, file_path)
     if bad:
-        raise CheckpointError(f"{where}: {len(bad)} key(s) not understood: " + "; ".join(bad[:10]))
+        raise CheckpointError(
+            f"{where}: {len(bad)} key(s) not understood: " + "; ".join(bad[:10]) + "".join(
+                f"; {hint}" for hint in sorted(hints))
+        )
     if not groups:
         raise CheckpointError(f"{where} holds no LoRA tensors")
     peft = _peft_config(metadata, where)
     layers = {}
     for (part, path), pair in groups.items():
-        fields = peft.get(part, {})
-        default_alpha = _peft_alpha(fields, file_paths[part, path], where)
+        component, file_path = file_paths[part, path]
+        fields = peft.get(component, {})
+        default_alpha = _peft_alpha(fields, file_path, where)
         layer = models[part].get_submodule(path)
         layers[part, path] = _lora_layer(layer, pair, default_alpha, bool(fields.get("use_rslora")), where)
     return layers
+
+
+def _hint(key: str, models: Mapping[str, nn.Module]) -> str:
+    """Why a key names no layer, as far as its prefix tells: the text encoders the model has, or another model."""
+    slots = text_encoder_slots(models["text_encoder"])
+    if key.startswith(("lora_te", "text_encoder")) and not any(
+        key.startswith(slot.kohya) or key.startswith(tuple(c + "." for c in slot.diffusers)) for slot in slots
+    ):
+        names = "; ".join(" / ".join([*slot.kohya, *slot.diffusers]) for slot in slots)
+        return f"this model's text encoders are named {names} (a LoRA for another architecture?)"
+    return "a LoRA for another architecture?"
 
 
 def _lora_layer(
@@ -382,7 +467,7 @@ def _lora_layer(
         if tuple(tensor.shape) != want or rank == 0 or not tensor.is_floating_point():
             raise CheckpointError(
                 f"{where}: {key!r} has shape {tuple(tensor.shape)} ({tensor.dtype}); the layer needs {want}: "
-                "a LoRA for another model (SD1 vs SD2?)"
+                "a LoRA for another model (SD1, SD2 or SDXL?)"
             )
     alpha = float(rank) if default_alpha is None else default_alpha
     if "alpha" in tensors:

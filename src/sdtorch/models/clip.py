@@ -1,12 +1,16 @@
 """CLIP text transformer: the prompt encoder of Stable Diffusion.
 
-One class covers both variants through `TextEncoderConfig`:
+One class covers every variant through `TextEncoderConfig`:
 - SD1: OpenAI CLIP ViT-L/14 text tower (QuickGELU, 12 layers, width 768).
 - SD2: OpenCLIP ViT-H/14 text tower (GELU, width 1024). SD2 conditions on the penultimate block, so
   only the first 23 of its 24 blocks are kept (as diffusers' converted SD2 text encoder does).
+  For both, the conditioning is `final_layer_norm(output of the last layer run)`.
+- SDXL: ViT-L/14 and OpenCLIP ViT-bigG/14 (`hidden_state_output`): the conditioning is the penultimate
+  layer's raw output (no final LayerNorm); bigG's pooled embedding (`with_projection`) is `text_projection`
+  of the final-normed last layer at the end-of-text token.
 
-Either way the conditioning is `final_layer_norm(output of the last layer run)`. Parameter names give
-`state_dict()` keys identical to transformers' `CLIPTextModel` (without a `text_model.` prefix).
+Parameter names give `state_dict()` keys identical to transformers' `CLIPTextModel` /
+`CLIPTextModelWithProjection` (without a `text_model.` prefix).
 """
 
 from __future__ import annotations
@@ -134,7 +138,10 @@ class CLIPTextEncoder(nn.Module):
     """CLIP text transformer mapping token ids (B, L) to the UNet's context (B, L, width).
 
     `forward(input_ids, clip_skip=1)`: clip_skip follows A1111's "Clip skip": 1 uses the last kept
-    layer, 2 the layer before it, and so on; the final LayerNorm is applied in every case.
+    layer, 2 the layer before it, and so on; the final LayerNorm is applied in every case. With
+    `hidden_state_output` (SDXL) every choice moves one layer down and is not normed: clip_skip 1 is the
+    penultimate layer's output (transformers' `hidden_states[-(clip_skip + 1)]`, diffusers' clip_skip - 1).
+    `encode(input_ids, clip_skip)` also returns the pooled embedding of an encoder `with_projection`.
 
     `textual_inversion` holds the textual-inversion embeddings loaded into this encoder (None: none):
     prompts.tokenize_prompt writes their names as ids from vocab_size on, which look up its vectors.
@@ -154,21 +161,47 @@ class CLIPTextEncoder(nn.Module):
         self.embeddings = CLIPTextEmbeddings(config)
         self.encoder = CLIPEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        if config.with_projection:
+            self.text_projection = nn.Linear(config.width, config.projection_dim, bias=False)
         self.textual_inversion: EmbeddingDatabase | None = None
 
     def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """The conditioning (B, L, width) of token ids (B, L)."""
+        x = self._embed(input_ids, clip_skip)
+        if self.config.hidden_state_output:
+            return self.encoder(x, num_layers=self.config.num_layers - clip_skip)  # (B, L, W), not normed
+        return self.final_layer_norm(self.encoder(x, num_layers=self.config.num_layers - clip_skip + 1))
+
+    def encode(self, input_ids: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(conditioning (B, L, width) as `forward`, pooled embedding (B, projection_dim) or None without
+        `with_projection`): the projected final-normed last layer at each row's first end-of-text token."""
+        if not self.config.with_projection:
+            return self(input_ids, clip_skip), None
+        x = self._embed(input_ids, clip_skip)
+        kept = self.config.num_layers - clip_skip + (0 if self.config.hidden_state_output else 1)
+        context = self.encoder(x, num_layers=kept)  # (B, L, W)
+        last = context
+        for layer in self.encoder.layers[kept:]:
+            last = layer(last)
+        last = self.final_layer_norm(last)  # (B, L, W)
+        if not self.config.hidden_state_output:
+            context = self.final_layer_norm(context)
+        ends = (input_ids == self.config.eos_token_id).int().argmax(dim=1)  # (B,) first EOS (0 where none)
+        pooled = self.text_projection(last[torch.arange(len(ends), device=last.device), ends])  # (B, P)
+        return context, pooled
+
+    def _embed(self, input_ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
+        """Checked token ids (B, L) -> token + position embeddings (B, L, W), textual inversion included."""
         added = self.textual_inversion.vectors if self.textual_inversion is not None else None  # (E, W)
         self._check_inputs(input_ids, clip_skip, 0 if added is None else added.shape[0])
-        x = self.embeddings(input_ids, added)  # (B, L, W)
-        x = self.encoder(x, num_layers=self.config.num_layers - clip_skip + 1)  # (B, L, W)
-        return self.final_layer_norm(x)
+        return self.embeddings(input_ids, added)  # (B, L, W)
 
     def _check_inputs(self, input_ids: torch.Tensor, clip_skip: int, num_added: int) -> None:
         cfg = self.config
-        if not isinstance(clip_skip, int) or not 1 <= clip_skip <= cfg.num_layers:
-            raise InvalidInputError(
-                f"clip_skip must be an integer from 1 to {cfg.num_layers} (1 = last layer), got {clip_skip!r}"
-            )
+        most = cfg.num_layers - int(cfg.hidden_state_output)
+        if not isinstance(clip_skip, int) or not 1 <= clip_skip <= most:
+            first = "the penultimate layer" if cfg.hidden_state_output else "last layer"
+            raise InvalidInputError(f"clip_skip must be an integer from 1 to {most} (1 = {first}), got {clip_skip!r}")
         integer = isinstance(input_ids, torch.Tensor) and input_ids.dtype in (torch.long, torch.int)
         if not integer or input_ids.ndim != 2:
             raise InvalidInputError("input_ids must be an int64 or int32 tensor of shape (batch, length)")

@@ -23,17 +23,23 @@ class ScheduledContext:
     """One prompt's context over a sampler run (A1111 prompt editing), with its AND weight.
 
     Model evaluations are counted from 0; `contexts[i]` (L, D) holds up to and including evaluation
-    `ends[i]` (ascending). All segments have one length L.
+    `ends[i]` (ascending). All segments have one length L. SDXL: `pooled[i]` (P,) is segment i's pooled
+    text embedding.
     """
 
     ends: tuple[int, ...]
     contexts: tuple[Tensor, ...]
     weight: float = 1.0
+    pooled: tuple[Tensor, ...] | None = None
+
+    def segment(self, step: int) -> int:
+        """The segment of evaluation `step`: the first with step <= end, or past the last end the first
+        (A1111 `reconstruct_cond_batch`)."""
+        return next((i for i, end in enumerate(self.ends) if step <= end), 0)
 
     def at(self, step: int) -> Tensor:
-        """The context (L, D) of evaluation `step`: the first segment with step <= end, or past the
-        last end the first segment (A1111 `reconstruct_cond_batch`)."""
-        return next((c for end, c in zip(self.ends, self.contexts) if step <= end), self.contexts[0])
+        """The context (L, D) of evaluation `step`."""
+        return self.contexts[self.segment(step)]
 
 
 @dataclass(frozen=True)
@@ -43,10 +49,13 @@ class Conditioning:
 
     `padding` (77, D), the empty prompt's encoding, lengthens the prompt or the negative side so both
     fit one UNet batch (A1111 `pad_cond`); without it both sides must have one length.
+    SDXL: `time_ids` (K,), the size/crop numbers (and the refiner's aesthetic score) of this side, follow
+    each prompt's pooled embedding into the UNet's addition embedding (`added_at`).
     """
 
     images: tuple[tuple[ScheduledContext, ...], ...]
     padding: Tensor | None = None
+    time_ids: Tensor | None = None
 
     @classmethod
     def constant(cls, context: Tensor) -> Conditioning:
@@ -66,6 +75,16 @@ class Conditioning:
         length = max(c.shape[0] for c in contexts)
         return torch.stack([torch.cat([c, c[-1:].expand(length - len(c), -1)]) if len(c) < length else c
                             for c in contexts])
+
+    def added_at(self, step: int) -> Tensor | None:
+        """SDXL's added conditioning of evaluation `step`, image-major as `at`: (N, P + K), each prompt's pooled
+        embedding followed by `time_ids`; None without pooled embeddings (SD1/SD2)."""
+        prompts = [p for prompts in self.images for p in prompts]
+        if prompts[0].pooled is None:
+            return None
+        pooled = torch.stack([p.pooled[p.segment(step)] for p in prompts])  # (N, P)
+        time_ids = self.time_ids.to(pooled).expand(len(prompts), -1)  # (N, K)
+        return torch.cat([pooled, time_ids], dim=1)
 
 
 def pad_to_match(context: Tensor, uncond: Tensor, padding: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -90,7 +109,8 @@ def pad_to_match(context: Tensor, uncond: Tensor, padding: Tensor | None) -> tup
 
 
 class Denoiser:
-    """Wraps `unet(x_in, t, context) -> output` into `D(x, sigma) -> x0` for x = x0 + sigma * eps.
+    """Wraps `unet(x_in, t, context) -> output` into `D(x, sigma) -> x0` for x = x0 + sigma * eps; with SDXL's
+    added conditioning, `unet(x_in, t, context, added)`.
 
     Input scaling: the UNet was trained on variance-preserving x_t = x / sqrt(1 + sigma^2).
     Parameterisations (Karras et al. 2022, table 1 with sigma_data = 1 for v):
@@ -107,7 +127,7 @@ class Denoiser:
 
     def __init__(
         self,
-        unet: Callable[[Tensor, Tensor, Tensor], Tensor],
+        unet: Callable[..., Tensor],
         schedule: DiscreteSchedule,
         prediction_type: str = "epsilon",
     ):
@@ -144,6 +164,8 @@ class Denoiser:
         guidance_rescale: float = 0.0,
         extra_channels: Tensor | None = None,
         weights: Sequence[Sequence[float]] | None = None,
+        added: Tensor | None = None,
+        uncond_added: Tensor | None = None,
     ) -> Tensor:
         """x0 estimate for x (B,C,H,W) at noise level sigma (scalar or (B,)).
 
@@ -151,21 +173,23 @@ class Denoiser:
         With `weights` (image b's AND weights, per image), context (N,L,D) holds every image's prompts
         in order, N = the number of weights, and the guidance sums them (always needs `uncond_context`).
         extra_channels (B,5,H,W), for inpainting UNets, are appended to the scaled input unchanged.
+        added / uncond_added (B|N, P+K): SDXL's pooled embedding and time ids of each context row.
         """
         if guidance_scale < 0:
             raise InvalidInputError(f"guidance scale must be >= 0, not {guidance_scale}")
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
         if weights is not None and any(list(w) != [1.0] for w in weights):
             return self._composed(x, sigma, context, uncond_context, guidance_scale, guidance_rescale,
-                                  extra_channels, weights)
+                                  extra_channels, weights, added, uncond_added)
         guided = uncond_context is not None and guidance_scale != 1.0
         if guided:
             x_in, sigma_in = torch.cat([x, x]), torch.cat([sigma, sigma])
             context = torch.cat([uncond_context, context])
             extra_channels = None if extra_channels is None else torch.cat([extra_channels, extra_channels])
+            added = None if added is None else torch.cat([uncond_added, added])
         else:
             x_in, sigma_in = x, sigma
-        out = self._predict(x_in, sigma_in, context, extra_channels)  # (2B|B, C, H, W)
+        out = self._predict(x_in, sigma_in, context, extra_channels, added)  # (2B|B, C, H, W)
         if guided:  # guidance on the raw output, as diffusers applies it (x0 is affine in it)
             out_uncond, out_cond = out.chunk(2)
             out = out_uncond + guidance_scale * (out_cond - out_uncond)
@@ -177,6 +201,7 @@ class Denoiser:
     def _composed(
         self, x: Tensor, sigma: Tensor, context: Tensor, uncond_context: Tensor | None, guidance_scale: float,
         guidance_rescale: float, extra_channels: Tensor | None, weights: Sequence[Sequence[float]],
+        added: Tensor | None, uncond_added: Tensor | None,
     ) -> Tensor:
         """Guidance over several prompts per image: uncond + sum_i w_i * scale * (cond_i - uncond)."""
         if uncond_context is None:
@@ -189,7 +214,8 @@ class Denoiser:
         x_in, sigma_in = torch.cat([x, x[image]]), torch.cat([sigma, sigma[image]])  # (B+N, ...)
         if extra_channels is not None:
             extra_channels = torch.cat([extra_channels, extra_channels[image]])
-        out = self._predict(x_in, sigma_in, torch.cat([uncond_context, context]), extra_channels)
+        added = None if added is None else torch.cat([uncond_added, added])
+        out = self._predict(x_in, sigma_in, torch.cat([uncond_context, context]), extra_channels, added)
         out_uncond, out_cond = out[: x.shape[0]], out[x.shape[0] :]  # (B, C, H, W), (N, C, H, W)
         scale = torch.tensor([w * guidance_scale for ws in weights for w in ws], dtype=out.dtype, device=out.device)
         out = out_uncond.index_add(0, image, (out_cond - out_uncond[image]) * scale[:, None, None, None])
@@ -198,12 +224,16 @@ class Denoiser:
             out = _rescale(out, out_cond[first], guidance_rescale)
         return self._to_x0(x, sigma.to(x.dtype)[:, None, None, None], out)
 
-    def _predict(self, x: Tensor, sigma: Tensor, context: Tensor, extra_channels: Tensor | None) -> Tensor:
+    def _predict(
+        self, x: Tensor, sigma: Tensor, context: Tensor, extra_channels: Tensor | None, added: Tensor | None = None,
+    ) -> Tensor:
         """The UNet's raw output (eps | v | x0, as trained) for x (B,C,H,W) at sigma (B,)."""
         s = sigma.to(x.dtype)[:, None, None, None]  # (B,1,1,1)
         unet_in = x / (1 + s**2).sqrt()
         if extra_channels is not None:
             unet_in = torch.cat([unet_in, extra_channels.to(unet_in.dtype)], dim=1)  # (B, 4+5, H, W)
+        if added is not None:
+            return self.unet(unet_in, self.timestep(sigma), context, added)
         return self.unet(unet_in, self.timestep(sigma), context)
 
     def _to_x0(self, x: Tensor, s: Tensor, out: Tensor) -> Tensor:

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -15,7 +15,7 @@ from ..errors import InvalidInputError
 from . import dpmpp, k_samplers, timestep_samplers
 from .common import Callback
 from .denoiser import Conditioning, Denoiser, pad_to_match
-from .schedules import SamplingSchedule, sampling_schedule
+from .schedules import DiscreteSchedule, SamplingSchedule, sampling_schedule
 
 SamplerFn = Callable[..., Tensor]
 
@@ -107,28 +107,63 @@ def resolve(sampler: str, schedule: str | None = None) -> tuple[SamplerInfo, str
     return info, kind
 
 
+@dataclass
+class ModelSwitch:
+    """A1111's refiner: a second model (its denoiser and its own conditioning) that takes over the running sampler.
+
+    The sampler, its sigmas and its state (a multistep history, the noise generator) carry on; from the first
+    model evaluation whose noise level has `completed_ratio(sigma) >= at`, the evaluations use this denoiser and
+    conditioning (A1111 `apply_refiner`, checked before each evaluation; its default, by noise level rather
+    than by steps). `engaged` records whether the switch happened.
+    """
+
+    denoiser: Denoiser
+    context: Conditioning
+    uncond_context: Conditioning | None
+    at: float
+    engaged: bool = field(default=False, init=False)
+
+    def due(self, schedule: DiscreteSchedule, sigma: Tensor) -> bool:
+        """Whether an evaluation at `sigma` runs on the second model: A1111's completed ratio (T - 1 - t) / T of
+        the training timestep t whose sigma is nearest (the largest sigma of a batch), in float32 as A1111's."""
+        sigma = torch.as_tensor(sigma).detach().to("cpu", torch.float64).max()
+        t = torch.argmin((schedule.sigmas - sigma).abs())  # int64 index
+        T = schedule.num_train_timesteps
+        completed = (T - 1 - t).to(torch.float32) / T
+        return bool(completed >= torch.tensor(self.at, dtype=torch.float32))
+
+
 class _Conditioned:
     """The denoiser with its conditioning bound: model(x, sigma) -> x0, as samplers expect.
 
     The conditioning's step is the number of model evaluations made so far in this run (A1111's
     `CFGDenoiser.step`, advanced once per call), so a second-order sampler moves through a schedule
     twice as fast as its steps; `SamplerInfo.prompt_steps` doubles the schedule's steps to match.
+    With a `switch`, the denoiser and conditioning change to the switch's once it is due; the count goes on.
     """
 
-    def __init__(self, denoiser: Denoiser, cond: Conditioning, uncond: Conditioning | None, kwargs: dict):
+    def __init__(self, denoiser: Denoiser, cond: Conditioning, uncond: Conditioning | None, kwargs: dict,
+                 switch: ModelSwitch | None = None):
         self.denoiser, self.cond, self.uncond, self.kwargs = denoiser, cond, uncond, kwargs
         self.prediction_type = denoiser.prediction_type  # PLMS combines raw model outputs, as diffusers does
+        self.switch = switch
         self.evaluations = 0
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
-        context = self.cond.at(self.evaluations)  # (N, L, D)
-        uncond = None
+        switch = self.switch
+        if switch is not None and not switch.engaged and switch.due(self.denoiser.schedule, sigma):
+            switch.engaged = True
+            self.denoiser, self.cond, self.uncond = switch.denoiser, switch.context, switch.uncond_context
+        step = self.evaluations
+        context, added = self.cond.at(step), self.cond.added_at(step)  # (N, L, D), (N, P+K) | None
+        uncond = uncond_added = None
         if self.uncond is not None:
             padding = self.cond.padding if self.cond.padding is not None else self.uncond.padding
-            context, uncond = pad_to_match(context, self.uncond.at(self.evaluations), padding)
+            context, uncond = pad_to_match(context, self.uncond.at(step), padding)
+            uncond_added = self.uncond.added_at(step)
         self.evaluations += 1
         return self.denoiser(x, sigma, context=context, uncond_context=uncond, weights=self.cond.weights,
-                             **self.kwargs)
+                             added=added, uncond_added=uncond_added, **self.kwargs)
 
     def timestep(self, sigma: Tensor) -> Tensor:
         return self.denoiser.timestep(torch.as_tensor(sigma, dtype=torch.float64).reshape(-1))
@@ -139,8 +174,8 @@ class _Inpainting(_Conditioned):
     diffusers' inpainting pipeline does for ordinary (4-channel) models."""
 
     def __init__(self, denoiser: Denoiser, cond: Conditioning, uncond: Conditioning | None, kwargs: dict,
-                 sigmas: Tensor, keep: Tensor, mask: Tensor, noise: Tensor):
-        super().__init__(denoiser, cond, uncond, kwargs)
+                 switch: ModelSwitch | None, sigmas: Tensor, keep: Tensor, mask: Tensor, noise: Tensor):
+        super().__init__(denoiser, cond, uncond, kwargs, switch)
         self.sigmas, self.keep, self.mask, self.noise = sigmas, keep, mask, noise
 
     def step_input(self, i: int, x: Tensor) -> Tensor:
@@ -171,6 +206,7 @@ def sample(
     s_noise: float = 1.0,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    switch: ModelSwitch | None = None,
 ) -> Tensor:
     """Run a sampler from noise (txt2img) or from `init_latents` part-way (img2img, `strength` in (0, 1]).
 
@@ -184,6 +220,9 @@ def sample(
     `context` / `uncond_context`: fixed (B,L,D) tensors, or `Conditioning`s that change with the model
     evaluation (prompt editing, counted from 0 in this run, img2img included: A1111 does the same) and
     may hold several weighted prompts per image (AND).
+
+    `switch`: a second model that takes over part-way (A1111's refiner; see `ModelSwitch`). It must share the
+    first's training schedule and parameterisation.
     """
     info, kind = resolve(sampler, schedule)
     if eta is not None and eta < 0:
@@ -198,7 +237,11 @@ def sample(
     if start >= steps:
         raise InvalidInputError(f"strength {strength} with {steps} steps runs no step; raise either")
     sigmas = grid.sigmas[start:]
-    denoiser.use_timesteps_of(grid)
+    denoisers = [denoiser] if switch is None else [denoiser, switch.denoiser]
+    if switch is not None:
+        _check_switch(denoiser, switch.denoiser)
+    for d in denoisers:
+        d.use_timesteps_of(grid)
     if init_latents is not None:  # img2img: the clean latents noised to the starting sigma
         x = init_latents + noise * sigmas[0].to(noise.dtype)
     else:  # diffusers' starting scale: VP noise for VP solvers and for the leading-spaced default grid
@@ -210,14 +253,26 @@ def sample(
         uncond = Conditioning.constant(uncond)
     kwargs = dict(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, extra_channels=extra_channels)
     if keep_latents is not None and keep_mask is not None:
-        model = _Inpainting(denoiser, cond, uncond, kwargs, sigmas, keep_latents, keep_mask.to(noise.dtype), noise)
+        model = _Inpainting(denoiser, cond, uncond, kwargs, switch, sigmas, keep_latents, keep_mask.to(noise.dtype),
+                            noise)
     else:
-        model = _Conditioned(denoiser, cond, uncond, kwargs)
+        model = _Conditioned(denoiser, cond, uncond, kwargs, switch)
     try:
         x = info.function(model, x, sigmas, generator=generator, callback=callback, eta=eta, s_noise=s_noise)
     finally:
-        denoiser.use_timesteps_of(None)
+        for d in denoisers:
+            d.use_timesteps_of(None)
     x = x / (1 + sigmas[-1].to(x.dtype) ** 2).sqrt()
     if isinstance(model, _Inpainting):  # the final latent keeps the clean original outside the mask
         x = (1 - model.mask) * keep_latents + model.mask * x
     return x
+
+
+def _check_switch(first: Denoiser, second: Denoiser) -> None:
+    """A model switched to mid-run must read the sampler's sigmas and combine outputs as the first does."""
+    if second.prediction_type != first.prediction_type:
+        raise InvalidInputError(f"the refiner predicts {second.prediction_type} and the model {first.prediction_type}: "
+                                "a refiner must share the model's parameterisation")
+    if second.schedule.config != first.schedule.config:
+        raise InvalidInputError(f"the refiner was trained on another noise schedule than the model ("
+                                f"{second.schedule.config} vs {first.schedule.config}): it cannot continue its sampler")

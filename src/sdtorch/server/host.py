@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,8 +34,10 @@ class ModelHost:
     """Holds the one loaded model with the server's settings applied: limits, LoRA folder, embeddings."""
 
     def __init__(self, limits: Limits, lora_dir: Path | None, embeddings_dir: Path | None,
-                 dtype: torch.dtype | None = None, compile: bool = False):
+                 dtype: torch.dtype | None = None, compile: bool = False,
+                 refiner_lookup: Callable[[str], str | None] | None = None):
         self.limits, self.lora_dir, self.embeddings_dir, self.dtype = limits, lora_dir, embeddings_dir, dtype
+        self.refiner_lookup = refiner_lookup  # a request's refiner name -> a listed checkpoint's source
         self.compile = compile
         self.loaded: LoadedModel | None = None
 
@@ -45,7 +48,7 @@ class ModelHost:
         self.loaded = None
         gc.collect()  # free the old model's memory before the new one takes its own
         pipe = load(checkpoint.source, dtype=self.dtype).compile(self.compile)
-        pipe.limits, pipe.lora_dir = self.limits, self.lora_dir
+        pipe.limits, pipe.lora_dir, pipe.refiner_lookup = self.limits, self.lora_dir, self.refiner_lookup
         if checkpoint.sha256:
             pipe.model_hash = checkpoint.hash  # hashed when the folder was scanned: not read again
         embeddings = load_embeddings_dir(pipe, self.embeddings_dir) if self.embeddings_dir else FolderLoadReport()

@@ -50,7 +50,8 @@ class Service:
         self.config = config
         self.checkpoints = Checkpoints(config.model, config.models_dir)
         self.loras = scan_loras(config.lora_dir)
-        self.host = ModelHost(config.limits, config.lora_dir, config.embeddings_dir, config.dtype, config.compile)
+        self.host = ModelHost(config.limits, config.lora_dir, config.embeddings_dir, config.dtype, config.compile,
+                              refiner_lookup=lambda name: self.checkpoints.find(name).source)
         self.queue = TaskQueue()
         self.options: dict[str, Any] = {
             MODEL_OPTION: self.checkpoints.default.title, CLIP_SKIP_OPTION: 1, "samples_format": "png",
