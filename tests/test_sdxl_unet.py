@@ -10,7 +10,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from sdtorch.checkpoints.keymaps import UNET_PREFIX, original_to_parts, parts_to_original
-from sdtorch.configs import SDXL_REFINER_UNET, SDXL_UNET, TINY_SD1, ModelConfig, UNetConfig
+from sdtorch.configs import SDXL_REFINER_UNET, SDXL_UNET, TINY_SD1, ModelConfig, TextEncoderConfig, UNetConfig
 from sdtorch.errors import ArchitectureError, InvalidInputError
 from sdtorch.models.unet import UNet
 from sdtorch.tomlconfig import from_table
@@ -103,7 +103,9 @@ def test_split_forward_is_the_unet_and_its_shallow_part_on_the_same_features_is_
 def test_original_layout_round_trips_and_matches_diffusers_converter():
     cfg = TINY_XL
     ref = reference(cfg)
-    model = ModelConfig(unet=cfg)  # the UNet part of a model config; the other parts are absent from the dicts
+    te = TextEncoderConfig(width=16, num_layers=2, num_heads=1, mlp_width=32, projection_dim=16, hidden_state_output=True)
+    # the UNet part of a model config; the other parts are absent from the dicts
+    model = ModelConfig(family="sdxl", unet=cfg, text_encoder=te, text_encoder_2=dataclasses.replace(te, with_projection=True))
     original = parts_to_original({"unet": ref.state_dict()}, model)
     # the original (SGM) names of SDXL's UNet: 9 input and output blocks, upsamplers after the transformers
     for key in ("label_emb.0.0.weight", "label_emb.0.2.bias", "input_blocks.8.1.transformer_blocks.0.attn2.to_k.weight",

@@ -76,14 +76,25 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"kind:            {cfg.kind}")
     print(f"prediction type: {cfg.prediction_type} ({report.prediction_type_origin})")
     print(f"dtype:           {', '.join(dtypes)}")
-    print(f"unet:            {cfg.unet.in_channels}-channel input, channels {list(cfg.unet.block_channels)}, "
-          f"context {cfg.unet.context_dim}, heads {list(cfg.unet.num_heads)}")
+    unet = cfg.unet
+    depth = f", transformer depth {list(unet.level_depths)}" if not isinstance(unet.transformer_depth, int) else ""
+    print(f"unet:            {unet.in_channels}-channel input, channels {list(unet.block_channels)}, "
+          f"context {unet.context_dim}, heads {list(unet.num_heads)}{depth}")
+    if unet.has_addition:
+        print(f"added condition: pooled text {cfg.pooled_dim} + {cfg.num_time_ids} size numbers x "
+              f"{unet.addition_time_embed_dim}")
     print(f"vae:             channels {list(cfg.vae.block_channels)}, {cfg.vae.latent_channels} latent channels, "
           f"scaling factor {cfg.vae.scaling_factor}")
-    te = cfg.text_encoder
-    print(f"text encoder:    width {te.width}, {te.num_layers} layers, {te.num_heads} heads, {te.activation}")
-    for name, count in pipe.parameter_counts().items():
-        print(f"parameters:      {name:<13} {count:>13,}")
+    for i, te in enumerate(cfg.text_encoders):
+        label = "text encoder:" if i == 0 else f"text encoder {i + 1}:"
+        projection = f", projection {te.projection_dim}" if te.with_projection else ""
+        print(f"{label:<17}width {te.width}, {te.num_layers} layers, {te.num_heads} heads, {te.activation}{projection}")
+    counts = pipe.parameter_counts()
+    if cfg.is_sdxl and len(cfg.text_encoders) > 1:  # each encoder's share too
+        for i, encoder in enumerate(pipe.text_encoder.encoders):
+            counts[f"text_encoder.{i}"] = sum(p.numel() for p in encoder.parameters())
+    for name, count in counts.items():
+        print(f"parameters:      {name:<14} {count:>13,}")
     if report.ignored_keys:
         shown = ", ".join(report.ignored_keys[:5]) + (" ..." if len(report.ignored_keys) > 5 else "")
         print(f"ignored keys:    {len(report.ignored_keys)} ({shown})")

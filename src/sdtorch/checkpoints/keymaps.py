@@ -6,31 +6,50 @@ rules: `{original module path: sdtorch module path}`. A key is renamed by the lo
 found in the table; the rest of the key is kept. Two tensors change shape on the way:
 - VAE mid-block attention `q, k, v, proj_out` are 1x1 convs `[C, C, 1, 1]` in the original and
   Linear `[C, C]` in sdtorch;
-- OpenCLIP (SD2) fuses q, k, v into `attn.in_proj_weight` `[3C, C]`; sdtorch keeps them apart.
+- OpenCLIP (SD2, SDXL's bigG) fuses q, k, v into `attn.in_proj_weight` `[3C, C]`; sdtorch keeps them apart.
+And one is transposed: OpenCLIP's `text_projection` `[width, projection]` is used as `x @ text_projection`;
+sdtorch's (and transformers') `text_projection.weight` is a bias-free Linear `[projection, width]`.
+
+SDXL's text encoders are its conditioner's embedders, in the order their outputs are concatenated: the base
+has OpenAI CLIP ViT-L (`conditioner.embedders.0.transformer.text_model.`, already transformers' layout) and
+OpenCLIP ViT-bigG (`conditioner.embedders.1.model.`, OpenCLIP's layout, with its projection), the refiner
+bigG alone (`conditioner.embedders.0.model.`). sdtorch keeps them in one `SDXLTextEncoder` whose keys are
+`encoders.{i}.<transformers' name>`. Each text encoder is one "section": (original prefix, sdtorch prefix,
+rename table), so SD1, SD2 and SDXL share the same rules.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..configs import ModelConfig, UNetConfig, VAEConfig
+from ..configs import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from ..errors import ArchitectureError
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIXES = {"sd1": "cond_stage_model.transformer.text_model.", "sd2": "cond_stage_model.model."}
+# SDXL's text encoders: embedder i in transformers' layout (OpenAI CLIP) or in OpenCLIP's (bigG)
+SDXL_CLIP_PREFIX = "conditioner.embedders.{}.transformer.text_model."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.{}.model."
+V_PRED_KEY = "v_pred"  # an empty marker tensor A1111 / ComfyUI read as "this model predicts v"
 
 # Tensors a single file may carry that sdtorch does not keep: CLIP position ids, the DDPM schedule
 # buffers (sdtorch recomputes the schedule), EMA copies (names without dots), OpenCLIP's
-# contrastive head and vision tower.
+# contrastive head and vision tower (SD2's projection too: SD2 conditions on hidden states only),
+# the v-prediction markers (read by detect.py) and, in SDXL files, the contrastive scale and a
+# projection of CLIP ViT-L that SDXL never uses (ComfyUI's saves may carry one).
 _IGNORED = re.compile(
     r"(^|\.)position_ids$"
     r"|^(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_\w+|log_one_minus_\w+|posterior_\w+)$"
     r"|^model_ema\."
+    r"|^(v_pred|ztsnr)$"
     r"|^cond_stage_model\.model\.(logit_scale$|text_projection$|visual\.)"
+    r"|^conditioner\.embedders\.\d+\.model\.(logit_scale$|visual\.)"
+    r"|^conditioner\.embedders\.\d+\.transformer\.(logit_scale|text_projection\.weight)$"
 )
 _OPENCLIP_BLOCK = re.compile(r"^cond_stage_model\.model\.transformer\.resblocks\.(\d+)\.")
 
@@ -122,32 +141,75 @@ def vae_table(cfg: VAEConfig) -> dict[str, str]:
     return t
 
 
-def text_encoder_table(config: ModelConfig) -> dict[str, str]:
-    """Text encoder: SD1 is already in transformers' layout; SD2 renames OpenCLIP's modules."""
-    layers = config.text_encoder.num_layers
-    if config.family == "sd1":
-        t = {name: name for name in ("embeddings.token_embedding", "embeddings.position_embedding", "final_layer_norm")}
-        t.update({f"encoder.layers.{i}": f"encoder.layers.{i}" for i in range(layers)})
-        return t
+def clip_table(cfg: TextEncoderConfig) -> dict[str, str]:
+    """OpenAI CLIP in transformers' layout (SD1, SDXL's ViT-L): the names are already sdtorch's."""
+    t = {name: name for name in ("embeddings.token_embedding", "embeddings.position_embedding", "final_layer_norm")}
+    t.update({f"encoder.layers.{i}": f"encoder.layers.{i}" for i in range(cfg.num_layers)})
+    return t
+
+
+def openclip_table(cfg: TextEncoderConfig) -> dict[str, str]:
+    """OpenCLIP (SD2's ViT-H, SDXL's bigG): its modules renamed; q/k/v are split and the projection transposed
+    apart from the renaming. Only the kept blocks (`cfg.num_layers`) and, `with_projection`, the projection."""
     t = {
         "token_embedding": "embeddings.token_embedding",
         "positional_embedding": "embeddings.position_embedding.weight",  # a bare Parameter in OpenCLIP
         "ln_final": "final_layer_norm",
     }
-    for i in range(layers):
+    if cfg.with_projection:
+        t["text_projection"] = "text_projection.weight"  # a bare Parameter [W, P] in OpenCLIP, a Linear [P, W] here
+    for i in range(cfg.num_layers):
         _block(t, f"transformer.resblocks.{i}", f"encoder.layers.{i}", _OPENCLIP_LAYER)
     return t
 
 
-def _part_tables(config: ModelConfig) -> dict[str, tuple[str, dict[str, str]]]:
-    """{part: (original prefix, rename table)} for the config's family."""
-    if config.family not in TEXT_PREFIXES:
-        raise ArchitectureError(f"unknown model family {config.family!r}: expected one of {sorted(TEXT_PREFIXES)}")
-    return {
-        "unet": (UNET_PREFIX, unet_table(config.unet)),
-        "vae": (VAE_PREFIX, vae_table(config.vae)),
-        "text_encoder": (TEXT_PREFIXES[config.family], text_encoder_table(config)),
-    }
+def text_encoder_table(config: ModelConfig) -> dict[str, str]:
+    """The first text encoder's table: SD1 is already in transformers' layout; SD2 renames OpenCLIP's modules."""
+    return _text_sections(config)[0].table
+
+
+@dataclass(frozen=True)
+class _Section:
+    """One model part (or one of SDXL's text encoders) in both layouts."""
+
+    part: str  # "unet", "vae" or "text_encoder"
+    original: str  # key prefix in the original single file
+    ours: str  # key prefix inside sdtorch's part ("encoders.1." for SDXL's second text encoder)
+    table: dict[str, str]  # original module path (after `original`) -> sdtorch path (after `ours`)
+    openclip: bool = False  # fused q/k/v and a transposed projection
+
+
+def text_encoder_sections(config: ModelConfig) -> list[tuple[str, str, TextEncoderConfig]]:
+    """(original prefix, sdtorch prefix, config) of each text encoder, in the conditioner's order.
+
+    SDXL's encoder with a projection (bigG) is OpenCLIP in OpenCLIP's layout; the others (ViT-L) are OpenAI CLIP
+    in transformers' layout, as the original files store them.
+    """
+    if config.family in TEXT_PREFIXES:
+        return [(TEXT_PREFIXES[config.family], "", config.text_encoder)]
+    if not config.is_sdxl:
+        raise ArchitectureError(f"unknown model family {config.family!r}: expected one of "
+                                f"{', '.join([*TEXT_PREFIXES, 'sdxl', 'sdxl-refiner'])}")
+    return [((SDXL_OPENCLIP_PREFIX if cfg.with_projection else SDXL_CLIP_PREFIX).format(i), f"encoders.{i}.", cfg)
+            for i, cfg in enumerate(config.text_encoders)]
+
+
+def _text_sections(config: ModelConfig) -> list[_Section]:
+    sections = []
+    for original, ours, cfg in text_encoder_sections(config):
+        openclip = config.family == "sd2" or cfg.with_projection
+        table = openclip_table(cfg) if openclip else clip_table(cfg)
+        sections.append(_Section("text_encoder", original, ours, table, openclip))
+    return sections
+
+
+def _sections(config: ModelConfig) -> list[_Section]:
+    """Every section of the config's model: UNet, VAE, then the text encoder(s)."""
+    return [
+        _Section("unet", UNET_PREFIX, "", unet_table(config.unet)),
+        _Section("vae", VAE_PREFIX, "", vae_table(config.vae)),
+        *_text_sections(config),
+    ]
 
 
 def _rename(key: str, table: dict[str, str]) -> str | None:
@@ -207,40 +269,46 @@ def _first(keys: list[str], n: int = 10) -> str:
     return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
+def _transpose(tensor: Tensor) -> Tensor:
+    """OpenCLIP's projection [W, P] <-> a Linear's weight [P, W] (and back), contiguous like any loaded weight."""
+    return tensor.t().contiguous()
+
+
 def original_to_parts(
     sd: dict[str, Tensor], config: ModelConfig
 ) -> tuple[dict[str, dict[str, Tensor]], list[str]]:
     """Split an original single-file state dict into sdtorch-named `{"unet", "vae", "text_encoder"}` dicts.
 
     Returns the parts and the keys skipped on purpose (position ids, DDPM buffers, EMA copies,
-    OpenCLIP's projection/vision tower and last block). Any other key that fits no rule raises
-    ArchitectureError. Missing keys are left for the strict load to report.
+    OpenCLIP's vision tower and logit scale, SD2's projection and last block, v-prediction markers). Any
+    other key that fits no rule raises ArchitectureError. Missing keys are left for the strict load to report.
     """
-    tables = _part_tables(config)
-    raw: dict[str, dict[str, Tensor]] = {part: {} for part in tables}
+    sections = _sections(config)
+    raw: list[dict[str, Tensor]] = [{} for _ in sections]  # per section, keys without the original prefix
     ignored, unexpected = [], []
     for key, tensor in sd.items():
         key = canonical_key(key)
         if _is_ignored(key, config):
             ignored.append(key)
             continue
-        part = next((p for p, (prefix, _) in tables.items() if key.startswith(prefix)), None)
-        if part is None:
+        index = next((i for i, section in enumerate(sections) if key.startswith(section.original)), None)
+        if index is None:
             unexpected.append(key)
         else:
-            raw[part][key[len(tables[part][0]):]] = tensor
-    if config.family == "sd2":
-        raw["text_encoder"] = _unfuse_qkv(raw["text_encoder"])
+            raw[index][key[len(sections[index].original):]] = tensor
 
-    parts: dict[str, dict[str, Tensor]] = {}
-    for part, (prefix, table) in tables.items():
-        parts[part] = {}
-        for key, tensor in raw[part].items():
-            name = _rename(key, table)
+    parts: dict[str, dict[str, Tensor]] = {"unet": {}, "vae": {}, "text_encoder": {}}
+    for section, tensors in zip(sections, raw):
+        if section.openclip:
+            tensors = _unfuse_qkv(tensors)
+        for key, tensor in tensors.items():
+            name = _rename(key, section.table)
             if name is None:
-                unexpected.append(prefix + key)
-            else:
-                parts[part][name] = tensor
+                unexpected.append(section.original + key)
+                continue
+            if section.openclip and key == "text_projection":
+                tensor = _transpose(tensor)
+            parts[section.part][section.ours + name] = tensor
     if unexpected:
         count = len(unexpected)
         raise ArchitectureError(f"{count} tensor(s) fit no part of a {config.kind} model: {_first(unexpected)}")
@@ -254,20 +322,28 @@ def parts_to_original(parts: dict[str, dict[str, Tensor]], config: ModelConfig) 
     """The exact inverse of `original_to_parts` for the tensors sdtorch keeps (SD2: only the kept blocks)."""
     out: dict[str, Tensor] = {}
     unknown = []
-    for part, (prefix, table) in _part_tables(config).items():
-        inverse = {ours: original for original, ours in table.items()}
-        renamed = {}
-        for key, tensor in parts.get(part, {}).items():
-            name = _rename(key, inverse)
+    sections = _sections(config)
+    renamed: list[dict[str, Tensor]] = [{} for _ in sections]
+    inverses = [{ours: original for original, ours in section.table.items()} for section in sections]
+    for part, tensors in parts.items():
+        candidates = [i for i, section in enumerate(sections) if section.part == part]
+        for key, tensor in tensors.items():
+            # the section whose sdtorch prefix the key has (the longest: SD1/SD2's text encoder has none)
+            index = max((i for i in candidates if key.startswith(sections[i].ours)),
+                        key=lambda i: len(sections[i].ours), default=None)
+            name = None if index is None else _rename(key[len(sections[index].ours):], inverses[index])
             if name is None:
                 unknown.append(f"{part}: {key}")
                 continue
             if part == "vae" and _VAE_ATTENTION_WEIGHT.search(key) and tensor.ndim == 2:
                 tensor = tensor[:, :, None, None]  # Linear [C, C] -> 1x1 conv [C, C, 1, 1]
-            renamed[name] = tensor
-        if part == "text_encoder" and config.family == "sd2":
-            renamed = _fuse_qkv(renamed)
-        out.update({prefix + key: tensor for key, tensor in renamed.items()})
+            if sections[index].openclip and name == "text_projection":
+                tensor = _transpose(tensor)
+            renamed[index][name] = tensor
+    for section, tensors in zip(sections, renamed):
+        if section.openclip:
+            tensors = _fuse_qkv(tensors)
+        out.update({section.original + key: tensor for key, tensor in tensors.items()})
     if unknown:
         raise ArchitectureError(f"{len(unknown)} tensor(s) have no name in the original layout: {_first(unknown)}")
     return out

@@ -2,10 +2,16 @@
 
 Models are built on the meta device and filled with the checkpoint's tensors (`assign=True`), so a
 load holds one copy of the weights, already in the target dtype.
+
+SD1 / SD2 diffusers folders hold `unet`, `vae`, `text_encoder`, `tokenizer` and `scheduler`. SDXL base folders
+add `text_encoder_2` (OpenCLIP bigG as transformers' `CLIPTextModelWithProjection`) and `tokenizer_2` (its pad
+token is "!"); refiner folders have only the `_2` ones. The Pipeline keeps one tokenizer, the first encoder's
+(base: `tokenizer`, refiner: `tokenizer_2`): `SDXLTextEncoder` pads each encoder's ids its own way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +24,7 @@ from torch import nn
 from ..configs import PREDICTION_TYPES, ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from ..errors import ArchitectureError, CheckpointError, InvalidInputError, MissingKeysError
 from ..models.clip import CLIPTextEncoder
+from ..models.sdxl_text import SDXLTextEncoder
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
@@ -41,14 +48,19 @@ PART_WEIGHT_FILES = {
             "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
     "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
 }
+PART_WEIGHT_FILES["text_encoder_2"] = PART_WEIGHT_FILES["text_encoder"]
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # a missing one is a file, not a hub id
 HUB_FILES = [
     "model_index.json", "scheduler/scheduler_config.json", "tokenizer/*",
     "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
     "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/config.json", "text_encoder/model.safetensors",
+    "text_encoder_2/config.json", "text_encoder_2/model.safetensors", "tokenizer_2/*",  # SDXL
 ]
 MODEL_CLASSES: dict[str, type[nn.Module]] = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextEncoder}
+# The subfolders an SDXL diffusers folder holds its text encoders and tokenizers in, in the conditioner's order.
+SDXL_TEXT_FOLDERS = {"sdxl": (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")),
+                     "sdxl-refiner": (("text_encoder_2", "tokenizer_2"),)}
 
 
 def load(
@@ -217,18 +229,41 @@ def single_file_tokenizer(metadata: dict[str, str], config: ModelConfig) -> CLIP
 def _load_diffusers_folder(
     folder: Path, dtype: torch.dtype, device, prediction_type: str | None, source: str
 ) -> Pipeline:
-    missing = [p for p in ("unet", "vae", "text_encoder", "tokenizer") if not (folder / p).is_dir()]
+    missing = [p for p in ("unet", "vae") if not (folder / p).is_dir()]
+    sdxl = (folder / "text_encoder_2").is_dir()
+    if not sdxl:
+        missing += [p for p in ("text_encoder", "tokenizer") if not (folder / p).is_dir()]
     if missing:
         raise CheckpointError(
             f"{source} is a folder but not a diffusers Stable Diffusion model: no {', '.join(missing)} subfolder(s)"
         )
-    unet_file, vae_file, text_file = (folder / part / "config.json" for part in ("unet", "vae", "text_encoder"))
+    unet_file, vae_file = folder / "unet" / "config.json", folder / "vae" / "config.json"
     unet_cfg = UNetConfig.from_diffusers(_read_json(unet_file), source=str(unet_file))
     vae_cfg = VAEConfig.from_diffusers(_read_json(vae_file), source=str(vae_file))
-    tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
-    text_cfg = TextEncoderConfig.from_diffusers(
-        _read_json(text_file), pad_token_id=tokenizer.pad_token_id, source=str(text_file)
-    )
+    if unet_cfg.has_addition and not sdxl:
+        raise ArchitectureError(f"{unet_file}: an SDXL UNet (addition_embed_type text_time), but {folder} has no "
+                                "text_encoder_2 subfolder (SDXL's OpenCLIP bigG text encoder)")
+    if sdxl:
+        # a refiner has bigG alone: no text_encoder (its model_index.json names none)
+        family = "sdxl" if (folder / "text_encoder").is_dir() else "sdxl-refiner"
+        text_folders = SDXL_TEXT_FOLDERS[family]
+        absent = [name for pair in text_folders for name in pair if not (folder / name).is_dir()]
+        if absent:
+            raise CheckpointError(f"{source} is an {family} diffusers folder without its {', '.join(absent)} "
+                                  "subfolder(s)")
+    else:
+        text_folders = (("text_encoder", "tokenizer"),)
+    tokenizers = [CLIPTokenizer.from_folder(folder / tok) for _, tok in text_folders]
+    text_cfgs = []
+    for i, ((text, tok), tokenizer) in enumerate(zip(text_folders, tokenizers)):
+        text_file = folder / text / "config.json"
+        cfg = TextEncoderConfig.from_diffusers(_read_json(text_file), pad_token_id=tokenizer.pad_token_id,
+                                               source=str(text_file), hidden_state_output=sdxl)
+        if sdxl and i == len(text_folders) - 1:  # bigG's pooled embedding needs its projection, whatever config says
+            cfg = dataclasses.replace(cfg, with_projection=True)
+        text_cfgs.append(cfg)
+    if sdxl:
+        _check_same_vocabulary(folder, text_folders, tokenizers)
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_file) if scheduler_file.is_file() else {}
     origin = "user" if prediction_type else "file"
@@ -236,24 +271,43 @@ def _load_diffusers_folder(
     if prediction_type not in PREDICTION_TYPES:
         raise ArchitectureError(f"{scheduler_file}: prediction_type {reprlib.repr(prediction_type)} is not supported "
                                 f"(sdtorch runs {' and '.join(PREDICTION_TYPES)} models)")
+    if not sdxl:
+        # OpenCLIP (SD2) uses GELU, OpenAI CLIP QuickGELU
+        family = "sd2" if text_cfgs[0].activation == "gelu" else "sd1"
     config = ModelConfig(
-        family="sd2" if text_cfg.activation == "gelu" else "sd1",  # OpenCLIP (SD2) uses GELU, OpenAI CLIP QuickGELU
+        family=family,
         prediction_type=prediction_type,
         unet=unet_cfg,
         vae=vae_cfg,
-        text_encoder=text_cfg,
+        text_encoder=text_cfgs[0],
+        text_encoder_2=text_cfgs[1] if len(text_cfgs) > 1 else None,
         schedule=ScheduleConfig.from_diffusers(scheduler, source=str(scheduler_file)),
     )
     parts, ignored = {}, []
-    for part in MODEL_CLASSES:
-        tensors = _read_part(folder / part, part, dtype, device)
-        if part == "text_encoder":
-            tensors, skipped = _normalise_text_encoder_keys(tensors)
-            ignored += [f"text_encoder/{k}" for k in skipped]
-        parts[part] = tensors
+    for part in ("unet", "vae"):
+        parts[part] = _read_part(folder / part, part, dtype, device)
+    parts["text_encoder"] = {}
+    for i, ((text, _), cfg) in enumerate(zip(text_folders, text_cfgs)):
+        tensors, skipped = _normalise_text_encoder_keys(_read_part(folder / text, text, dtype, device),
+                                                        keep_projection=cfg.with_projection)
+        prefix = f"encoders.{i}." if sdxl else ""
+        parts["text_encoder"].update({prefix + k: v for k, v in tensors.items()})
+        ignored += [f"{text}/{k}" for k in skipped]
+    tokenizer = tokenizers[0]
     report = LoadReport(source, "diffusers", origin, ignored)
     pipe = _assemble(parts, config, tokenizer, dtype, device, report)
     return _with_cfg_scale(pipe, _model_index(folder).get(CFG_SCALE_INDEX_KEY), f"{folder / 'model_index.json'}")
+
+
+def _check_same_vocabulary(folder: Path, text_folders, tokenizers: list[CLIPTokenizer]) -> None:
+    """SDXL's encoders read the ids of the first tokenizer: the others must agree with it on every id but padding."""
+    first = tokenizers[0]
+    for (_, name), other in zip(text_folders[1:], tokenizers[1:]):
+        same = (other.vocab_size, other.bos_token_id, other.eos_token_id, other.max_length) == \
+            (first.vocab_size, first.bos_token_id, first.eos_token_id, first.max_length)
+        if not same:
+            raise CheckpointError(f"{folder / name}: its vocabulary or special tokens differ from "
+                                  f"{folder / text_folders[0][1]}'s; sdtorch tokenizes once for both SDXL encoders")
 
 
 def _model_index(folder: Path) -> dict:
@@ -305,12 +359,15 @@ def _read_part(folder: Path, part: str, dtype: torch.dtype, device) -> dict[str,
     raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(PART_WEIGHT_FILES[part])})")
 
 
-def _normalise_text_encoder_keys(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Accept files written by transformers 4 (`text_model.` prefix) and 5 (none); drop unused entries."""
+def _normalise_text_encoder_keys(
+    tensors: dict[str, torch.Tensor], keep_projection: bool = False
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Accept files written by transformers 4 (`text_model.` prefix) and 5 (none; `CLIPTextModelWithProjection`
+    keeps it); drop unused entries: position ids, and `text_projection` unless the encoder uses it (SDXL's bigG)."""
     kept, skipped = {}, []
     for key, value in tensors.items():
         name = key.removeprefix("text_model.")
-        if name.endswith("position_ids") or name.startswith("text_projection"):
+        if name.endswith("position_ids") or (name.startswith("text_projection") and not keep_projection):
             skipped.append(key)
         else:
             kept[name] = value
@@ -322,9 +379,12 @@ def _assemble(
     dtype: torch.dtype, device, report: LoadReport,
 ) -> Pipeline:
     part_configs = {"unet": config.unet, "vae": config.vae, "text_encoder": config.text_encoder}
+    classes = dict(MODEL_CLASSES)
+    if config.is_sdxl:  # its encoders side by side, state dict keys `encoders.{i}.*`
+        classes["text_encoder"], part_configs["text_encoder"] = SDXLTextEncoder, config.text_encoders
     models = {
         name: build_model(cls, part_configs[name], parts[name], name, dtype, device)
-        for name, cls in MODEL_CLASSES.items()
+        for name, cls in classes.items()
     }
     return Pipeline(tokenizer, models["text_encoder"], models["unet"], models["vae"], config, report)
 

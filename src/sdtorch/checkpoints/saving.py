@@ -4,6 +4,10 @@ Every write is atomic: a folder is written beside its destination and renamed in
 written to a temp file and renamed. A failure (full disk, bad path) leaves the destination as it was.
 An existing destination is replaced only when asked (overwrite=True), and only if it is a model of the
 same kind: a user's other files are never deleted to make room.
+
+SDXL folders are written as diffusers' `StableDiffusionXLPipeline` (refiner: `StableDiffusionXLImg2ImgPipeline`,
+inpainting: `StableDiffusionXLInpaintPipeline`) loads them: `text_encoder` (CLIPTextModel) and `text_encoder_2`
+(CLIPTextModelWithProjection), `tokenizer` and `tokenizer_2` (padding with "!"), an Euler scheduler.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from ..configs import ModelConfig
 from ..errors import CheckpointError, InvalidInputError
+from ..models.tokenizer import CLIPTokenizer
 from ..pipeline import DEFAULT_CFG_SCALE, Pipeline
 from .io import atomic_write, detect_format, write_json, write_safetensors
 from .keymaps import parts_to_original
@@ -26,8 +32,10 @@ FORMATS = ("diffusers", "single_file")
 # a folder holding anything else is not one and is never replaced.
 DIFFUSERS_ENTRIES = frozenset({
     "model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "feature_extractor",
-    "safety_checker", "README.md", "LICENSE", "LICENSE.md", ".gitattributes", ".gitignore",
+    "safety_checker", "text_encoder_2", "tokenizer_2", "image_encoder", "README.md", "LICENSE", "LICENSE.md",
+    ".gitattributes", ".gitignore",
 })
+DIFFUSERS_VERSION = "0.30.0"  # the version model_index.json names: one whose layout these folders follow
 
 
 def save(pipe: Pipeline, path: str | os.PathLike, format: str = "diffusers", overwrite: bool = False) -> Path:
@@ -152,7 +160,7 @@ def _replace_folder(new: Path, dst: Path) -> None:
 
 def _write_diffusers_tree(pipe: Pipeline, root: Path) -> None:
     config = pipe.config
-    index = _model_index()
+    index = _sdxl_model_index(config) if config.is_sdxl else _model_index()
     if pipe.default_cfg_scale != DEFAULT_CFG_SCALE:
         index[CFG_SCALE_INDEX_KEY] = pipe.default_cfg_scale
     write_json(index, root / "model_index.json")
@@ -160,18 +168,43 @@ def _write_diffusers_tree(pipe: Pipeline, root: Path) -> None:
     write_safetensors(pipe.unet.state_dict(), root / "unet" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
     write_json(config.vae.to_diffusers(), root / "vae" / "config.json")
     write_safetensors(pipe.vae.state_dict(), root / "vae" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    write_json(config.text_encoder.to_diffusers(), root / "text_encoder" / "config.json")
-    # the `text_model.` prefix, as hub files carry it, loads in transformers 4 and 5 alike
-    text_state = {f"text_model.{k}": v for k, v in pipe.text_encoder.state_dict().items()}
-    write_safetensors(text_state, root / "text_encoder" / "model.safetensors", {"format": "pt"})
-    pipe.tokenizer.save(root / "tokenizer")
-    write_json(_scheduler_config(pipe), root / "scheduler" / "scheduler_config.json")
+    if config.is_sdxl:
+        encoders = list(pipe.text_encoder.encoders)
+        names = ("text_encoder_2",) if len(encoders) == 1 else ("text_encoder", "text_encoder_2")
+        for i, (name, encoder) in enumerate(zip(names, encoders)):
+            _write_text_encoder(encoder, root / name)
+            tokenizer = pipe.tokenizer if i == 0 else _padding_with(pipe.tokenizer, encoder.config.pad_token_id)
+            tokenizer.save(root / name.replace("text_encoder", "tokenizer"))
+        scheduler = _sdxl_scheduler_config(pipe)
+    else:
+        _write_text_encoder(pipe.text_encoder, root / "text_encoder")
+        pipe.tokenizer.save(root / "tokenizer")
+        scheduler = _scheduler_config(pipe)
+    write_json(scheduler, root / "scheduler" / "scheduler_config.json")
+
+
+def _write_text_encoder(encoder, folder: Path) -> None:
+    """A transformers CLIPTextModel (or, with a projection, CLIPTextModelWithProjection) folder."""
+    write_json(encoder.config.to_diffusers(), folder / "config.json")
+    # the `text_model.` prefix, as hub files carry it, loads in transformers 4 and 5 alike; the projection sits
+    # beside the text model, as in CLIPTextModelWithProjection
+    state = {k if k.startswith("text_projection.") else f"text_model.{k}": v for k, v in encoder.state_dict().items()}
+    write_safetensors(state, folder / "model.safetensors", {"format": "pt"})
+
+
+def _padding_with(tokenizer: CLIPTokenizer, pad_token_id: int) -> CLIPTokenizer:
+    """`tokenizer` padding with the token of id `pad_token_id` (SDXL's tokenizer_2: "!", id 0)."""
+    data = tokenizer.to_dict()
+    token = next((t for t, i in data["vocab"].items() if i == pad_token_id), None)
+    if token is None:
+        raise InvalidInputError(f"the text encoder pads with id {pad_token_id}, which the tokenizer's vocabulary lacks")
+    return CLIPTokenizer.from_dict({**data, "pad_token": token})
 
 
 def _model_index() -> dict:
     return {
         "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.30.0",
+        "_diffusers_version": DIFFUSERS_VERSION,
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
@@ -181,6 +214,34 @@ def _model_index() -> dict:
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
+
+
+def _sdxl_model_index(config: ModelConfig) -> dict:
+    """SDXL base: StableDiffusionXLPipeline (Inpaint for a 9-channel UNet); the refiner, bigG alone and 5 time ids
+    with the aesthetic score: StableDiffusionXLImg2ImgPipeline."""
+    refiner = config.family == "sdxl-refiner"
+    if refiner:
+        name = "StableDiffusionXLImg2ImgPipeline"
+    else:
+        name = "StableDiffusionXLInpaintPipeline" if config.is_inpainting else "StableDiffusionXLPipeline"
+    clip = ["transformers", "CLIPTextModel"]
+    index = {
+        "_class_name": name,
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "feature_extractor": [None, None],
+        "force_zeros_for_empty_prompt": True,  # as sdtorch's generation does: an empty negative prompt is zeros
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": [None, None] if refiner else clip,
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": [None, None] if refiner else ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if config.num_time_ids == 5 or name != "StableDiffusionXLPipeline":  # the img2img / inpaint pipelines take it
+        index["requires_aesthetics_score"] = config.num_time_ids == 5
+    return index
 
 
 def _scheduler_config(pipe: Pipeline) -> dict:
@@ -194,6 +255,28 @@ def _scheduler_config(pipe: Pipeline) -> dict:
         "num_train_timesteps": schedule.num_train_timesteps,
         "prediction_type": pipe.config.prediction_type,
         "clip_sample": False,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        "trained_betas": None,
+    }
+
+
+def _sdxl_scheduler_config(pipe: Pipeline) -> dict:
+    """SDXL's shipped scheduler config (Euler, leading spacing), with this model's schedule and prediction type."""
+    schedule = pipe.config.schedule
+    return {
+        "_class_name": "EulerDiscreteScheduler",
+        "beta_start": schedule.beta_start,
+        "beta_end": schedule.beta_end,
+        "beta_schedule": schedule.beta_schedule,
+        "num_train_timesteps": schedule.num_train_timesteps,
+        "prediction_type": pipe.config.prediction_type,
+        "interpolation_type": "linear",
+        "use_karras_sigmas": False,
+        "clip_sample": False,
+        "sample_max_value": 1.0,
         "set_alpha_to_one": False,
         "skip_prk_steps": True,
         "steps_offset": 1,
