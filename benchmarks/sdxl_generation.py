@@ -1,12 +1,13 @@
 """One whole SDXL image beside diffusers: full-size SDXL base, random weights, a fresh process each.
 
-    .venv/bin/python benchmarks/sdxl_generation.py [--size 1024] [--steps 20] [--dtype float32 | bfloat16]
+    .venv/bin/python benchmarks/sdxl_generation.py [--size 1024] [--steps 20] [--dtype float32 | bfloat16 | float16]
+                                                   [--device cpu | cuda]
 
 SDXL base is built with diffusers' and transformers' own random initialisation (seeded) and saved once as a
 diffusers folder in float16 (6.9 GB, in --workdir). Then, for diffusers and for sdtorch in turn, a fresh process
 loads that folder in --dtype and draws one --size image (DPM++ 2M Karras, CFG 7, one seeded generator, so both
 should draw the same picture): it reports the load time, the generation time (text encoding, sampling and VAE
-decode) and its peak resident memory (VmHWM). The parent prints a table with sdtorch/diffusers ratios and the
+decode) and its peak resident memory (VmHWM; on a GPU also the peak of allocated GPU memory). The parent prints a table with sdtorch/diffusers ratios and the
 PSNR of sdtorch's picture against diffusers'.
 """
 
@@ -35,11 +36,12 @@ def peak():  # bytes: VmHWM, the process's peak resident set
 
 impl, folder, dtype, size, steps, out = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3]), *map(int, sys.argv[4:6]), sys.argv[6]
 prompt, negative = json.loads(sys.argv[7])
+device = torch.device(sys.argv[8])
 start = time.perf_counter()
 with torch.inference_mode():
     if impl == "diffusers":
         import diffusers
-        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=dtype)
+        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
         config = {**pipe.scheduler.config, "use_karras_sigmas": True, "algorithm_type": "dpmsolver++",
                   "final_sigmas_type": "zero"}
         pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(config)
@@ -49,13 +51,14 @@ with torch.inference_mode():
                      guidance_scale=7.0, generator=torch.Generator().manual_seed(0)).images[0]
     else:
         import sdtorch
-        pipe = sdtorch.load(folder, dtype=dtype)
+        pipe = sdtorch.load(folder, dtype=dtype, device=device)
         loaded = time.perf_counter()
         image = pipe(prompt, negative, height=size, width=size, steps=steps, sampler="DPM++ 2M", schedule="Karras",
                      cfg_scale=7.0, generator=torch.Generator().manual_seed(0))[0]
 done = time.perf_counter()
 image.save(out)
-print(json.dumps({"load_s": loaded - start, "generate_s": done - loaded, "peak_bytes": peak()}))
+gpu = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+print(json.dumps({"load_s": loaded - start, "generate_s": done - loaded, "peak_bytes": peak(), "gpu_peak_bytes": gpu}))
 """
 
 
@@ -100,7 +103,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", default="/tmp/sdtorch-sdxl")
     parser.add_argument("--only", choices=["diffusers", "sdtorch"], help="run one implementation")
     args = parser.parse_args()
@@ -111,20 +115,21 @@ def main() -> None:
     folder = workdir / "sdxl-random"
     if not (folder / "model_index.json").is_file():
         write_folder(folder)
-    print(f"SDXL base, {args.size}x{args.size}, {args.steps} DPM++ 2M Karras steps, {args.dtype}, "
+    print(f"SDXL base, {args.size}x{args.size}, {args.steps} DPM++ 2M Karras steps, {args.dtype}, {args.device}, "
           f"{torch.get_num_threads()} threads", flush=True)
     results = {}
     for impl in [args.only] if args.only else ["diffusers", "sdtorch"]:
         image = workdir / f"{impl}-{args.size}-{args.steps}-{args.dtype}.png"
         out = subprocess.run([sys.executable, "-c", CHILD, impl, str(folder), args.dtype, str(args.size),
-                              str(args.steps), str(image), json.dumps([PROMPT, NEGATIVE])],
+                              str(args.steps), str(image), json.dumps([PROMPT, NEGATIVE]), args.device],
                              capture_output=True, text=True, check=False)
         if out.returncode:
             sys.exit(f"the {impl} run failed:\n{out.stderr[-3000:]}")
         results[impl] = {**json.loads(out.stdout.splitlines()[-1]), "image": image}
         r = results[impl]
         print(f"  {impl:<10} load {r['load_s']:7.1f} s   generate {r['generate_s']:7.1f} s   "
-              f"peak RSS {r['peak_bytes'] / 2**30:6.2f} GiB", flush=True)
+              f"peak RSS {r['peak_bytes'] / 2**30:6.2f} GiB"
+              + (f"   peak GPU memory {r['gpu_peak_bytes'] / 2**30:6.2f} GiB" if r["gpu_peak_bytes"] else ""), flush=True)
     if len(results) == 2:
         ours, theirs = results["sdtorch"], results["diffusers"]
         print(f"  sdtorch / diffusers: generation {theirs['generate_s'] / ours['generate_s']:.2f}x faster, "

@@ -45,6 +45,24 @@ def test_the_models_default_cfg_travels_with_it(built_in, tmp_path, format):
     assert again.default_cfg_scale == 7.5
 
 
+def test_a_folder_whose_scheduler_says_trailing_defaults_to_sgm_uniform(built_in, tmp_path):
+    """Few-step distilled models (SDXL Turbo, Lightning) ship a scheduler with trailing timesteps: a request
+    without a scheduler uses them (A1111's "SGM Uniform"); one that names a scheduler gets it; saving keeps it."""
+    folder = sdtorch.save(built_in, tmp_path / "turbo", format="diffusers")
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(config_file.read_text().replace('"leading"', '"trailing"'))
+    turbo = sdtorch.load(folder)
+    assert turbo.default_schedule == "SGM Uniform" and built_in.default_schedule is None
+    settings = dict(steps=2, seed=3, sampler_name="Euler")
+    (default,), (sgm,), (karras,) = (turbo("a red circle", **settings, **extra)
+                                     for extra in ({}, {"scheduler": "SGM Uniform"}, {"scheduler": "Karras"}))
+    assert np.array_equal(np.asarray(default), np.asarray(sgm))
+    assert not np.array_equal(np.asarray(default), np.asarray(karras))
+    assert "Schedule type: SGM Uniform" in default.info["parameters"]
+    again = sdtorch.load(sdtorch.save(turbo, tmp_path / "again", format="diffusers"))
+    assert again.default_schedule == "SGM Uniform"
+
+
 def test_broken_tokenizer_metadata_is_a_clear_error(built_in, tmp_path):
     path = sdtorch.save(built_in, tmp_path / "shapes.safetensors", format="single_file")
     tensors, metadata = read_safetensors(path)

@@ -100,6 +100,7 @@ class Model(Protocol):
     vae_scale_factor: int
     default_size: int
     default_cfg_scale: float
+    default_schedule: str | None  # for a request without a scheduler (None: the sampler's default)
     model_hash: str | None
     model_name: str | None
     lora_dir: Path | None  # where <lora:name> tags find their files
@@ -418,7 +419,7 @@ def plan(
     the refiner (`refiner`, else the one the request names)."""
     prompts = request.prompts()
     negatives = request.negative_prompt if isinstance(request.negative_prompt, list) else [request.negative_prompt] * len(prompts)
-    info, kind = resolve(request.sampler_name, request.scheduler)
+    info, kind = resolve(request.sampler_name, request.scheduler or model.default_schedule)
     _check_clip_skip(model, request.clip_skip, "this model")
     if model.config.is_inpainting and request.mask is None:
         raise InvalidInputError("this is an inpainting model (9-channel UNet): pass an init image and a mask")

@@ -65,6 +65,9 @@ class Pipeline:
         self.config = config
         self.report = report
         self.default_cfg_scale = DEFAULT_CFG_SCALE  # the guidance scale a request without one gets
+        # the schedule a request without one gets: None, the sampler's own; "SGM Uniform" (trailing timesteps) for
+        # models distilled for few steps (SDXL Turbo / Lightning), whose diffusers scheduler says "trailing"
+        self.default_schedule: str | None = None
         self.limits = Limits()  # upper bounds every request is checked against before any work
         self.lora_adapters = LoraAdapters()  # the LoRAs applied to the UNet and text encoder (adapters/lora.py)
         self.lora_dir: Path | None = None  # where a prompt's <lora:name:weight> tags find their files

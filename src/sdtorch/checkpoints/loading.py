@@ -37,6 +37,7 @@ CONFIG_METADATA_KEY = "sdtorch_config"
 TOKENIZER_METADATA_KEY = "sdtorch_tokenizer"  # a vocabulary other than CLIP's travels in the file (JSON)
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapes"  # trained by configs/shapes.toml
 CFG_SCALE_KEY = "sdtorch_cfg_scale"  # the model's own default CFG (the shapes model's: 4), in the file's metadata
+TRAILING_SCHEDULE = "SGM Uniform"  # A1111's name for trailing timesteps: the default of a "trailing" diffusers model
 CFG_SCALE_INDEX_KEY = "_sdtorch_cfg_scale"  # the same in a diffusers folder's model_index.json (diffusers skips "_")
 SD2_EPSILON_GLOBAL_STEP = "875000"  # the 512px SD2 base checkpoint; other SD2 files predict v (diffusers' rule)
 
@@ -296,6 +297,8 @@ def _load_diffusers_folder(
     tokenizer = tokenizers[0]
     report = LoadReport(source, "diffusers", origin, ignored)
     pipe = _assemble(parts, config, tokenizer, dtype, device, report)
+    if scheduler.get("timestep_spacing") == "trailing":  # distilled few-step models (SDXL Turbo, Lightning)
+        pipe.default_schedule = TRAILING_SCHEDULE
     return _with_cfg_scale(pipe, _model_index(folder).get(CFG_SCALE_INDEX_KEY), f"{folder / 'model_index.json'}")
 
 

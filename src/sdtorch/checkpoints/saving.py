@@ -25,7 +25,10 @@ from ..models.tokenizer import CLIPTokenizer
 from ..pipeline import DEFAULT_CFG_SCALE, Pipeline
 from .io import atomic_write, detect_format, write_json, write_safetensors
 from .keymaps import parts_to_original
-from .loading import CFG_SCALE_INDEX_KEY, CFG_SCALE_KEY, CONFIG_METADATA_KEY, TOKENIZER_METADATA_KEY, single_file_tokenizer
+from .loading import (
+    CFG_SCALE_INDEX_KEY, CFG_SCALE_KEY, CONFIG_METADATA_KEY, TOKENIZER_METADATA_KEY, TRAILING_SCHEDULE,
+    single_file_tokenizer,
+)
 
 FORMATS = ("diffusers", "single_file")
 # What a diffusers Stable Diffusion folder holds (hub repositories add the README, licence and git files);
@@ -258,7 +261,7 @@ def _scheduler_config(pipe: Pipeline) -> dict:
         "set_alpha_to_one": False,
         "skip_prk_steps": True,
         "steps_offset": 1,
-        "timestep_spacing": "leading",
+        "timestep_spacing": "trailing" if pipe.default_schedule == TRAILING_SCHEDULE else "leading",
         "trained_betas": None,
     }
 
@@ -280,6 +283,6 @@ def _sdxl_scheduler_config(pipe: Pipeline) -> dict:
         "set_alpha_to_one": False,
         "skip_prk_steps": True,
         "steps_offset": 1,
-        "timestep_spacing": "leading",
+        "timestep_spacing": "trailing" if pipe.default_schedule == TRAILING_SCHEDULE else "leading",
         "trained_betas": None,
     }

@@ -72,6 +72,7 @@ SCHEDULE_NAMES = {  # A1111 label / ComfyUI name -> sdtorch schedule kind
     "automatic": "automatic", "auto": "automatic", "normal": "automatic",
     "karras": "karras", "exponential": "exponential",
     "uniform": "uniform", "sgm uniform": "trailing", "sgm_uniform": "trailing", "simple": "trailing",
+    "trailing": "trailing",  # every kind is also a name: a resolved kind resolves to itself
 }
 
 
