@@ -169,6 +169,13 @@ def _folder(flag: str, value: str | None) -> Path | None:
     return None if value is None else Path(value)
 
 
+def _vae(value: str | None) -> Path | None:
+    """--vae's value (None when not given); InvalidInputError when there is no such file or folder."""
+    if value is not None and not Path(value).expanduser().exists():
+        raise InvalidInputError(f"--vae {value}: no such file or folder")
+    return None if value is None else Path(value).expanduser()
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     request = _request(args)
     limits = Limits.from_strings(args.limit)
@@ -178,8 +185,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .outputs import plan_outputs, write_images
 
     lora_dir, embeddings_dir = _folder("--lora-dir", args.lora_dir), _folder("--embeddings-dir", args.embeddings_dir)
+    vae = _vae(args.vae)
     outputs = plan_outputs(args.out, len(request.prompts()) * request.batch_size, overwrite=args.overwrite)
     pipe = load(args.model, dtype=args.dtype, prediction_type=args.prediction_type).compile(args.compile)
+    if vae is not None:
+        pipe.load_vae(vae)
     pipe.limits = limits
     pipe.lora_dir = lora_dir
     if embeddings_dir:
@@ -208,7 +218,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not 0 < args.port < 65536:
         raise InvalidInputError(f"--port {args.port} is not a port number (1-65535)")
     folders = dict(models_dir=_folder("--models-dir", args.models_dir), lora_dir=_folder("--lora-dir", args.lora_dir),
-                   embeddings_dir=_folder("--embeddings-dir", args.embeddings_dir))
+                   embeddings_dir=_folder("--embeddings-dir", args.embeddings_dir), vae=_vae(args.vae))
 
     import uvicorn
 
@@ -325,6 +335,10 @@ def _add_limit_flag(parser: argparse.ArgumentParser) -> None:
                         help=f"raise or lower a limit ({', '.join(f'{f.name}={f.default}' for f in dataclasses.fields(Limits))})")
 
 
+VAE_HELP = ("a VAE used instead of the model's own (A1111's SD VAE): an original-layout .safetensors / .ckpt "
+            "or a diffusers AutoencoderKL folder or file, e.g. sdxl-vae-fp16-fix")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole command line. `command`: the subcommand being run; `finetune`'s flags (made from its config
     classes, which import torch) are built only for it, so that other commands start fast."""
@@ -354,6 +368,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     gen.add_argument("--dtype", type=_dtype, default=None, help="float32 (default), float16 or bfloat16")
     _add_compile_flag(gen)
     gen.add_argument("--lora-dir", help="folder of LoRA files that <lora:name:weight> in a prompt picks by name")
+    gen.add_argument("--vae", help=VAE_HELP)
     gen.add_argument("--embeddings-dir", help="folder of textual-inversion embeddings, used by writing their name")
     gen.add_argument("--from", dest="from_image", help="re-create an image from the parameters it carries; "
                      "flags given override them")
@@ -392,6 +407,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        "that clients select by title")
     serve.add_argument("--lora-dir", help="folder of LoRA files that <lora:name:weight> in a prompt picks by name")
     serve.add_argument("--embeddings-dir", help="folder of textual-inversion embeddings, used by writing their name")
+    serve.add_argument("--vae", help=VAE_HELP + ", for every model loaded")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                        "only; 0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=7860)

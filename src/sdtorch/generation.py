@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,9 @@ from .sampling.denoiser import Conditioning, Denoiser
 from .sampling.samplers import ModelSwitch, resolve, sample
 from .sampling.schedules import DiscreteSchedule
 from .step_cache import StepCache
+
+if TYPE_CHECKING:
+    from .checkpoints.vae_files import LoadedVae
 
 @dataclass
 class Job:
@@ -104,6 +107,7 @@ class Model(Protocol):
     model_hash: str | None
     model_name: str | None
     lora_dir: Path | None  # where <lora:name> tags find their files
+    loaded_vae: LoadedVae | None  # a VAE file used instead of the checkpoint's own (its infotext keys)
 
     def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str: ...
 
@@ -384,9 +388,12 @@ def resolved_request(job: Job, index: int | None = None) -> GenerationRequest:
 def _with_infotext(
     pipe: Model, job: Job, images: list[Image.Image], hashes: dict[str, dict[str, str]], refined: bool = False,
 ) -> list[Image.Image]:
-    """Attach A1111's "parameters" text (with `hashes`: {"Lora hashes" / "TI hashes": {name: hash}}) and the seed
-    to each image. The refiner is named, as A1111 names it ("name [hash]"), when it ran."""
-    extra = {key: ", ".join(f"{n}: {h}" for n, h in named.items()) for key, named in hashes.items() if named} or None
+    """Attach A1111's "parameters" text (with `hashes`: {"Lora hashes" / "TI hashes": {name: hash}}, and "VAE hash"
+    and "VAE" when a VAE file decoded) and the seed to each image. The refiner is named, as A1111 names it
+    ("name [hash]"), when it ran."""
+    extra = {key: ", ".join(f"{n}: {h}" for n, h in named.items()) for key, named in hashes.items() if named}
+    vae = (job.refiner if refined else pipe).loaded_vae  # that of the model whose VAE decoded
+    extra = {**extra, **(vae.infotext if vae is not None else {})} or None
     refiner = _title(job.refiner, job.source.refiner_checkpoint) if refined else None
     for i, img in enumerate(images):
         request = resolved_request(job, i).replace(refiner_checkpoint=refiner)

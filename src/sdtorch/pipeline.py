@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ from .models.unet import UNet
 from .models.vae import AutoencoderKL
 from .request import GenerationRequest, Limits
 from .sampling.common import Callback
+
+if TYPE_CHECKING:
+    from .checkpoints.vae_files import LoadedVae
 
 
 DEFAULT_CFG_SCALE = 7.5  # A1111's and diffusers' habit, for the checkpoints users bring
@@ -76,6 +79,7 @@ class Pipeline:
         # where a request's refiner_checkpoint is looked up (the server: its listed checkpoints only, so a client
         # never makes it open an arbitrary path); None: the name is a local path
         self.refiner_lookup: Callable[[str], str | None] | None = None
+        self.loaded_vae: LoadedVae | None = None  # the VAE file load_vae put in place of the checkpoint's own
 
     @property
     def modules(self) -> dict[str, nn.Module]:
@@ -173,6 +177,21 @@ class Pipeline:
         refiner = load(source, dtype=self.dtype, device=self.device)
         self._refiner = (name, refiner)
         return refiner
+
+    def load_vae(self, path: str | os.PathLike | None) -> Pipeline:
+        """Decode (and encode) with a separately given VAE, as A1111's "SD VAE" setting does; None: the checkpoint's
+        own VAE again, exactly. Returns self.
+
+        `path`: an original-layout file (`vae-ft-mse-840000-ema-pruned.safetensors` / `.ckpt`, `sdxl_vae.safetensors`;
+        `first_stage_model.` prefix or not) or a diffusers AutoencoderKL (`sdxl-vae-fp16-fix`: its folder or its
+        `diffusion_pytorch_model.safetensors`). It must have this model's VAE architecture (else an error naming the
+        file and the tensor, and nothing changes); the model keeps its scaling factor, dtype and device. Images then
+        carry "VAE hash" and "VAE" in their infotext (A1111's keys: the file's sha256 cut to 10 digits, its name).
+        """
+        from .checkpoints.vae_files import swap_vae
+
+        self.loaded_vae = swap_vae(self.vae, self.config, path, self.loaded_vae)
+        return self
 
     def compile(self, enabled: bool = True) -> Pipeline:
         """Run the UNet through torch.compile (inductor, weights frozen) when generating; returns self.

@@ -31,14 +31,15 @@ class LoadedModel:
 
 
 class ModelHost:
-    """Holds the one loaded model with the server's settings applied: limits, LoRA folder, embeddings."""
+    """Holds the one loaded model with the server's settings applied: limits, LoRA folder, embeddings, VAE."""
 
     def __init__(self, limits: Limits, lora_dir: Path | None, embeddings_dir: Path | None,
                  dtype: torch.dtype | None = None, compile: bool = False,
-                 refiner_lookup: Callable[[str], str | None] | None = None):
+                 refiner_lookup: Callable[[str], str | None] | None = None, vae: Path | None = None):
         self.limits, self.lora_dir, self.embeddings_dir, self.dtype = limits, lora_dir, embeddings_dir, dtype
         self.refiner_lookup = refiner_lookup  # a request's refiner name -> a listed checkpoint's source
         self.compile = compile
+        self.vae = vae  # a VAE file or folder given to each model in place of its own (Pipeline.load_vae)
         self.loaded: LoadedModel | None = None
 
     def get(self, checkpoint: Checkpoint) -> LoadedModel:
@@ -48,6 +49,8 @@ class ModelHost:
         self.loaded = None
         gc.collect()  # free the old model's memory before the new one takes its own
         pipe = load(checkpoint.source, dtype=self.dtype).compile(self.compile)
+        if self.vae is not None:
+            pipe.load_vae(self.vae)
         pipe.limits, pipe.lora_dir, pipe.refiner_lookup = self.limits, self.lora_dir, self.refiner_lookup
         if checkpoint.sha256:
             pipe.model_hash = checkpoint.hash  # hashed when the folder was scanned: not read again

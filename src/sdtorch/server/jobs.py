@@ -68,7 +68,9 @@ def _info(job: GenerationJob, model: LoadedModel, results: list[GenerationResult
         "scheduler": request.scheduler, "cfg_scale": request.cfg_scale, "steps": request.steps,
         "batch_size": request.batch_size, "n_iter": len(job.requests), "restore_faces": False,
         "face_restoration_model": None, "sd_model_name": model.pipe.model_name, "sd_model_hash": model.pipe.model_hash,
-        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "sd_vae_name": read[0].extra.get("VAE") if read else None,  # the VAE file that decoded, if one did
+        "sd_vae_hash": read[0].extra.get("VAE hash") if read else None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": strength, "extra_generation_params": {"Schedule type": request.scheduler},
         "index_of_first_image": 0, "infotexts": texts, "styles": [], "job_timestamp": progress.job_timestamp,
         "clip_skip": request.clip_skip,

@@ -36,6 +36,7 @@ class ServerConfig:
     models_dir: Path | None = None  # more models to offer, by title
     lora_dir: Path | None = None  # what <lora:name:weight> in a prompt finds
     embeddings_dir: Path | None = None  # textual inversions loaded with each model
+    vae: Path | None = None  # --vae: a VAE file or folder used instead of each model's own
     outdir: Path = Path("outputs")  # where save_images writes (txt2img-images/, img2img-images/)
     api_auth: tuple[tuple[str, str], ...] = ()  # (user, password) pairs for HTTP Basic; empty: no auth
     limits: Limits = field(default_factory=Limits)
@@ -51,7 +52,7 @@ class Service:
         self.checkpoints = Checkpoints(config.model, config.models_dir)
         self.loras = scan_loras(config.lora_dir)
         self.host = ModelHost(config.limits, config.lora_dir, config.embeddings_dir, config.dtype, config.compile,
-                              refiner_lookup=lambda name: self.checkpoints.find(name).source)
+                              refiner_lookup=lambda name: self.checkpoints.find(name).source, vae=config.vae)
         self.queue = TaskQueue()
         self.options: dict[str, Any] = {
             MODEL_OPTION: self.checkpoints.default.title, CLIP_SKIP_OPTION: 1, "samples_format": "png",
