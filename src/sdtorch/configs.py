@@ -249,6 +249,67 @@ def _level_depths(depth: Any, attention: list[bool]) -> Any:
             for level, d in enumerate(depth)]
 
 
+CONDITIONING_CHANNEL_ORDERS = ("rgb", "bgr")
+# Keys of diffusers' UNet2DConditionModel config that its ControlNetModel does not take (the up path, the output).
+_NOT_CONTROLNET_KEYS = ("_class_name", "out_channels", "up_block_types", "center_input_sample", "sample_size")
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """A ControlNet (Zhang et al. 2023, "Adding Conditional Control to Text-to-Image Diffusion Models"): a trainable
+    copy of a UNet's encoder (conv_in, embeddings, down levels, mid block), configured by `unet` (its up path,
+    `out_channels` and `sample_size` are not part of a ControlNet), plus the hint encoder that brings the condition
+    image to the latents' resolution and a zero-initialised 1x1 conv on each skip and on the mid block's output."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    conditioning_channels: int = 3  # channels of the condition image (RGB)
+    # The hint encoder's widths: a 3x3 conv to the first, then per step a 3x3 conv and a stride-2 3x3 conv to the
+    # next (the image is downscaled 2 ** (len - 1) times: 8, to the latents' size); diffusers'
+    # conditioning_embedding_out_channels.
+    hint_channels: tuple[int, ...] = (16, 32, 96, 256)
+    global_pool_conditions: bool = False  # the shuffle ControlNet's: each residual averaged over the image
+    conditioning_channel_order: str = "rgb"  # "bgr": the condition image's channels are reversed first
+
+    def __post_init__(self) -> None:
+        n = len(self.hint_channels)
+        _check(1 <= n <= MAX_LEVELS, f"ControlNet config: {n} hint encoder widths (hint_channels); sdtorch builds "
+                                     f"1 to {MAX_LEVELS}")
+        _check_sizes("ControlNet", conditioning_channels=self.conditioning_channels,
+                     hint_channels=self.hint_channels)
+        _check(self.conditioning_channel_order in CONDITIONING_CHANNEL_ORDERS,
+               f"ControlNet config: conditioning_channel_order {self.conditioning_channel_order!r} is not one of "
+               f"{', '.join(CONDITIONING_CHANNEL_ORDERS)}")
+
+    @property
+    def hint_downscale(self) -> int:
+        """How many times smaller than the condition image the latents are (8 for every released ControlNet)."""
+        return 2 ** (len(self.hint_channels) - 1)
+
+    def to_diffusers(self) -> dict[str, Any]:
+        cfg = {k: v for k, v in self.unet.to_diffusers().items() if k not in _NOT_CONTROLNET_KEYS}
+        cfg = {"_class_name": "ControlNetModel", **cfg}
+        cfg.update(
+            conditioning_channels=self.conditioning_channels,
+            conditioning_embedding_out_channels=list(self.hint_channels),
+            global_pool_conditions=self.global_pool_conditions,
+            controlnet_conditioning_channel_order=self.conditioning_channel_order,
+        )
+        return cfg
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict[str, Any], source: str = "diffusers ControlNet config") -> ControlNetConfig:
+        """The config of diffusers' `ControlNetModel` (its config.json, parsed); `source` names it in errors."""
+        # the ControlNetModel's own default context width is 1280 (the UNet's 768 would be wrong)
+        unet = UNetConfig.from_diffusers({"cross_attention_dim": 1280, **cfg}, source=source)
+        return _from_diffusers(cls, dict(
+            unet=dataclasses.asdict(unet),
+            conditioning_channels=cfg.get("conditioning_channels", 3),
+            hint_channels=cfg.get("conditioning_embedding_out_channels") or (16, 32, 96, 256),
+            global_pool_conditions=cfg.get("global_pool_conditions") or False,
+            conditioning_channel_order=cfg.get("controlnet_conditioning_channel_order") or "rgb",
+        ), source)
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     """AutoencoderKL. The scaling factor is metadata for the pipeline; modules never apply it."""
@@ -570,6 +631,10 @@ TINY_SDXL_REFINER = TINY_SDXL.replace(
     text_encoder=_TINY_CLIP_G,
     text_encoder_2=None,
 )
+
+# ControlNets for the tiny models' UNets, with a narrow hint encoder (4 widths: the image is 8x the latents, as in SD).
+TINY_SD1_CONTROLNET = ControlNetConfig(unet=TINY_SD1.unet, hint_channels=(8, 16, 32, 32))
+TINY_SDXL_CONTROLNET = ControlNetConfig(unet=TINY_SDXL.unet, hint_channels=(8, 16, 32, 32))
 
 PRESETS: dict[str, ModelConfig] = {
     "sd1": SD1,

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..checkpoints.io import describe_error, detect_format, file_sha256, read_checkpoint, read_safetensors_header
-from ..checkpoints.keymaps import _rename, unet_table
+from ..checkpoints.keymaps import rename_key, unet_table
 from ..errors import CheckpointError, InvalidInputError
 
 COMPONENTS = ("unet", "text_encoder")  # the model parts a LoRA changes: the keys of `models`
@@ -258,7 +258,7 @@ def kohya_names(models: Mapping[str, nn.Module]) -> dict[str, tuple[str, str]]:
     original = {ours: theirs for theirs, ours in unet_table(models["unet"].config).items()}
     for path in _lora_targets(models["unet"]):
         names["lora_unet_" + path.replace(".", "_")] = ("unet", path)
-        ldm = _rename(path, original)
+        ldm = rename_key(path, original)
         if ldm is not None:
             names["lora_unet_" + ldm.replace(".", "_")] = ("unet", path)
     text_encoder = models["text_encoder"]

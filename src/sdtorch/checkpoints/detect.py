@@ -60,7 +60,7 @@ def _sub(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def _shape(sd: dict[str, Tensor], key: str, part: str, ndim: tuple[int, ...]) -> tuple[int, ...]:
+def tensor_shape(sd: dict[str, Tensor], key: str, part: str, ndim: tuple[int, ...]) -> tuple[int, ...]:
     """The shape of `sd[key]`, which must have one of the numbers of dimensions `ndim`."""
     if key not in sd:
         raise ArchitectureError(f"{part}: checkpoint lacks {key}, which every Stable Diffusion {part} has")
@@ -71,38 +71,39 @@ def _shape(sd: dict[str, Tensor], key: str, part: str, ndim: tuple[int, ...]) ->
     return shape
 
 
-def _indices(sd: dict[str, Tensor], prefix: str) -> list[int]:
+def block_indices(sd: dict[str, Tensor], prefix: str) -> list[int]:
     """Sorted numbers n of the keys `prefix{n}.…`."""
     found = {k[len(prefix):].split(".", 1)[0] for k in sd if k.startswith(prefix)}
     return sorted(int(n) for n in found if n.isdigit())
 
 
 def _count(sd: dict[str, Tensor], prefix: str) -> int:
-    return len(_indices(sd, prefix))
+    return len(block_indices(sd, prefix))
 
 
-def _unet_config(sd: dict[str, Tensor]) -> UNetConfig:
-    """The UNet's sizes; the addition embedding's `addition_in_dim` is read here, its split in `infer_config`."""
+def unet_config_from_tensors(sd: dict[str, Tensor], out_channels: int | None = None) -> UNetConfig:
+    """The UNet's sizes from its original-layout tensors (`out_channels` given: a UNet without its output conv, as
+    a ControlNet's copy); the addition embedding's `addition_in_dim` is read here, its split in `infer_config`."""
     part = "UNet"
-    inputs = _indices(sd, "input_blocks.")
+    inputs = block_indices(sd, "input_blocks.")
     downsamplers = [k for k in inputs if f"input_blocks.{k}.0.op.weight" in sd]
     group = downsamplers[0] if downsamplers else len(inputs)  # a level: ResBlocks + its downsampler
     per, levels = group - 1, len(inputs) // max(group, 1)
     if per < 1 or len(inputs) != levels * group:
         raise ArchitectureError(f"{part}: {len(inputs)} input blocks do not form levels of ResBlocks and downsamplers")
     first = [1 + level * group for level in range(levels)]  # each level's first ResBlock
-    channels = tuple(_shape(sd, f"input_blocks.{k}.0.out_layers.3.weight", part, CONV)[0] for k in first)
+    channels = tuple(tensor_shape(sd, f"input_blocks.{k}.0.out_layers.3.weight", part, CONV)[0] for k in first)
     attention = tuple(f"input_blocks.{k}.1.proj_in.weight" in sd for k in first)
-    linear = len(_shape(sd, "middle_block.1.proj_in.weight", part, LINEAR + CONV)) == 2
-    addition = _shape(sd, "label_emb.0.0.weight", part, LINEAR)[1] if "label_emb.0.0.weight" in sd else 0
+    linear = len(tensor_shape(sd, "middle_block.1.proj_in.weight", part, LINEAR + CONV)) == 2
+    addition = tensor_shape(sd, "label_emb.0.0.weight", part, LINEAR)[1] if "label_emb.0.0.weight" in sd else 0
     return UNetConfig(
-        in_channels=_shape(sd, "input_blocks.0.0.weight", part, CONV)[1],
-        out_channels=_shape(sd, "out.2.weight", part, CONV)[0],
+        in_channels=tensor_shape(sd, "input_blocks.0.0.weight", part, CONV)[1],
+        out_channels=out_channels or tensor_shape(sd, "out.2.weight", part, CONV)[0],
         block_channels=channels,
         attention_levels=attention,
         layers_per_block=per,
         num_heads=tuple(max(1, c // 64) for c in channels) if linear else (8,) * levels,
-        context_dim=_shape(sd, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", part, LINEAR)[1],
+        context_dim=tensor_shape(sd, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", part, LINEAR)[1],
         use_linear_proj=linear,
         transformer_depth=_transformer_depth(sd, first, attention),
         sample_size=SDXL_SAMPLE_SIZE if addition else 64,
@@ -126,26 +127,26 @@ def _transformer_depth(sd: dict[str, Tensor], first: list[int], attention: tuple
 
 def _vae_config(sd: dict[str, Tensor]) -> VAEConfig:
     part = "VAE"
-    levels = _indices(sd, "encoder.down.")
+    levels = block_indices(sd, "encoder.down.")
     return VAEConfig(
-        in_channels=_shape(sd, "encoder.conv_in.weight", part, CONV)[1],
-        out_channels=_shape(sd, "decoder.conv_out.weight", part, CONV)[0],
-        latent_channels=_shape(sd, "post_quant_conv.weight", part, CONV)[0],
-        block_channels=tuple(_shape(sd, f"encoder.down.{i}.block.0.conv2.weight", part, CONV)[0] for i in levels),
-        layers_per_block=len(_indices(sd, "encoder.down.0.block.")),
+        in_channels=tensor_shape(sd, "encoder.conv_in.weight", part, CONV)[1],
+        out_channels=tensor_shape(sd, "decoder.conv_out.weight", part, CONV)[0],
+        latent_channels=tensor_shape(sd, "post_quant_conv.weight", part, CONV)[0],
+        block_channels=tuple(tensor_shape(sd, f"encoder.down.{i}.block.0.conv2.weight", part, CONV)[0] for i in levels),
+        layers_per_block=len(block_indices(sd, "encoder.down.0.block.")),
     )
 
 
 def _clip_config(sd: dict[str, Tensor], part: str = "text encoder", sdxl: bool = False) -> TextEncoderConfig:
     """OpenAI CLIP in transformers' layout: SD1's, and SDXL's ViT-L (which conditions on a hidden state)."""
-    vocab, width = _shape(sd, "embeddings.token_embedding.weight", part, LINEAR)
+    vocab, width = tensor_shape(sd, "embeddings.token_embedding.weight", part, LINEAR)
     return TextEncoderConfig(
         vocab_size=vocab,
-        max_length=_shape(sd, "embeddings.position_embedding.weight", part, LINEAR)[0],
+        max_length=tensor_shape(sd, "embeddings.position_embedding.weight", part, LINEAR)[0],
         width=width,
         num_layers=_count(sd, "encoder.layers."),
         num_heads=max(1, width // 64),
-        mlp_width=_shape(sd, "encoder.layers.0.mlp.fc1.weight", part, LINEAR)[0],
+        mlp_width=tensor_shape(sd, "encoder.layers.0.mlp.fc1.weight", part, LINEAR)[0],
         activation="quick_gelu",
         pad_token_id=49407,
         projection_dim=width,
@@ -156,25 +157,25 @@ def _clip_config(sd: dict[str, Tensor], part: str = "text encoder", sdxl: bool =
 def _openclip_config(sd: dict[str, Tensor], part: str = "text encoder", sdxl: bool = False) -> TextEncoderConfig:
     """OpenCLIP. SD2: sdtorch keeps all blocks but the last (SD2 conditions on the penultimate). SDXL's bigG: all
     blocks (its pooled embedding is the last block's, projected by `text_projection`)."""
-    vocab, width = _shape(sd, "token_embedding.weight", part, LINEAR)
+    vocab, width = tensor_shape(sd, "token_embedding.weight", part, LINEAR)
     blocks = _count(sd, "transformer.resblocks.")
     if blocks < 2:
         raise ArchitectureError(f"{part}: OpenCLIP text tower has {blocks} block(s); "
                                 f"{'SDXL' if sdxl else 'SD2'} needs at least 2")
     if sdxl:
-        projection = _shape(sd, "text_projection", part, LINEAR)
+        projection = tensor_shape(sd, "text_projection", part, LINEAR)
         if projection[0] != width:
             raise ArchitectureError(f"{part}: text_projection has shape {projection}; it maps the {width}-wide "
                                     f"text features, so its first dimension must be {width}")
     else:
-        projection = _shape(sd, "text_projection", part, LINEAR) if "text_projection" in sd else (width, width)
+        projection = tensor_shape(sd, "text_projection", part, LINEAR) if "text_projection" in sd else (width, width)
     return TextEncoderConfig(
         vocab_size=vocab,
-        max_length=_shape(sd, "positional_embedding", part, LINEAR)[0],
+        max_length=tensor_shape(sd, "positional_embedding", part, LINEAR)[0],
         width=width,
         num_layers=blocks if sdxl else blocks - 1,
         num_heads=max(1, width // 64),
-        mlp_width=_shape(sd, "transformer.resblocks.0.mlp.c_fc.weight", part, LINEAR)[0],
+        mlp_width=tensor_shape(sd, "transformer.resblocks.0.mlp.c_fc.weight", part, LINEAR)[0],
         activation="gelu",
         pad_token_id=0,
         projection_dim=projection[1],
@@ -185,7 +186,7 @@ def _openclip_config(sd: dict[str, Tensor], part: str = "text encoder", sdxl: bo
 
 def _sdxl_text_encoders(sd: dict[str, Tensor]) -> tuple[str, list[TextEncoderConfig]]:
     """SDXL's family and text encoders from its conditioner's embedders: ViT-L + bigG (base) or bigG (refiner)."""
-    found, layouts = _indices(sd, CONDITIONER), []
+    found, layouts = block_indices(sd, CONDITIONER), []
     if found != list(range(len(found))):
         raise ArchitectureError(f"conditioner embedders {found} are not numbered 0, 1, ...: not an SDXL checkpoint")
     for i in found:
@@ -263,7 +264,7 @@ def infer_config(sd: dict[str, Tensor], prediction_type: str | None = None) -> M
         family, encoders = "sd1", [_clip_config(_sub(sd, TEXT_PREFIXES["sd1"]))]
     else:
         family, encoders = "sd2", [_openclip_config(_sub(sd, TEXT_PREFIXES["sd2"]))]
-    unet = _unet_config(_sub(sd, UNET_PREFIX))
+    unet = unet_config_from_tensors(_sub(sd, UNET_PREFIX))
     width = sum(e.width for e in encoders)
     if unet.context_dim != width:
         widths = " + ".join(str(e.width) for e in encoders)

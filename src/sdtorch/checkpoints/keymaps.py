@@ -212,7 +212,7 @@ def _sections(config: ModelConfig) -> list[_Section]:
     ]
 
 
-def _rename(key: str, table: dict[str, str]) -> str | None:
+def rename_key(key: str, table: dict[str, str]) -> str | None:
     """Rename `key` by the longest dotted prefix that `table` knows; None when none matches."""
     parts = key.split(".")
     for n in range(len(parts), 0, -1):
@@ -265,7 +265,7 @@ def _fuse_qkv(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _first(keys: list[str], n: int = 10) -> str:
+def first_keys(keys: list[str], n: int = 10) -> str:
     return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
@@ -302,7 +302,7 @@ def original_to_parts(
         if section.openclip:
             tensors = _unfuse_qkv(tensors)
         for key, tensor in tensors.items():
-            name = _rename(key, section.table)
+            name = rename_key(key, section.table)
             if name is None:
                 unexpected.append(section.original + key)
                 continue
@@ -311,7 +311,7 @@ def original_to_parts(
             parts[section.part][section.ours + name] = tensor
     if unexpected:
         count = len(unexpected)
-        raise ArchitectureError(f"{count} tensor(s) fit no part of a {config.kind} model: {_first(unexpected)}")
+        raise ArchitectureError(f"{count} tensor(s) fit no part of a {config.kind} model: {first_keys(unexpected)}")
     for key, tensor in parts["vae"].items():
         if _VAE_ATTENTION_WEIGHT.search(key) and tensor.ndim > 2:
             parts["vae"][key] = tensor.flatten(1)  # 1x1 conv [C, C, 1, 1] -> Linear [C, C]
@@ -331,7 +331,7 @@ def parts_to_original(parts: dict[str, dict[str, Tensor]], config: ModelConfig) 
             # the section whose sdtorch prefix the key has (the longest: SD1/SD2's text encoder has none)
             index = max((i for i in candidates if key.startswith(sections[i].ours)),
                         key=lambda i: len(sections[i].ours), default=None)
-            name = None if index is None else _rename(key[len(sections[index].ours):], inverses[index])
+            name = None if index is None else rename_key(key[len(sections[index].ours):], inverses[index])
             if name is None:
                 unknown.append(f"{part}: {key}")
                 continue
@@ -345,5 +345,5 @@ def parts_to_original(parts: dict[str, dict[str, Tensor]], config: ModelConfig) 
             tensors = _fuse_qkv(tensors)
         out.update({section.original + key: tensor for key, tensor in tensors.items()})
     if unknown:
-        raise ArchitectureError(f"{len(unknown)} tensor(s) have no name in the original layout: {_first(unknown)}")
+        raise ArchitectureError(f"{len(unknown)} tensor(s) have no name in the original layout: {first_keys(unknown)}")
     return out

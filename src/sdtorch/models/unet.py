@@ -223,6 +223,76 @@ class UpBlock(nn.Module):
         return x
 
 
+def broadcast_timesteps(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """Timesteps as a tensor on x's device; a scalar (or one value) is broadcast to x's batch: () -> (B,)."""
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim == 0 or t.shape == (1,):
+        t = t.reshape(1).expand(x.shape[0])  # () -> (B,)
+    return t
+
+
+def check_inputs(cfg: UNetConfig, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> None:
+    """The latents, timesteps and context fit a UNet (or a ControlNet's copy of its encoder) of config `cfg`."""
+    if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+        raise InvalidInputError(
+            f"UNet input must be (B, {cfg.in_channels}, H, W) latents; got shape {tuple(x.shape)}"
+        )
+    if t.ndim != 1 or t.shape[0] != x.shape[0]:
+        raise InvalidInputError(
+            f"timesteps must be a scalar or of shape ({x.shape[0]},); got shape {tuple(t.shape)}"
+        )
+    if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.context_dim:
+        raise InvalidInputError(
+            f"context must be (B={x.shape[0]}, L, {cfg.context_dim}); got shape {tuple(context.shape)}"
+        )
+
+
+def check_addition(
+    cfg: UNetConfig, batch: int, text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None
+) -> None:
+    """SDXL's extra conditioning is given exactly where `cfg` has the addition embedding, in the shapes it takes."""
+    given = (text_embeds is not None, time_ids is not None)
+    if not cfg.has_addition:
+        if any(given):
+            raise InvalidInputError("this UNet (SD1/SD2) takes no text_embeds or time_ids; only SDXL UNets do")
+        return
+    width, total = cfg.addition_time_embed_dim, cfg.addition_in_dim
+    need = (f"text_embeds (B={batch}, P), the pooled text embedding, and time_ids (B={batch}, N), the size/crop "
+            f"numbers, with P + N * {width} = {total}")
+    if not all(given):
+        raise InvalidInputError(f"this SDXL UNet needs {need}")
+    if not (text_embeds.ndim == time_ids.ndim == 2 and text_embeds.shape[0] == time_ids.shape[0] == batch
+            and text_embeds.shape[1] + time_ids.shape[1] * width == total):
+        raise InvalidInputError(
+            f"this SDXL UNet needs {need}; got shapes {tuple(text_embeds.shape)} and {tuple(time_ids.shape)}"
+        )
+
+
+def _with_residuals(
+    skips: list[torch.Tensor], residuals: list[torch.Tensor] | tuple[torch.Tensor, ...] | None, total: int
+) -> list[torch.Tensor]:
+    """The skips with a ControlNet's down residuals added (the first len(skips) of the `total` a UNet has), as
+    diffusers' `down_block_additional_residuals`; the skips themselves where there are none."""
+    if residuals is None:
+        return skips
+    if len(residuals) != total:
+        raise InvalidInputError(f"down_block_additional_residuals needs one tensor for each of the UNet's {total} "
+                                f"skips; got {len(residuals)}")
+    return [skip + _fitting(residual, skip, f"down_block_additional_residuals[{i}]", f"skip {i}")
+            for i, (skip, residual) in enumerate(zip(skips, residuals))]
+
+
+def _fitting(residual: torch.Tensor, features: torch.Tensor, name: str, what: str) -> torch.Tensor:
+    """`residual` when it broadcasts to `features`' shape (a pooled (B, C, 1, 1) does), else InvalidInputError."""
+    try:
+        fits = torch.broadcast_shapes(residual.shape, features.shape) == features.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise InvalidInputError(f"{name} has shape {tuple(residual.shape)}; {what} is {tuple(features.shape)}")
+    return residual
+
+
 class UNet(nn.Module):
     """Predicts the noise (or v) in a latent, given the timestep and the text context (SDXL: and the pooled text
     embedding and size/crop numbers).
@@ -263,39 +333,6 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(config.norm_groups, channels[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, kernel_size=3, padding=1)
 
-    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> None:
-        cfg = self.config
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise InvalidInputError(
-                f"UNet input must be (B, {cfg.in_channels}, H, W) latents; got shape {tuple(x.shape)}"
-            )
-        if t.ndim != 1 or t.shape[0] != x.shape[0]:
-            raise InvalidInputError(
-                f"timesteps must be a scalar or of shape ({x.shape[0]},); got shape {tuple(t.shape)}"
-            )
-        if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.context_dim:
-            raise InvalidInputError(
-                f"context must be (B={x.shape[0]}, L, {cfg.context_dim}); got shape {tuple(context.shape)}"
-            )
-
-    def _check_addition(self, batch: int, text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None) -> None:
-        cfg = self.config
-        given = (text_embeds is not None, time_ids is not None)
-        if not cfg.has_addition:
-            if any(given):
-                raise InvalidInputError("this UNet (SD1/SD2) takes no text_embeds or time_ids; only SDXL UNets do")
-            return
-        width, total = cfg.addition_time_embed_dim, cfg.addition_in_dim
-        need = (f"text_embeds (B={batch}, P), the pooled text embedding, and time_ids (B={batch}, N), the size/crop "
-                f"numbers, with P + N * {width} = {total}")
-        if not all(given):
-            raise InvalidInputError(f"this SDXL UNet needs {need}")
-        if not (text_embeds.ndim == time_ids.ndim == 2 and text_embeds.shape[0] == time_ids.shape[0] == batch
-                and text_embeds.shape[1] + time_ids.shape[1] * width == total):
-            raise InvalidInputError(
-                f"this SDXL UNet needs {need}; got shapes {tuple(text_embeds.shape)} and {tuple(time_ids.shape)}"
-            )
-
     def embed(
         self, t: torch.Tensor, text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -309,16 +346,34 @@ class UNet(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, *,
         text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
+        down_block_additional_residuals: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, in_channels, H, W) latents, t: (B,) timesteps (a scalar is broadcast), context: (B, L,
         context_dim) -> (B, out_channels, H, W). SDXL UNets (`config.has_addition`) also need text_embeds (B, P),
-        the pooled text embedding, and time_ids (B, N), the size/crop numbers; other UNets take neither."""
-        return self.split_forward(x, t, context, text_embeds=text_embeds, time_ids=time_ids)[0]
+        the pooled text embedding, and time_ids (B, N), the size/crop numbers; other UNets take neither.
+
+        down_block_additional_residuals, mid_block_additional_residual: a ControlNet's residuals (both or
+        neither), as diffusers' UNet2DConditionModel takes them: one tensor for each skip of the down path (conv_in's,
+        then each stage's and downsampler's, in order), added to the skip before the up path takes it (the down
+        path itself runs on unchanged features), and one added to the mid block's output."""
+        return self.split_forward(
+            x, t, context, text_embeds=text_embeds, time_ids=time_ids,
+            down_block_additional_residuals=down_block_additional_residuals,
+            mid_block_additional_residual=mid_block_additional_residual,
+        )[0]
+
+    def num_skips(self) -> int:
+        """How many skips the down path makes (and ControlNet down residuals the UNet takes): conv_in's, each
+        stage's and each downsampler's."""
+        return 1 + sum(len(b.resnets) + (b.downsamplers is not None) for b in self.down_blocks)
 
     def split_forward(
         self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, deep: torch.Tensor | None = None,
         shallow: int = SHALLOW_STAGES, *, text_embeds: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
+        down_block_additional_residuals: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The UNet as step caching (DeepCache, Ma et al. 2023) splits it: a shallow part, conv_in and the first
         `shallow` stages of the first down level with the last `shallow + 1` stages of the last up level (which
@@ -329,12 +384,17 @@ class UNet(nn.Module):
         call, same shapes): only the shallow part, on those features; returns (output, deep).
         shallow: 0 .. layers_per_block; the shallow part's share of the work grows with it.
         text_embeds, time_ids: SDXL's extra conditioning, as in `forward`.
+        down_block_additional_residuals, mid_block_additional_residual: a ControlNet's, as in `forward`; with
+        `deep`, the shallow part adds the residuals of its own skips (the first `shallow + 1`), and the deep
+        features carry those of the call that made them.
         """
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0 or t.shape == (1,):
-            t = t.reshape(1).expand(x.shape[0])  # () -> (B,)
-        self._check_inputs(x, t, context)
-        self._check_addition(x.shape[0], text_embeds, time_ids)
+        t = broadcast_timesteps(t, x)  # () -> (B,)
+        check_inputs(self.config, x, t, context)
+        check_addition(self.config, x.shape[0], text_embeds, time_ids)
+        down_residuals, mid_residual = down_block_additional_residuals, mid_block_additional_residual
+        if (down_residuals is None) != (mid_residual is None):
+            raise InvalidInputError("ControlNet residuals come in pairs: pass both down_block_additional_residuals "
+                                    "and mid_block_additional_residual, or neither")
         first, last = self.down_blocks[0], self.up_blocks[-1]
         if not 0 <= shallow < len(last.resnets):
             raise InvalidInputError(f"shallow must be 0 .. {len(last.resnets) - 1}, got {shallow}")
@@ -346,7 +406,10 @@ class UNet(nn.Module):
         if deep is None:
             for block in self.down_blocks:
                 h = block(h, emb, context, skips)
+            skips = _with_residuals(skips, down_residuals, len(skips))
             h = self.mid_block(h, emb, context)
+            if mid_residual is not None:
+                h = h + _fitting(mid_residual, h, "mid_block_additional_residual", "the mid block's output")
             for block in self.up_blocks[:-1]:
                 h = block(h, emb, context, skips)
             deep = last(h, emb, context, skips, stop=split)  # leaves the skips of conv_in and `shallow` stages
@@ -354,5 +417,6 @@ class UNet(nn.Module):
             for j in range(shallow):
                 h = first.stage(j, h, emb, context)
                 skips.append(h)
+            skips = _with_residuals(skips, down_residuals, self.num_skips())
         h = last(deep, emb, context, skips, start=split)
         return self.conv_out(F.silu(self.conv_norm_out(h))), deep  # (B,C0,H,W) -> (B,Cout,H,W)

@@ -1,0 +1,304 @@
+"""ControlNet files: diffusers folders, single files in diffusers' names, and the original layout of the A1111
+extension's `control_v11*.pth/.safetensors` (Zhang's ControlNet repositories' `cldm`).
+
+Original layout (`control_model.` prefix, or none in files distributed bare), beside the UNet encoder's names
+(`time_embed`, `label_emb` for SDXL, `input_blocks`, `middle_block`, renamed by keymaps.py's UNet rules):
+- `input_hint_block.{0, 2, ..., 4n-2}`: the hint encoder's convs (SiLUs between at the odd indices): 0 is
+  diffusers' `controlnet_cond_embedding.conv_in`, 2(k+1) its `blocks.{k}`, the last its `conv_out`;
+- `zero_convs.{i}.0`: `controlnet_down_blocks.{i}`, one for each skip of the down path;
+- `middle_block_out.0`: `controlnet_mid_block`.
+
+The architecture is read from the tensors; what they cannot show follows the UNet this ControlNet will run beside
+(`base`), where given, else SD's conventions: the attention heads (8 a level with conv projections, as SD1 has;
+head width 64 with linear ones, as SD2 and SDXL have) and, for SDXL, the width of each size number's embedding
+(256). Whether a ControlNet averages its residuals over the image (the shuffle model's `global_average_pooling`)
+is not in the tensors either: the A1111 extension takes it from a "shuffle" in the file name, and so does
+`load_controlnet` unless told.
+
+`.pth`/`.ckpt` files are read only through io.py's safe reader (torch.load with weights_only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..configs import ControlNetConfig, UNetConfig
+from ..errors import ArchitectureError, CheckpointError, InvalidInputError
+from ..models.controlnet import ControlNet
+from .detect import CONV, block_indices, tensor_shape, unet_config_from_tensors
+from .io import describe_error, read_checkpoint
+from .keymaps import UNET_PREFIX, first_keys, rename_key, unet_table
+
+CONTROL_PREFIX = "control_model."
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
+SDXL_TIME_ID_WIDTH = 256  # the width of each SDXL size number's sinusoid (every released SDXL model's)
+_HINT = "input_hint_block."
+_DIFFUSERS_HINT = "controlnet_cond_embedding.conv_in.weight"
+
+# Files that look like ControlNets but are not plain ones: (key, what to say).
+_UNSUPPORTED = [
+    ("lora_controlnet", "a Control-LoRA (a ControlNet stored as low-rank differences): not supported yet"),
+    ("difference", "a ControlNet stored as its difference from SD 1.5's UNet: not supported yet; use the full "
+                   "control_v11 file"),
+    ("control_add_embedding.linear_1.weight", "a ControlNet Union (several condition types in one model): not "
+                                              "supported yet"),
+    ("task_embedding", "a ControlNet Union (several condition types in one model): not supported yet"),
+]
+
+
+@dataclass(frozen=True)
+class ControlNetLoadReport:
+    """What loading a ControlNet found: the source, its layout and the tensors skipped on purpose."""
+
+    source: str
+    layout: str  # "original" | "diffusers" (a folder) | "diffusers_single_file"
+    ignored_keys: list[str] = field(default_factory=list)
+
+
+def _num_skips(cfg: UNetConfig) -> int:
+    """The skips of a UNet's down path: conv_in's, each stage's, each downsampler's (one zero conv each)."""
+    levels = len(cfg.block_channels)
+    return 1 + levels * cfg.layers_per_block + levels - 1
+
+
+def controlnet_table(cfg: ControlNetConfig) -> dict[str, str]:
+    """Original module path -> sdtorch's (diffusers') for a ControlNet: the UNet's rules for the encoder it copies
+    (keymaps.unet_table), then the hint encoder, the zero convolutions and the mid block's."""
+    table = {k: v for k, v in unet_table(cfg.unet).items() if not k.startswith(("output_blocks.", "out."))}
+    convs = 2 * len(cfg.hint_channels)  # conv_in, two a downscaling step, conv_out: at the even indices
+    table[f"{_HINT}0"] = "controlnet_cond_embedding.conv_in"
+    for k in range(convs - 2):
+        table[f"{_HINT}{2 * (k + 1)}"] = f"controlnet_cond_embedding.blocks.{k}"
+    table[f"{_HINT}{2 * (convs - 1)}"] = "controlnet_cond_embedding.conv_out"
+    for i in range(_num_skips(cfg.unet)):
+        table[f"zero_convs.{i}.0"] = f"controlnet_down_blocks.{i}"
+    table["middle_block_out.0"] = "controlnet_mid_block"
+    return table
+
+
+def original_to_controlnet(sd: dict[str, Tensor], cfg: ControlNetConfig) -> dict[str, Tensor]:
+    """An original-layout ControlNet's tensors (without the `control_model.` prefix) in sdtorch's names; a key
+    that fits no rule is an ArchitectureError (missing ones are left for the strict load to report)."""
+    table, out, unexpected = controlnet_table(cfg), {}, []
+    for key, tensor in sd.items():
+        name = rename_key(key, table)
+        if name is None:
+            unexpected.append(key)
+        else:
+            out[name] = tensor
+    if unexpected:
+        raise ArchitectureError(f"{len(unexpected)} tensor(s) fit no part of a ControlNet: {first_keys(unexpected)}")
+    return out
+
+
+def controlnet_to_original(
+    sd: dict[str, Tensor], cfg: ControlNetConfig, prefix: str = CONTROL_PREFIX
+) -> dict[str, Tensor]:
+    """The exact inverse of `original_to_controlnet`, with `prefix` (the A1111 extension's files have
+    `control_model.`)."""
+    inverse = {ours: original for original, ours in controlnet_table(cfg).items()}
+    out, unknown = {}, []
+    for key, tensor in sd.items():
+        name = rename_key(key, inverse)
+        if name is None:
+            unknown.append(key)
+        else:
+            out[prefix + name] = tensor
+    if unknown:
+        raise ArchitectureError(f"{len(unknown)} tensor(s) have no name in the original layout: {first_keys(unknown)}")
+    return out
+
+
+def infer_controlnet_config(
+    sd: dict[str, Tensor], base: UNetConfig | None = None, global_pool: bool = False
+) -> ControlNetConfig:
+    """The ControlNetConfig an original-layout state dict (without the `control_model.` prefix) describes; heads
+    and SDXL's size-number width from `base` where its levels have the same widths, else SD's conventions."""
+    part = "ControlNet"
+    hint = block_indices(sd, _HINT)
+    convs = len(hint)  # conv_in, a pair a downscaling step, conv_out
+    if convs < 2 or convs % 2 or hint != list(range(0, 2 * convs, 2)):
+        raise ArchitectureError(f"{part}: hint encoder convs {_HINT}{hint} are not numbered 0, 2, 4, ... with a "
+                                "pair for each downscaling step (diffusers' conditioning embedding)")
+    first = tensor_shape(sd, f"{_HINT}0.weight", part, CONV)
+    # each step's second conv (stride 2, at 4k) sets the next width
+    widths = (first[0], *(tensor_shape(sd, f"{_HINT}{4 * k}.weight", part, CONV)[0] for k in range(1, convs // 2)))
+    try:  # the encoder has no output conv (a ControlNet has no out_channels; 4 is recorded)
+        unet = unet_config_from_tensors(sd, out_channels=4)
+    except ArchitectureError as e:
+        raise ArchitectureError(str(e).replace("UNet:", f"{part} (its UNet encoder):", 1)) from None
+    unet = _from_base(unet, base)
+    return ControlNetConfig(unet=unet, conditioning_channels=first[1], hint_channels=widths,
+                            global_pool_conditions=global_pool)
+
+
+def _from_base(unet: UNetConfig, base: UNetConfig | None) -> UNetConfig:
+    """`unet` (read from tensors) with what tensors cannot show taken from `base` where it applies."""
+    heads = list(unet.num_heads)
+    if base is not None and base.use_linear_proj == unet.use_linear_proj:
+        for level, ch in enumerate(unet.block_channels):
+            if level < len(base.block_channels) and base.block_channels[level] == ch:
+                heads[level] = base.num_heads[level]
+    changes: dict = dict(num_heads=tuple(heads), sample_size=64)
+    if unet.has_addition:
+        width = base.addition_time_embed_dim if base is not None and base.has_addition else SDXL_TIME_ID_WIDTH
+        if unet.addition_in_dim <= width:
+            raise ArchitectureError(f"ControlNet: label_emb.0.0.weight takes {unet.addition_in_dim} inputs: too few "
+                                    f"for a pooled text embedding and size numbers {width} wide each")
+        changes["addition_time_embed_dim"] = width
+    return dataclasses.replace(unet, **changes)
+
+
+def _diffusers_names_to_original(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A ControlNet in diffusers' names renamed to the original layout (to read its architecture the one way):
+    the rules are built from the counts of levels, stages and hint convs, which diffusers' names show."""
+    levels = len(block_indices(sd, "down_blocks."))
+    per = len(block_indices(sd, "down_blocks.0.resnets."))
+    blocks = len(block_indices(sd, "controlnet_cond_embedding.blocks."))
+    if levels < 1 or per < 1 or blocks % 2:
+        raise ArchitectureError(f"ControlNet: {levels} down block(s) of {per} ResBlock(s) and {blocks} hint encoder "
+                                "block(s): not a ControlNet in diffusers' layout")
+    addition = "add_embedding.linear_1.weight" in sd
+    scaffold = ControlNetConfig(
+        unet=UNetConfig(block_channels=(1,) * levels, attention_levels=(True,) * levels, layers_per_block=per,
+                        num_heads=(1,) * levels, norm_groups=1, addition_time_embed_dim=int(addition),
+                        addition_in_dim=2 * int(addition)),
+        hint_channels=(1,) * (blocks // 2 + 1),
+    )
+    return controlnet_to_original(sd, scaffold, prefix="")
+
+
+def _unsupported(sd: dict[str, Tensor], source: str) -> None:
+    for key, what in _UNSUPPORTED:
+        if key in sd:
+            raise ArchitectureError(f"{source} is {what}")
+    if not any(k.startswith((CONTROL_PREFIX, _HINT)) for k in sd) and _DIFFUSERS_HINT not in sd:
+        if any(k.startswith(UNET_PREFIX) for k in sd):
+            raise ArchitectureError(f"{source} is a Stable Diffusion checkpoint, not a ControlNet (no "
+                                    f"{CONTROL_PREFIX}* tensors); load it as the model")
+        raise ArchitectureError(f"{source} holds no ControlNet: expected {CONTROL_PREFIX}{_HINT}* (the original "
+                                f"layout), {_HINT}* or {_DIFFUSERS_HINT} (diffusers' names)")
+
+
+def _is_shuffle(path: Path) -> bool:
+    return "shuffle" in path.stem.lower()
+
+
+def read_controlnet_file(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, base: UNetConfig | None = None,
+    config: ControlNetConfig | None = None, global_pool: bool | None = None,
+) -> tuple[ControlNetConfig, dict[str, Tensor], ControlNetLoadReport]:
+    """A single ControlNet file (original layout, with or without `control_model.`, or diffusers' names) as
+    (config, tensors in sdtorch's names, report). `config` overrides the architecture read from the tensors;
+    `global_pool` overrides the file-name rule. Tensors outside `control_model.` in a file that has it (a whole
+    training checkpoint: the SD model beside its ControlNet) are skipped and reported."""
+    path = Path(path)
+    tensors, _ = read_checkpoint(path, dtype)
+    _unsupported(tensors, str(path))
+    pool = _is_shuffle(path) if global_pool is None else global_pool
+    ignored: list[str] = []
+    if _DIFFUSERS_HINT in tensors:
+        layout, ours = "diffusers_single_file", tensors
+        original = _diffusers_names_to_original(tensors)
+    else:
+        layout = "original"
+        if any(k.startswith(CONTROL_PREFIX) for k in tensors):
+            ignored = [k for k in tensors if not k.startswith(CONTROL_PREFIX)]
+            tensors = {k[len(CONTROL_PREFIX):]: v for k, v in tensors.items() if k.startswith(CONTROL_PREFIX)}
+        original, ours = tensors, None
+    if config is None:
+        config = infer_controlnet_config(original, base, pool)
+    elif global_pool is not None:
+        config = dataclasses.replace(config, global_pool_conditions=global_pool)
+    if ours is None:
+        ours = original_to_controlnet(original, config)
+    return config, ours, ControlNetLoadReport(str(path), layout, ignored)
+
+
+def read_controlnet_folder(
+    folder: str | os.PathLike, dtype: torch.dtype | None = None
+) -> tuple[ControlNetConfig, dict[str, Tensor], ControlNetLoadReport]:
+    """A diffusers ControlNet folder (config.json and diffusion_pytorch_model.safetensors, or .bin read with
+    weights_only) as (config, tensors, report)."""
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    try:
+        cfg = json.loads(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder} is a folder but not a diffusers ControlNet: no config.json") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"cannot read {config_file}: {describe_error(e)}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{config_file} holds a JSON {type(cfg).__name__}, not an object")
+    name = cfg.get("_class_name", "ControlNetModel")
+    if name != "ControlNetModel":
+        raise ArchitectureError(f"{config_file}: a {name}, not a ControlNetModel (sdtorch loads those)")
+    config = ControlNetConfig.from_diffusers(cfg, source=str(config_file))
+    for file_name in WEIGHT_FILES:
+        if (folder / file_name).is_file():
+            tensors, _ = read_checkpoint(folder / file_name, dtype)
+            return config, tensors, ControlNetLoadReport(str(folder), "diffusers")
+    raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def load_controlnet(
+    source: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None, *,
+    base: UNetConfig | None = None, config: ControlNetConfig | None = None, global_pool: bool | None = None,
+) -> ControlNet:
+    """Load a ControlNet strictly from a diffusers folder or a single file (original layout or diffusers' names).
+
+    dtype: weight dtype (default float32), cast while reading. device: where it lives (default CPU).
+    base: the config of the UNet it will run beside: supplies what a single file's tensors cannot show (see the
+        module's notes) and is checked against (latent channels, context width, SDXL's addition embedding).
+    config, global_pool: override the architecture read from a single file and the shuffle rule.
+    The returned model is in eval mode without gradients; `model.load_report` says what was read and skipped.
+    """
+    from .loading import build_model  # loading.py imports the pipeline, which will import this module
+
+    dtype = dtype or torch.float32
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InvalidInputError(f"dtype must be a floating-point torch.dtype (torch.float16, ...), not {dtype!r}")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        config, tensors, report = read_controlnet_folder(path, dtype)
+    elif path.is_file():
+        config, tensors, report = read_controlnet_file(path, dtype, base, config, global_pool)
+    else:
+        raise CheckpointError(f"no such ControlNet file or folder: {source}")
+    if base is not None:
+        check_fits(config, base, str(source))
+    try:
+        model = build_model(ControlNet, config, tensors, "ControlNet", dtype, device)
+    except CheckpointError as e:
+        if str(source) not in str(e):
+            e.args = (f"{source}: {e}",)
+        raise
+    model.load_report = report
+    return model
+
+
+def check_fits(config: ControlNetConfig, base: UNetConfig, source: str = "the ControlNet") -> None:
+    """ArchitectureError unless a ControlNet of `config` can run beside a UNet of `base`: the same latents,
+    context, SDXL conditioning and skips (a ControlNet for SD1 cannot steer SDXL)."""
+    unet = config.unet
+    problems = []
+    if unet.in_channels != base.in_channels and not (base.in_channels == 9 and unet.in_channels == 4):
+        problems.append(f"it takes {unet.in_channels}-channel latents, the UNet {base.in_channels}")
+    if unet.context_dim != base.context_dim:
+        problems.append(f"its text context is {unet.context_dim} wide, the UNet's {base.context_dim} (a ControlNet "
+                        f"for another model family)")
+    if (unet.has_addition, unet.addition_in_dim) != (base.has_addition, base.addition_in_dim):
+        problems.append("its SDXL conditioning (the addition embedding) differs from the UNet's")
+    if (unet.block_channels, unet.layers_per_block) != (base.block_channels, base.layers_per_block):
+        problems.append(f"its levels ({unet.block_channels}, {unet.layers_per_block} a level) are not the UNet's "
+                        f"({base.block_channels}, {base.layers_per_block}), so its residuals do not fit the skips")
+    if problems:
+        raise ArchitectureError(f"{source} does not fit this model: {'; '.join(problems)}")
