@@ -178,12 +178,10 @@ def _write_diffusers_tree(pipe: Pipeline, root: Path) -> None:
             _write_text_encoder(encoder, root / name)
             tokenizer = pipe.tokenizer if i == 0 else _padding_with(pipe.tokenizer, encoder.config.pad_token_id)
             tokenizer.save(root / name.replace("text_encoder", "tokenizer"))
-        scheduler = _sdxl_scheduler_config(pipe)
     else:
         _write_text_encoder(pipe.text_encoder, root / "text_encoder")
         pipe.tokenizer.save(root / "tokenizer")
-        scheduler = _scheduler_config(pipe)
-    write_json(scheduler, root / "scheduler" / "scheduler_config.json")
+    write_json(_scheduler_config(pipe), root / "scheduler" / "scheduler_config.json")
 
 
 def _write_text_encoder(encoder, folder: Path) -> None:
@@ -248,10 +246,11 @@ def _sdxl_model_index(config: ModelConfig) -> dict:
 
 
 def _scheduler_config(pipe: Pipeline) -> dict:
-    """SD's shipped scheduler config (PNDM, leading spacing), with this model's schedule and prediction type."""
-    schedule = pipe.config.schedule
-    return {
-        "_class_name": "PNDMScheduler",
+    """The scheduler config SD ships (PNDM) or SDXL does (Euler), with this model's schedule, prediction type and
+    timestep spacing (trailing for few-step models)."""
+    schedule, sdxl = pipe.config.schedule, pipe.config.is_sdxl
+    config = {
+        "_class_name": "EulerDiscreteScheduler" if sdxl else "PNDMScheduler",
         "beta_start": schedule.beta_start,
         "beta_end": schedule.beta_end,
         "beta_schedule": schedule.beta_schedule,
@@ -264,25 +263,6 @@ def _scheduler_config(pipe: Pipeline) -> dict:
         "timestep_spacing": "trailing" if pipe.default_schedule == TRAILING_SCHEDULE else "leading",
         "trained_betas": None,
     }
-
-
-def _sdxl_scheduler_config(pipe: Pipeline) -> dict:
-    """SDXL's shipped scheduler config (Euler, leading spacing), with this model's schedule and prediction type."""
-    schedule = pipe.config.schedule
-    return {
-        "_class_name": "EulerDiscreteScheduler",
-        "beta_start": schedule.beta_start,
-        "beta_end": schedule.beta_end,
-        "beta_schedule": schedule.beta_schedule,
-        "num_train_timesteps": schedule.num_train_timesteps,
-        "prediction_type": pipe.config.prediction_type,
-        "interpolation_type": "linear",
-        "use_karras_sigmas": False,
-        "clip_sample": False,
-        "sample_max_value": 1.0,
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
-        "steps_offset": 1,
-        "timestep_spacing": "trailing" if pipe.default_schedule == TRAILING_SCHEDULE else "leading",
-        "trained_betas": None,
-    }
+    if sdxl:
+        config.update(interpolation_type="linear", use_karras_sigmas=False, sample_max_value=1.0)
+    return config
