@@ -16,10 +16,11 @@ from .errors import SdtorchError
 
 _LAZY = {
     "load": ".checkpoints.loading", "save": ".checkpoints.saving", "Pipeline": ".pipeline",
-    "ModelConfig": ".configs", "GenerationRequest": ".request", "Limits": ".request",
+    "ModelConfig": ".configs", "GenerationRequest": ".request", "Limits": ".request", "ControlNetUnit": ".request",
 }
 
-__all__ = ["load", "save", "Pipeline", "ModelConfig", "GenerationRequest", "Limits", "SdtorchError", "errors"]
+__all__ = ["load", "save", "Pipeline", "ModelConfig", "GenerationRequest", "ControlNetUnit", "Limits", "SdtorchError",
+           "errors"]
 
 
 def __getattr__(name: str) -> Any:

@@ -41,17 +41,18 @@ class CompiledUNet:
         return not (torch.is_grad_enabled() or self.unet.training or self._hooked())
 
     def __call__(self, x: Tensor, t: Tensor, context: Tensor, *, text_embeds: Tensor | None = None,
-                 time_ids: Tensor | None = None) -> Tensor:
+                 time_ids: Tensor | None = None, **residuals: Tensor | list[Tensor] | None) -> Tensor:
         """x: (B, C, H, W), t: (B,), context: (B, L, D) (SDXL: text_embeds (B, P), time_ids (B, K)) ->
-        (B, Cout, H, W), as the UNet."""
-        return self.split_forward(x, t, context, text_embeds=text_embeds, time_ids=time_ids)[0]
+        (B, Cout, H, W), as the UNet; `residuals`: a ControlNet's, as `UNet.forward` takes them."""
+        return self.split_forward(x, t, context, text_embeds=text_embeds, time_ids=time_ids, **residuals)[0]
 
     def split_forward(self, x: Tensor, t: Tensor, context: Tensor, deep: Tensor | None = None,
                       shallow: int = SHALLOW_STAGES, *, text_embeds: Tensor | None = None,
-                      time_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      time_ids: Tensor | None = None,
+                      **residuals: Tensor | list[Tensor] | None) -> tuple[Tensor, Tensor]:
         """`UNet.split_forward` (step caching) through the compiled graph: one graph per input shapes, per
         `shallow` and per whole / shallow call."""
-        added = dict(text_embeds=text_embeds, time_ids=time_ids)
+        added = dict(text_embeds=text_embeds, time_ids=time_ids, **residuals)
         if not self.usable():
             return self.unet.split_forward(x, t, context, deep, shallow, **added)
         state = self._weights_state()

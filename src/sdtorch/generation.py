@@ -8,6 +8,9 @@
 generates. The order in which a single explicit `generator` is drawn from (VAE samples, noise, sampler noise)
 follows diffusers' pipelines, so the same generator gives diffusers' image.
 
+ControlNet units (`request.controlnet`) add their residuals to the model's UNet calls (control.py); the refiner
+runs without them.
+
 A refiner (A1111's, e.g. SDXL's refiner after its base) is a second model that takes over the running sampler
 at `refiner_switch_at`, with its own conditioning, and decodes the result (`sampling.samplers.ModelSwitch`).
 """
@@ -28,9 +31,10 @@ from torch import Tensor, nn
 
 from .compiled import CompiledUNet
 from .configs import ModelConfig
+from .control import Control, residuals, step_of
 from .decoding import decode_latents
 from .adapters.lora import lora_files, lora_hash
-from .errors import InvalidInputError
+from .errors import CheckpointError, InvalidInputError
 from .extra_networks import strip_extra_networks
 from .images import (
     crop_for_inpaint, crop_region, expand_to_aspect, image_to_tensor, load_image, load_mask, mask_to_latent,
@@ -77,6 +81,7 @@ class Job:
     refiner: Model | None = None  # takes over the sampling at source.refiner_switch_at (A1111's refiner)
     loras: dict[str, float] = dataclasses.field(default_factory=dict)  # the prompts' <lora:name:weight> tags
     warnings: list[str] = dataclasses.field(default_factory=list)  # what was adjusted or fell back, for the user
+    controls: list[Control] = dataclasses.field(default_factory=list)  # the request's ControlNet units, loaded
 
 
 class GenerationResult(list):
@@ -112,6 +117,8 @@ class Model(Protocol):
     def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str: ...
 
     def load_refiner(self, source: str) -> Model: ...  # the model a request's refiner_checkpoint names
+
+    def load_controlnet(self, source: str | Path) -> nn.Module: ...  # a ControlNet unit's model (cached)
 
     def unload_lora(self, name: str | None = None) -> None: ...
 
@@ -157,7 +164,7 @@ def _generate(
     pipe: Model, request: Job, callback: Callback | None, warnings: list[str], lora_hashes: dict[str, str],
 ) -> list[Image.Image]:
     """Run one job end to end and return PIL images carrying their infotext; decoding warnings go to `warnings`."""
-    denoiser = _denoiser(pipe, request)
+    denoiser = _denoiser(pipe, request, request.controls)
     embeddings = pipe.text_encoder.textual_inversion  # records the embeddings the prompts use
     if embeddings is not None:
         embeddings.used.clear()
@@ -183,8 +190,9 @@ def _generate(
     return _with_infotext(pipe, request, images, hashes, refined)
 
 
-def _denoiser(pipe: Model, request: Job) -> Denoiser:
-    """The model's UNet as D(x, sigma): run on the model's device and dtype, with step caching if asked."""
+def _denoiser(pipe: Model, request: Job, controls: list[Control] | None = None) -> Denoiser:
+    """The model's UNet as D(x, sigma): run on the model's device and dtype, with step caching if asked, and the
+    `controls`' ControlNet residuals added (step caching and the compiled UNet pass them through)."""
     unet_dtype = next(pipe.unet.parameters()).dtype
     device = next(pipe.unet.parameters()).device
 
@@ -201,10 +209,16 @@ def _denoiser(pipe: Model, request: Job) -> Denoiser:
         if added is not None:
             added = added.to(device, unet_dtype)
             extra = dict(text_embeds=added[:, :pooled_dim], time_ids=added[:, pooled_dim:])
-        out = forward(x.to(device, unet_dtype), t.to(device), context.to(device, unet_dtype), **extra)
+        x_in, t_in, context_in = x.to(device, unet_dtype), t.to(device), context.to(device, unet_dtype)
+        if controls:
+            grid = denoiser.grid  # the sampler's steps: the guidance windows are fractions of them
+            step, steps = (step_of(grid.timesteps, t), grid.steps) if grid is not None else (0, 1)
+            extra = {**extra, **residuals(controls, x_in, t_in, context_in, step, steps, **extra)}
+        out = forward(x_in, t_in, context_in, **extra)
         return out.to(x.device, torch.float32)
 
-    return Denoiser(unet, DiscreteSchedule(pipe.config.schedule), pipe.config.prediction_type)
+    denoiser = Denoiser(unet, DiscreteSchedule(pipe.config.schedule), pipe.config.prediction_type)
+    return denoiser
 
 
 def _refiner_switch(request: Job, hires: bool = False) -> ModelSwitch | None:
@@ -473,6 +487,7 @@ def plan(
         if min(hires_size) < 8:
             raise InvalidInputError(f"the hires fix's target {hires_size[0]}x{hires_size[1]} is too small")
         request.check_size(*hires_size, limits)
+    controls = _controls(model, request)
     refiner = _refiner(model, request, refiner)  # last: loading one is the slow part
     if refiner is not None:
         _check_clip_skip(refiner, request.clip_skip, "the refiner")
@@ -483,8 +498,20 @@ def plan(
         sampler=info.name, schedule=kind, clip_skip=request.clip_skip, generator=generator, eta=request.eta,
         guidance_rescale=request.guidance_rescale, image=init, strength=request.denoising_strength, mask=mask,
         region=region, hires_size=hires_size, written_prompts=written, loras=loras, warnings=warnings,
-        refiner=refiner,
+        refiner=refiner, controls=controls,
     )
+
+
+def _controls(model: Model, request: GenerationRequest) -> list[Control]:
+    """The request's ControlNet units with their models (loaded, and cached, by the model) and images."""
+    controls = []
+    for i, unit in enumerate(request.controlnet):
+        try:
+            controlnet = model.load_controlnet(unit.model)
+        except CheckpointError as e:
+            raise InvalidInputError(f"controlnet[{i}].model: {e}") from e
+        controls.append(Control(controlnet, load_image(unit.image), unit))
+    return controls
 
 
 def _check_clip_skip(model: Model, clip_skip: int, which: str) -> None:

@@ -76,6 +76,7 @@ class Pipeline:
         self.lora_dir: Path | None = None  # where a prompt's <lora:name:weight> tags find their files
         self.compiled_unet: CompiledUNet | None = None  # set by compile(): generation runs the UNet through it
         self._refiner: tuple[str, Pipeline] | None = None  # (name, model) of the refiner requests last named
+        self._controlnets: dict[str, nn.Module] = {}  # ControlNets requests named, by resolved path
         # where a request's refiner_checkpoint is looked up (the server: its listed checkpoints only, so a client
         # never makes it open an arbitrary path); None: the name is a local path
         self.refiner_lookup: Callable[[str], str | None] | None = None
@@ -137,7 +138,8 @@ class Pipeline:
             `scheduler`, `seed`, `width`, `height`, `batch_size`, `denoising_strength`, `clip_skip`, `eta`,
             `resize_mode`, `enable_hr` with `hr_scale` / `hr_upscaler` / `hr_second_pass_steps` / `hr_resize_x` /
             `hr_resize_y` / `hr_denoising_strength`, `mask_blur`, `inpainting_mask_invert`, `inpaint_full_res`,
-            `inpaint_full_res_padding`, `mask_overlay`, `tiled_decode`, `refiner_checkpoint`, `refiner_switch_at`)
+            `inpaint_full_res_padding`, `mask_overlay`, `tiled_decode`, `refiner_checkpoint`, `refiner_switch_at`,
+            `controlnet`: a list of `ControlNetUnit`s or dicts of their fields, A1111's ControlNet extension's names)
             or diffusers' names (`num_inference_steps`, `guidance_scale`, `sampler`, `schedule`,
             `num_images_per_prompt`, `image`, `strength`, `mask_image`).
             An unknown name is an error naming the closest valid one. Or pass a whole `request`.
@@ -177,6 +179,21 @@ class Pipeline:
         refiner = load(source, dtype=self.dtype, device=self.device)
         self._refiner = (name, refiner)
         return refiner
+
+    def load_controlnet(self, source: str | os.PathLike) -> nn.Module:
+        """The ControlNet of a request's unit (`ControlNetUnit.model`: a file or diffusers folder), loaded strictly on
+        this pipeline's device and dtype, checked to fit its UNet, and kept for later requests
+        (`unload_controlnets`)."""
+        from .checkpoints.controlnet_files import load_controlnet
+
+        key = str(Path(source).expanduser().resolve())
+        if key not in self._controlnets:
+            self._controlnets[key] = load_controlnet(source, self.dtype, self.device, base=self.unet.config)
+        return self._controlnets[key]
+
+    def unload_controlnets(self) -> None:
+        """Forget the ControlNets kept by `load_controlnet`."""
+        self._controlnets.clear()
 
     def load_vae(self, path: str | os.PathLike | None) -> Pipeline:
         """Decode (and encode) with a separately given VAE, as A1111's "SD VAE" setting does; None: the checkpoint's

@@ -3,6 +3,7 @@
     GenerationRequest(prompt="a red fox", steps=20, cfg_scale=None, ...)   # A1111 field names
         .hires: HiresFix | None        (A1111's enable_hr + hr_* fields)
         .inpaint: Inpainting           (mask_blur, inpainting_mask_invert, inpaint_full_res, ...)
+        .controlnet: list[ControlNetUnit]  (the A1111 ControlNet extension's units: image, model, weight, ...)
 
 Every door builds this one object: `pipe(**kw)` through `GenerationRequest.from_kwargs` (diffusers'
 names such as `num_inference_steps` are aliases), the CLI (its flags are made from the field table
@@ -197,6 +198,67 @@ class Inpainting:
     mask_overlay: bool = setting(True, "paste the result onto the original through the mask")
 
 
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")  # the A1111 extension's
+SUPPORTED_CONTROL_MODES = ("Balanced",)
+
+
+def _supported_control_mode(v: str, _: Limits) -> str | None:
+    if v not in CONTROL_MODES:
+        return f"must be one of {', '.join(map(repr, CONTROL_MODES))}"
+    return None if v in SUPPORTED_CONTROL_MODES else "is not supported yet (only 'Balanced' is)"
+
+
+def _resize_mode_name(v: str, _: Limits) -> str | None:
+    return None if v.lower() in RESIZE_MODES else f"must be one of {', '.join(map(repr, RESIZE_MODES))}"
+
+
+@dataclass
+class ControlNetUnit:
+    """One ControlNet guiding the generation (a unit of A1111's ControlNet extension, its names): the control image,
+    already preprocessed (an edge map, a depth map...), resized to the output size by `resize_mode`; the ControlNet
+    `model` (a file or diffusers folder, loaded by the model: `Pipeline.load_controlnet`); its residuals scaled by
+    `weight` and added to the UNet's calls from `guidance_start` to `guidance_end` (fractions of the sampling steps).
+    Several units sum their residuals (diffusers' MultiControlNetModel)."""
+
+    image: ImageInput | None = setting(None, "the control image (preprocessed: edges, depth, pose...)")
+    model: str | os.PathLike | None = setting(None, "the ControlNet: a file (original or diffusers layout) or a "
+                                              "diffusers folder")
+    weight: float = setting(1.0, "scale of the ControlNet's residuals (diffusers' controlnet_conditioning_scale)",
+                            checks=(finite, at_least(0.0)))
+    guidance_start: float = setting(0.0, "the fraction of the steps from which the ControlNet guides",
+                                    checks=(finite, at_least(0.0), at_most_one))
+    guidance_end: float = setting(1.0, "the fraction of the steps up to which the ControlNet guides",
+                                  checks=(finite, at_least(0.0), at_most_one))
+    control_mode: str = setting("Balanced", "how prompt and ControlNet are balanced (only 'Balanced' so far)",
+                                checks=(_supported_control_mode,), choices=CONTROL_MODES)
+    resize_mode: str = setting("crop and resize", "how the control image meets the output size (A1111's "
+                               "'Just Resize', 'Crop and Resize', 'Resize and Fill', any case)",
+                               checks=(_resize_mode_name,), choices=RESIZE_MODES)
+
+    @classmethod
+    def from_value(cls, value: Any, where: str) -> ControlNetUnit:
+        """A unit from a ControlNetUnit or a dict of its fields (the extension's JSON); unknown keys are errors."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise InvalidInputError(f"{where} must be a ControlNetUnit or a dict of its fields, not {value!r}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in value:
+            if key not in names:
+                raise InvalidInputError(f"{where}: unknown field {key!r}{suggestion(str(key), names)}")
+        return cls(**value)
+
+    def validate(self, limits: Limits, where: str) -> None:
+        _check_fields(self, limits, f"{where}.")
+        if self.image is None:
+            raise InvalidInputError(f"{where}.image is missing: give the control image")
+        if self.model is None:
+            raise InvalidInputError(f"{where}.model is missing: give the ControlNet's file or folder")
+        if self.guidance_start >= self.guidance_end:
+            raise InvalidInputError(f"{where}.guidance_start {self.guidance_start} must be below guidance_end "
+                                    f"{self.guidance_end}")
+
+
 # Infotext values of the boolean inpainting keys, as A1111 writes them
 BOOLEAN_LABELS = {
     "Mask mode": ("Inpaint masked", "Inpaint not masked"),
@@ -256,6 +318,8 @@ class GenerationRequest:
     tiled_decode: bool | None = setting(None, "decode the VAE in tiles (None: above 1024 px)")
     hires: HiresFix | None = setting(None, "the hires fix (None: off)")
     inpaint: Inpainting = field(default_factory=Inpainting, metadata=dict(help="inpainting settings"))
+    controlnet: list[ControlNetUnit] = field(default_factory=list, metadata=dict(
+        help="ControlNet units (ControlNetUnit or dicts of its fields), their residuals summed"))
 
     # ---- building ---------------------------------------------------------------------------------
 
@@ -284,6 +348,11 @@ class GenerationRequest:
             top["hires"] = HiresFix(**hires)
         if inpaint and "inpaint" not in top:
             top["inpaint"] = Inpainting(**inpaint)
+        if isinstance(top.get("controlnet"), (list, tuple)):
+            units = top["controlnet"]
+            top["controlnet"] = [ControlNetUnit.from_value(u, f"controlnet[{i}]") for i, u in enumerate(units)]
+        elif isinstance(top.get("controlnet"), (ControlNetUnit, dict)):  # one unit
+            top["controlnet"] = [ControlNetUnit.from_value(top["controlnet"], "controlnet")]
         return cls(**top)
 
     def replace(self, **changes: Any) -> GenerationRequest:
@@ -302,6 +371,10 @@ class GenerationRequest:
         if self.hires is not None:
             _check_fields(self.hires, limits, "")
         _check_fields(self.inpaint, limits, "")
+        for i, unit in enumerate(self.controlnet):
+            if not isinstance(unit, ControlNetUnit):
+                raise InvalidInputError(f"controlnet[{i}] must be a ControlNetUnit, not {unit!r}")
+            unit.validate(limits, f"controlnet[{i}]")
         prompts = self.prompts()
         if not prompts:
             raise InvalidInputError("prompt must be a string or a non-empty list of strings")
@@ -398,6 +471,15 @@ def _allowed(hint: Any) -> tuple[type, ...]:
     return (type(None),) if hint is type(None) else (hint,)
 
 
+def _item_types(hint: Any) -> tuple[type, ...]:
+    """The element types a hint's list part allows (str for `str | list[str]`)."""
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint) or (object,)
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return tuple(t for arg in typing.get_args(hint) for t in _item_types(arg))
+    return ()
+
+
 def _type_name(hint: Any) -> str:
     text = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
     return text.replace("NoneType", "None").replace("PIL.Image.Image", "PIL image").replace("os.PathLike", "path")
@@ -411,8 +493,10 @@ def _check_fields(obj: Any, limits: Limits, prefix: str) -> None:
         if bad_bool or not isinstance(value, allowed):
             raise InvalidInputError(f"{prefix}{f.name} must be {_type_name(hint)}, not {value!r} "
                                     f"({type(value).__name__})")
-        if isinstance(value, (list, tuple)) and not all(isinstance(v, str) for v in value):
-            raise InvalidInputError(f"{prefix}{f.name} must hold strings only")
+        items = _item_types(hint)
+        if isinstance(value, (list, tuple)) and not all(isinstance(v, items) for v in value):
+            kinds = " or ".join("strings" if t is str else f"{t.__name__}s" for t in items)
+            raise InvalidInputError(f"{prefix}{f.name} must hold {kinds} only")
         if value is None or isinstance(value, (list, tuple, bool)):
             continue
         for check in f.metadata.get("checks", ()):

@@ -138,6 +138,11 @@ class Denoiser:
         self.prediction_type = prediction_type
         self._grid: SamplingSchedule | None = None
 
+    @property
+    def grid(self) -> SamplingSchedule | None:
+        """The sampling schedule being walked (set by the sampler for its run), or None."""
+        return self._grid
+
     def use_timesteps_of(self, sampling: SamplingSchedule | None) -> None:
         """At the sigmas of `sampling`, call the UNet at its exact timesteps (as diffusers does)."""
         self._grid = sampling

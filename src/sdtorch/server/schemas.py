@@ -24,7 +24,7 @@ A1111_DEFAULTS: dict[str, Any] = {
 }
 # Fields of the table the API spells its own way, or does not take: images come as base64 `init_images` /
 # `mask`, hires and inpainting settings flat, clip skip from the options (CLIP_stop_at_last_layers)
-_NOT_IN_API = {"init_image", "mask", "hires", "inpaint", "clip_skip"}
+_NOT_IN_API = {"init_image", "mask", "hires", "inpaint", "clip_skip", "controlnet"}
 # Table fields whose API type or meaning reads differently: (type, help)
 _API_SPELLING: dict[str, tuple[Any, str]] = {
     "sampler_name": (str | None, 'A1111 name, e.g. "Euler a", "DPM++ 2M" (None: sampler_index)'),
