@@ -30,16 +30,17 @@ class Control:
     model: ControlNet
     image: Image.Image
     unit: ControlNetUnit
-    _pixels: dict[tuple[int, int], Tensor] = field(default_factory=dict, repr=False)
+    _pixels: dict[tuple, Tensor] = field(default_factory=dict, repr=False)
 
-    def pixels(self, width: int, height: int) -> Tensor:
-        """The control image at width x height by the unit's resize mode: (1, 3, H, W) float32 in [0, 1]
-        (diffusers' control image processor: no normalisation to [-1, 1])."""
-        if (width, height) not in self._pixels:
+    def pixels(self, width: int, height: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The control image at width x height by the unit's resize mode: (1, 3, H, W) in [0, 1] (diffusers' control
+        image processor: no normalisation to [-1, 1]), made once per size, device and dtype, not at every step."""
+        key = (width, height, device, dtype)
+        if key not in self._pixels:
             resized = resize_image(self.image, width, height, self.unit.resize_mode.lower())
             array = np.asarray(resized.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
-            self._pixels[(width, height)] = torch.from_numpy(array).permute(2, 0, 1)[None]  # (1, 3, H, W)
-        return self._pixels[(width, height)]
+            self._pixels[key] = torch.from_numpy(array).permute(2, 0, 1)[None].to(device, dtype)  # (1, 3, H, W)
+        return self._pixels[key]
 
 
 def active(unit: ControlNetUnit, step: int, steps: int) -> bool:
@@ -60,7 +61,7 @@ def residuals(
             continue
         model = control.model
         f = model.config.hint_downscale
-        image = control.pixels(x.shape[3] * f, x.shape[2] * f).to(x.device, x.dtype)
+        image = control.pixels(x.shape[3] * f, x.shape[2] * f, x.device, x.dtype)
         image = image.expand(x.shape[0], -1, -1, -1)  # (B, 3, H, W), the same for both halves of CFG
         latents = x[:, : model.config.unet.in_channels]
         d, m = model(latents, t, context, image, control.unit.weight, **added)
