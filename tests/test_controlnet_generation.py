@@ -2,6 +2,10 @@
 with identical weights) and its SDXL pipeline: one and two ControlNets, weights, guidance windows, step caching,
 and the errors of bad units."""
 
+import dataclasses
+import hashlib
+from pathlib import Path
+
 import diffusers
 import numpy as np
 import pytest
@@ -10,8 +14,12 @@ from conftest import SCHEDULERS, psnr, random_pipeline
 from PIL import Image
 
 import sdtorch
+from sdtorch.cli import main
 from sdtorch.configs import TINY_SD1, TINY_SDXL, ControlNetConfig
 from sdtorch.errors import InvalidInputError
+from sdtorch.infotext import parse_infotext
+from sdtorch.models.t2i_adapter import T2IAdapterConfig
+from sdtorch.preprocessors import preprocess
 from sdtorch.request import ControlNetUnit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,6 +103,37 @@ def test_two_controlnets_match_diffusers(models, case):
     assert psnr(ours(pipe, units, sampler, schedule), theirs) >= 50
 
 
+class SoftScaledControlNet(diffusers.ControlNetModel):
+    """diffusers' ControlNet with the A1111 extension's soft-injection weights written out independently: residual i
+    of the 13 (12 skips, then the mid block) times 0.825 ** (12 - i), and no guess-mode scales of its own."""
+
+    def forward(self, *args, guess_mode=False, return_dict=True, conditioning_scale=1.0, **kwargs):
+        down, mid = super().forward(*args, guess_mode=False, return_dict=False, conditioning_scale=1.0, **kwargs)
+        scales = [conditioning_scale * 0.825 ** (12 - i) for i in range(len(down) + 1)]
+        return [d * w for d, w in zip(down, scales)], mid * scales[-1]
+
+
+@pytest.mark.parametrize("mode", ["guess", "My prompt is more important", "ControlNet is more important"])
+def test_guess_mode_and_the_control_modes_match_their_definitions(models, mode):
+    """guess mode is diffusers' own; the extension's modes against diffusers' pipeline given a ControlNet with the
+    extension's soft weights, in guess mode (ControlNet on the conditional half only) for "ControlNet is more
+    important" and not for "My prompt is more important"."""
+    pipe, folder, nets = models
+    image = control_image(7)
+    ref = reference(folder, nets[:1], "DPM++ 2M", "Karras")
+    if mode != "guess":
+        ref.controlnet = SoftScaledControlNet.from_pretrained(nets[0])
+    theirs = ref(PROMPT, image=image, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=10,
+                 guidance_scale=7.5, controlnet_conditioning_scale=0.9, guess_mode=mode != "My prompt is more important",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    setting = dict(guess_mode=True) if mode == "guess" else dict(control_mode=mode)
+    unit = ControlNetUnit(image=image, model=nets[0], weight=0.9, resize_mode="Just Resize", **setting)
+    mine = ours(pipe, [unit])
+    assert psnr(mine, theirs) >= 50
+    balanced = ours(pipe, [ControlNetUnit(image=image, model=nets[0], weight=0.9, resize_mode="Just Resize")])
+    assert psnr(mine, balanced) < 45
+
+
 def test_weight_zero_is_the_plain_image_and_guidance_end_matters(models):
     pipe, _, nets = models
     image = control_image(4)
@@ -118,7 +157,8 @@ def test_bad_units_are_clear_errors(models, tmp_path):
     assert "controlnet[0].weight" in error(image=image, model=nets[0], weight=-1)
     assert "controlnet[0].guidance_end" in error(image=image, model=nets[0], guidance_end=1.5)
     assert "guidance_start" in error(image=image, model=nets[0], guidance_start=0.6, guidance_end=0.4)
-    assert "not supported yet" in error(image=image, model=nets[0], control_mode="ControlNet is more important")
+    assert "does not combine" in error(image=image, model=nets[0], guess_mode=True,
+                                       control_mode="ControlNet is more important")
     assert "controlnet[0].control_mode" in error(image=image, model=nets[0], control_mode="balanced-ish")
     assert "controlnet[0].resize_mode" in error(image=image, model=nets[0], resize_mode="stretch")
     assert "controlnet[0].image is missing" in error(model=nets[0])
@@ -156,3 +196,120 @@ def test_sdxl_controlnet_matches_diffusers(tmp_path, case):
     mine = pipe(PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=8, guidance_scale=6.0,
                 sampler=sampler, schedule=schedule, generator=torch.Generator().manual_seed(0), controlnet=[unit])[0]
     assert psnr(mine, theirs) >= 50
+
+
+def test_the_preprocessor_runs_first_and_the_infotext_names_the_unit_as_the_extension_does(models):
+    """module "canny" equals giving the canny map itself with module "none"; the infotext's "ControlNet 0" holds the
+    extension's fields, the model as "name [A1111's legacy hash]", and reads back into the unit."""
+    pipe, _, nets = models
+    photo = control_image(8, size=48)
+    canny = ours(pipe, [ControlNetUnit(image=photo, model=nets[0], module="canny", threshold_a=50, weight=0.8)])
+    edges = preprocess("canny", photo, threshold_a=50)
+    given = ours(pipe, [ControlNetUnit(image=edges, model=nets[0], weight=0.8)])
+    assert np.array_equal(np.asarray(canny), np.asarray(given))
+    weights = Path(nets[0]) / "diffusion_pytorch_model.safetensors"
+    with open(weights, "rb") as f:
+        f.seek(0x100000)
+        legacy = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+    expected = (f'ControlNet 0: "Module: canny, Model: cn0 [{legacy}], Weight: 0.8, Resize Mode: Crop and Resize, '
+                'Processor Res: 512, Threshold A: 50.0, Threshold B: 200.0, Guidance Start: 0.0, Guidance End: 1.0, '
+                'Pixel Perfect: False, Control Mode: Balanced"')
+    assert expected in canny.info["parameters"]
+    (unit,) = parse_infotext(canny.info["parameters"]).request.controlnet
+    assert unit == ControlNetUnit(model=f"cn0 [{legacy}]", module="canny", weight=0.8, resize_mode="Crop and Resize",
+                                  processor_res=512, threshold_a=50.0, threshold_b=200.0)
+
+
+def test_preprocessor_errors_name_the_unit(models):
+    pipe, _, nets = models
+    for unit, message in ((dict(module="canyn"), "did you mean 'canny'"), (dict(module="canny", threshold_a=999),
+                                                                          "threshold_a"),
+                          (dict(module="depth_midas"), "dpt_hybrid"), (dict(module="inpaint_only"), "mask")):
+        with pytest.raises(InvalidInputError, match=rf"controlnet\[0\].*{message}"):
+            pipe(PROMPT, height=SIZE, width=SIZE, steps=2, controlnet=[dict(image=control_image(9), model=nets[0],
+                                                                            **unit)])
+
+
+def test_the_cli_takes_control_units(models, tmp_path, capsys):
+    pipe, folder, nets = models
+    photo = tmp_path / "photo.png"
+    control_image(10, size=48).save(photo)
+    out = tmp_path / "out.png"
+    code = main(["generate", PROMPT, "--model", str(folder), "--steps", "2", "--width", "32", "--height", "32",
+                 "--control", str(photo), "--control-model", nets[0], "--preprocessor", "canny", "--control-weight",
+                 "0.5", "--control", str(photo), "--control-model", nets[1], "--control-mode",
+                 "My prompt is more important", "--control-end", "0.5", "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    first, second = parse_infotext(Image.open(out).info["parameters"]).request.controlnet
+    assert (first.module, first.weight, first.control_mode) == ("canny", 0.5, "Balanced")
+    assert (second.module, second.guidance_end, second.control_mode) == ("none", 0.5, "My prompt is more important")
+    with pytest.raises(SystemExit):
+        main(["generate", PROMPT, "--control-model", nets[0], "--control", str(photo)])
+    assert "give it after that flag" in capsys.readouterr().err
+
+
+def _t2i_adapter(folder, seed: int) -> str:
+    """A diffusers T2IAdapter for the tiny SD1 UNet (its VAE downsamples by 2, so the adapter unshuffles by 2)."""
+    torch.manual_seed(seed)
+    config = T2IAdapterConfig(channels=TINY_SD1.unet.block_channels, downscale_factor=2)
+    adapter = diffusers.T2IAdapter(**{k: v for k, v in config.to_diffusers().items() if k != "_class_name"})
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    adapter.eval().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_t2i_adapter_unit_matches_diffusers(models, tmp_path, case):
+    """A unit whose model is a T2I-Adapter (as the A1111 extension takes them) against diffusers'
+    StableDiffusionAdapterPipeline."""
+    pipe, folder, _ = models
+    sampler, schedule = CASES[case]
+    adapter = _t2i_adapter(tmp_path / "adapter", 30)
+    image = control_image(11)
+    ref = diffusers.StableDiffusionAdapterPipeline.from_pretrained(
+        folder, adapter=diffusers.T2IAdapter.from_pretrained(adapter), safety_checker=None,
+        requires_safety_checker=False)
+    name, extra = DIFFUSERS_SCHEDULERS[(sampler, schedule)]
+    ref.scheduler = getattr(diffusers, name).from_config({**ref.scheduler.config, "timestep_spacing": "leading",
+                                                          "steps_offset": 1, **extra})
+    ref.set_progress_bar_config(disable=True)
+    theirs = ref(PROMPT, image=image, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=10,
+                 guidance_scale=7.5, adapter_conditioning_scale=0.7, generator=torch.Generator().manual_seed(0)).images[0]
+    unit = ControlNetUnit(image=image, model=adapter, weight=0.7, resize_mode="Just Resize")
+    mine = ours(pipe, [unit], sampler, schedule)
+    assert psnr(mine, theirs) >= 50
+    assert psnr(mine, ours(pipe, [], sampler, schedule)) < 40
+    soft = ours(pipe, [dataclasses.replace(unit, control_mode="My prompt is more important")], sampler, schedule)
+    assert psnr(soft, mine) < 45
+
+
+def test_an_sdxl_t2i_adapter_unit_matches_diffusers(tmp_path):
+    """SDXL's adapter (full_adapter_xl: features after the first downsample, and one for the mid block) against
+    diffusers' StableDiffusionXLAdapterPipeline, guiding the first 60% of the steps (adapter_conditioning_factor),
+    on a three-level tiny SDXL UNet."""
+    unet = dataclasses.replace(TINY_SDXL.unet, block_channels=(32, 64, 64), attention_levels=(False, True, True),
+                               num_heads=(1, 2, 2), transformer_depth=(0, 1, 2))
+    sdtorch.save(random_pipeline(TINY_SDXL.replace(unet=unet), seed=13), tmp_path / "model", format="diffusers")
+    pipe = sdtorch.load(tmp_path / "model")
+    torch.manual_seed(31)
+    config = T2IAdapterConfig(channels=(32, 64, 64, 64), downscale_factor=4, adapter_type="full_adapter_xl")
+    adapter = diffusers.T2IAdapter(**{k: v for k, v in config.to_diffusers().items() if k != "_class_name"})
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    adapter.eval().save_pretrained(tmp_path / "adapter")
+    ref = diffusers.StableDiffusionXLAdapterPipeline.from_pretrained(tmp_path / "model", adapter=adapter)
+    ref.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(
+        {**ref.scheduler.config, "timestep_spacing": "leading", "steps_offset": 1})
+    ref.set_progress_bar_config(disable=True)
+    image = control_image(12)
+    theirs = ref(PROMPT, image=image, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=10,
+                 guidance_scale=7.5, adapter_conditioning_scale=0.8, adapter_conditioning_factor=0.6,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    unit = ControlNetUnit(image=image, model=str(tmp_path / "adapter"), weight=0.8, guidance_end=0.6,
+                          resize_mode="Just Resize")
+    mine = ours(pipe, [unit], "Euler a", "Automatic")
+    assert psnr(mine, theirs) >= 50
+    assert psnr(mine, ours(pipe, [], "Euler a", "Automatic")) < 40

@@ -51,7 +51,7 @@ def a1111_parse(text: str) -> tuple[str, str, dict[str, str]]:
 # ---------------------------------------------------------------- writing
 
 def test_layout_matches_a1111():
-    request = GenerationRequest("a cat in a hat", "blurry", scheduler="Karras", cfg_scale=7.0, seed=1, width=512,
+    request = GenerationRequest("a cat in a hat", "blurry", steps=20, sampler_name="DPM++ 2M", scheduler="Karras", cfg_scale=7.0, seed=1, width=512,
                                 height=512)
     assert format_infotext(request, model_hash="6ce0161689", model_name="v1-5-pruned-emaonly", version="v1.10.1") == (
         "a cat in a hat\n"
@@ -103,7 +103,7 @@ def test_inpainting_keys_only_with_a_mask():
 def test_defaults_left_out():
     # keys A1111 writes only when they are not the default: Clip skip (1), Hires steps (0: as many as the first
     # pass), Eta (None: the sampler's own); the hires fix always writes its scale, upscaler and strength.
-    request = GenerationRequest("p", scheduler="Karras", clip_skip=1, seed=5, cfg_scale=7.0, width=512, height=512,
+    request = GenerationRequest("p", steps=20, sampler_name="DPM++ 2M", scheduler="Karras", clip_skip=1, seed=5, cfg_scale=7.0, width=512, height=512,
                                 hires=HiresFix(hr_scale=1.5, hr_second_pass_steps=0),
                                 inpaint=Inpainting(mask_blur=9, inpaint_full_res=True))  # no mask: not written
     assert format_infotext(request) == (
@@ -233,7 +233,7 @@ def test_a1111_regex_reads_what_we_write():
 
 
 def test_a1111_regex_on_a_fixed_text():
-    request = GenerationRequest("p", scheduler="Karras", cfg_scale=7.0, seed=7, width=768, height=512, clip_skip=2)
+    request = GenerationRequest("p", steps=20, sampler_name="DPM++ 2M", scheduler="Karras", cfg_scale=7.0, seed=7, width=768, height=512, clip_skip=2)
     _, _, res = a1111_parse(format_infotext(request, model_hash="abc123", version="v1.10.1",
                                             extra={"Lora hashes": "a: 1, b: 2"}))
     assert res == {"Steps": "20", "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": "7", "Seed": "7",
@@ -365,10 +365,10 @@ def test_windows_line_ends_and_indented_lines():
 def test_text_without_parameter_line_is_all_prompt():
     request = parse_infotext("just a prompt, with: one colon\nNegative prompt: bad").request
     assert (request.prompt, request.negative_prompt) == ("just a prompt, with: one colon", "bad")
-    # every setting keeps the request's default: None (the model's own) for schedule, CFG and size
+    # every setting keeps the request's default: None (the model's own) for steps, sampler, schedule, CFG and size
     assert request == GenerationRequest("just a prompt, with: one colon", "bad")
-    assert (request.steps, request.scheduler, request.cfg_scale, request.width, request.height) == (
-        20, None, None, None, None)
+    assert (request.steps, request.sampler_name, request.scheduler, request.cfg_scale, request.width,
+            request.height) == (None, None, None, None, None, None)
 
 
 def test_missing_keys_keep_the_request_defaults():

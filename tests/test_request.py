@@ -269,7 +269,7 @@ def test_bad_limit_flags(no_load, tmp_path, capsys):
 WRONG_TYPES = [
     (dict(steps="20"), ["steps must be int", "'20'"]),
     (dict(steps=2.5), ["steps must be int", "2.5"]),
-    (dict(steps=None), ["steps must be int"]),
+    (dict(sampler_name=3), ["sampler_name must be str", "3"]),
     (dict(width=True), ["width must be int", "True"]),
     (dict(seed=True), ["seed must be int"]),
     (dict(cfg_scale="7"), ["cfg_scale must be float"]),
@@ -401,7 +401,7 @@ def test_from_a_text_without_cfg_or_size_gets_the_models_defaults(fresh, monkeyp
     assert code == 0
     request = parse_infotext(read_infotext(out)).request
     # the built-in model's CFG 4 and 64x64, not A1111's 7 and 512x512
-    assert (request.cfg_scale, request.width, request.height) == (fresh.default_cfg_scale, 64, 64) == (4.0, 64, 64)
+    assert (request.cfg_scale, request.width, request.height) == (fresh.defaults.cfg_scale, 64, 64) == (4.0, 64, 64)
     assert (request.steps, request.sampler_name, request.seed) == (2, "Euler", 5)
     assert Image.open(out).size == (64, 64)
 
@@ -541,7 +541,7 @@ def test_ctrl_c_while_writing_leaves_no_temp_file(fresh, monkeypatch, tmp_path, 
 
 def test_result_request_is_resolved(fresh):
     result = fresh("a red circle", steps=2, seed=9)
-    assert result.request == GenerationRequest("a red circle", steps=2, seed=9, scheduler="Karras", cfg_scale=4.0,
+    assert result.request == GenerationRequest("a red circle", steps=2, seed=9, sampler_name="DPM++ 2M", scheduler="Karras", cfg_scale=4.0,
                                                width=64, height=64)
     text = format_infotext(result.request, model_name=fresh.model_name, version=parse_infotext(
         result[0].info["parameters"]).version)

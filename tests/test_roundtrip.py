@@ -1,6 +1,7 @@
 """Round trips that must lose nothing: the built-in model through a single file, `sdtorch convert` onto
 an existing destination, and `python -m sdtorch`."""
 
+import dataclasses
 import hashlib
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from sdtorch.checkpoints.io import read_safetensors
 from sdtorch.checkpoints.loading import DEFAULT_MODEL, TOKENIZER_METADATA_KEY
 from sdtorch.cli import main
 from sdtorch.errors import CheckpointError
+from sdtorch.request import FEW_STEP_DEFAULTS, ModelDefaults
 
 
 @pytest.fixture(scope="module")
@@ -36,31 +38,53 @@ def test_built_in_model_generates_the_same_pixels_from_a_single_file(built_in, t
 
 
 @pytest.mark.parametrize("format", ["single_file", "diffusers"])
-def test_the_models_default_cfg_travels_with_it(built_in, tmp_path, format):
-    assert built_in.default_cfg_scale == 4.0  # from the shipped folder's model_index.json
+def test_the_models_defaults_travel_with_it(built_in, tmp_path, format):
+    assert built_in.defaults == ModelDefaults(cfg_scale=4.0)  # from the shipped folder's model_index.json
     copy = sdtorch.load(sdtorch.save(built_in, tmp_path / "a.safetensors", format=format))
-    assert copy.default_cfg_scale == 4.0
-    copy.default_cfg_scale = 7.5  # SD's: nothing is written, and a reload gets 7.5 again
+    assert copy.defaults == ModelDefaults(cfg_scale=4.0)
+    copy.defaults = FEW_STEP_DEFAULTS
     again = sdtorch.load(sdtorch.save(copy, tmp_path / "b.safetensors", format=format))
-    assert again.default_cfg_scale == 7.5
+    assert again.defaults == FEW_STEP_DEFAULTS
+    again.defaults = ModelDefaults()  # SD's: nothing is written, and a reload gets them again
+    plain = sdtorch.save(again, tmp_path / "c.safetensors", format=format)
+    assert sdtorch.load(plain).defaults == ModelDefaults()
+    assert "sdtorch_defaults" not in (read_safetensors(plain)[1] if format == "single_file"
+                                      else (plain / "model_index.json").read_text())
 
 
-def test_a_folder_whose_scheduler_says_trailing_defaults_to_sgm_uniform(built_in, tmp_path):
-    """Few-step distilled models (SDXL Turbo, Lightning) ship a scheduler with trailing timesteps: a request
-    without a scheduler uses them (A1111's "SGM Uniform"); one that names a scheduler gets it; saving keeps it."""
+@pytest.mark.parametrize("spacing, zero_snr, scheduler_class, expected", [
+    ("trailing", False, "EulerAncestralDiscreteScheduler", FEW_STEP_DEFAULTS),  # SDXL Turbo
+    ("trailing", False, "EulerDiscreteScheduler", dataclasses.replace(FEW_STEP_DEFAULTS, sampler_name="Euler")),
+    ("trailing", True, "DDIMScheduler", ModelDefaults()),  # zero terminal SNR: ordinary steps and CFG
+    ("leading", False, "EulerDiscreteScheduler", ModelDefaults()),
+])
+def test_a_folder_whose_scheduler_says_trailing_gets_few_step_defaults(built_in, tmp_path, spacing, zero_snr,
+                                                                       scheduler_class, expected):
+    """Few-step distilled models (SDXL Turbo, Lightning) ship a scheduler with trailing timesteps: a request that
+    leaves steps, sampler, schedule and CFG unset gets 4 steps of Euler (a) on A1111's "SGM Uniform", no guidance."""
+    import json
+
     folder = sdtorch.save(built_in, tmp_path / "turbo", format="diffusers")
+    index = json.loads((folder / "model_index.json").read_text())
+    del index["_sdtorch_defaults"]  # the shapes model's CFG 4 would win
+    (folder / "model_index.json").write_text(json.dumps(index))
     config_file = folder / "scheduler" / "scheduler_config.json"
-    config_file.write_text(config_file.read_text().replace('"leading"', '"trailing"'))
-    turbo = sdtorch.load(folder)
-    assert turbo.default_schedule == "SGM Uniform" and built_in.default_schedule is None
-    settings = dict(steps=2, seed=3, sampler_name="Euler")
-    (default,), (sgm,), (karras,) = (turbo("a red circle", **settings, **extra)
-                                     for extra in ({}, {"scheduler": "SGM Uniform"}, {"scheduler": "Karras"}))
-    assert np.array_equal(np.asarray(default), np.asarray(sgm))
+    config = json.loads(config_file.read_text())
+    config.update(timestep_spacing=spacing, rescale_betas_zero_snr=zero_snr, _class_name=scheduler_class)
+    config_file.write_text(json.dumps(config))
+    model = sdtorch.load(folder)
+    assert model.defaults == expected
+    if expected != FEW_STEP_DEFAULTS:
+        return
+    (default,), (spelled,), (karras,) = (model("a red circle", seed=3, **extra) for extra in (
+        {}, dict(steps=4, sampler_name="Euler a", scheduler="SGM Uniform", cfg_scale=1),
+        {"scheduler": "Karras"}))
+    assert np.array_equal(np.asarray(default), np.asarray(spelled))
     assert not np.array_equal(np.asarray(default), np.asarray(karras))
-    assert "Schedule type: SGM Uniform" in default.info["parameters"]
-    again = sdtorch.load(sdtorch.save(turbo, tmp_path / "again", format="diffusers"))
-    assert again.default_schedule == "SGM Uniform"
+    for text in ("Steps: 4,", "Sampler: Euler a,", "Schedule type: SGM Uniform", "CFG scale: 1,"):
+        assert text in default.info["parameters"]
+    again = sdtorch.load(sdtorch.save(model, tmp_path / "again", format="diffusers"))
+    assert again.defaults == FEW_STEP_DEFAULTS
 
 
 def test_broken_tokenizer_metadata_is_a_clear_error(built_in, tmp_path):
@@ -80,6 +104,14 @@ def fingerprint(path: Path) -> dict[str, str]:
 
 def convert(destination: Path, to: str, *options: str) -> int:
     return main(["convert", str(DEFAULT_MODEL), str(destination), "--to", to, *options])
+
+
+def test_convert_few_step_records_the_few_step_defaults(tmp_path, capsys):
+    """A single file cannot say it is a Turbo / Lightning model: `--few-step` says it, and convert records it."""
+    assert convert(tmp_path / "turbo.safetensors", "single-file", "--few-step") == 0
+    assert sdtorch.load(tmp_path / "turbo.safetensors").defaults == FEW_STEP_DEFAULTS
+    assert main(["info", str(tmp_path / "turbo.safetensors")]) == 0
+    assert "defaults:        steps 4, sampler_name Euler a, scheduler SGM Uniform, cfg_scale 1.0" in capsys.readouterr().out
 
 
 def test_convert_to_a_folder_never_loses_data(tmp_path, capsys):
@@ -137,12 +169,15 @@ def test_python_m_sdtorch_is_the_sdtorch_command():
     assert missing.returncode == 2 and "no such file" in missing.stderr
 
 
-@pytest.mark.parametrize("value", ["abc", -1, float("nan"), True])
-def test_a_bad_default_cfg_in_model_index_is_a_clear_error(built_in, tmp_path, value):
+@pytest.mark.parametrize("value, message", [
+    ({"cfg_scale": "abc"}, "cfg_scale"), ({"cfg_scale": float("nan")}, "cfg_scale"), ({"steps": 0}, "steps"),
+    ({"sampler_name": "Euler z"}, "sampler_name"), ({"cfg": 4}, "unknown model default 'cfg'"), (4.0, "JSON object"),
+])
+def test_bad_defaults_in_model_index_are_a_clear_error(built_in, tmp_path, value, message):
     import json
 
     folder = sdtorch.save(built_in, tmp_path / "model", format="diffusers")
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_sdtorch_cfg_scale": value}))
-    with pytest.raises(sdtorch.errors.ArchitectureError, match="model_index.json.*sdtorch_cfg_scale"):
+    (folder / "model_index.json").write_text(json.dumps({**index, "_sdtorch_defaults": value}))
+    with pytest.raises(sdtorch.errors.ArchitectureError, match=f"model_index.json.*{message}"):
         sdtorch.load(folder)

@@ -93,7 +93,7 @@ def test_listing_endpoints(client, folders):
     assert set(copy) == {"title", "model_name", "hash", "sha256", "filename", "config"}
 
     assert client.get(f"{API}/options").body["sd_model_checkpoint"] == "shapes"
-    assert client.get(f"{API}/scripts").body == {"txt2img": [], "img2img": []}
+    assert client.get(f"{API}/scripts").body == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
     loras = client.get(f"{API}/loras").body
     assert loras == [{"name": "ink", "alias": "inky", "path": str(folders / "loras" / "ink.safetensors"),
                       "metadata": {"ss_output_name": "inky"}}]

@@ -277,3 +277,21 @@ def test_the_server_gives_each_model_the_vae(vae, tmp_path):
     loaded = host.get(Checkpoint("tiny.safetensors", str(model), str(model)))
     assert loaded.pipe.loaded_vae.name == "vae.safetensors"
     assert torch.equal(decode(loaded.pipe.vae), decode(vae))
+
+
+def test_the_server_lists_its_vae_and_the_refiner_decodes_with_it(vae, tmp_path):
+    from serving import running_server
+
+    from sdtorch.server.service import ServerConfig
+
+    model = sdtorch.save(random_pipeline(TINY_SD1, seed=3), tmp_path / "tiny.safetensors", format="single_file")
+    path = tmp_path / "vae.safetensors"
+    save_file(original_layout(vae), str(path))
+    with running_server(ServerConfig(model=str(model), vae=path)) as client:
+        assert client.get("/sdapi/v1/sd-vae").body == [{"model_name": "vae.safetensors", "filename": str(path.resolve())}]
+    with running_server(ServerConfig(model=str(model))) as client:
+        assert client.get("/sdapi/v1/sd-vae").body == []
+    pipe = sdtorch.load(model).load_vae(path)
+    refiner = pipe.load_refiner(str(model))
+    assert refiner.loaded_vae.name == "vae.safetensors"
+    assert torch.equal(decode(refiner.vae), decode(vae))

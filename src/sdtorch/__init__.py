@@ -17,10 +17,11 @@ from .errors import SdtorchError
 _LAZY = {
     "load": ".checkpoints.loading", "save": ".checkpoints.saving", "Pipeline": ".pipeline",
     "ModelConfig": ".configs", "GenerationRequest": ".request", "Limits": ".request", "ControlNetUnit": ".request",
+    "ModelDefaults": ".request", "FEW_STEP_DEFAULTS": ".request",
 }
 
-__all__ = ["load", "save", "Pipeline", "ModelConfig", "GenerationRequest", "ControlNetUnit", "Limits", "SdtorchError",
-           "errors"]
+__all__ = ["load", "save", "Pipeline", "ModelConfig", "GenerationRequest", "ControlNetUnit", "Limits", "ModelDefaults",
+           "FEW_STEP_DEFAULTS", "SdtorchError", "errors"]
 
 
 def __getattr__(name: str) -> Any:

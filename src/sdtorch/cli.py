@@ -19,14 +19,16 @@ import sys
 import time
 import typing
 import unicodedata
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from pathlib import Path
 
 from .errors import InvalidInputError, SdtorchError
-from .request import GROUPS, GenerationRequest, HiresFix, Limits, fields_of
+from .request import GROUPS, UNIT_FIELDS, GenerationRequest, HiresFix, Limits, fields_of, from_fields
 
 if TYPE_CHECKING:
     import torch
+
+    from .pipeline import Pipeline
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -41,6 +43,21 @@ def _dtype(name: str) -> torch.dtype:
 def _add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
                    help="override the detected parameterisation (SD2 768 models predict v)")
+    p.add_argument("--few-step", action="store_true",
+                   help="the model is distilled for a few steps (SDXL Turbo / Lightning): unset settings default to "
+                        "4 steps of Euler a, SGM Uniform, CFG 1 (a diffusers folder with a trailing scheduler does "
+                        "so already); convert records it")
+
+
+def _load(args: argparse.Namespace, source: str, **options: Any) -> Pipeline:
+    """The model the command's load options (`_add_load_options`) describe."""
+    from .checkpoints.loading import load
+    from .request import FEW_STEP_DEFAULTS
+
+    pipe = load(source, prediction_type=args.prediction_type, **options)
+    if args.few_step:
+        pipe.defaults = FEW_STEP_DEFAULTS
+    return pipe
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -61,15 +78,13 @@ def printable(text: str, keep_newlines: bool = True) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from .checkpoints.loading import load
-
     if args.source.lower().endswith(IMAGE_SUFFIXES):
         from .infotext import read_infotext
 
         text = read_infotext(args.source)
         print(printable(text) if text is not None else f"{printable(args.source)} carries no generation parameters")
         return
-    pipe = load(args.source, device="meta", prediction_type=args.prediction_type)
+    pipe = _load(args, args.source, device="meta")
     cfg, report = pipe.config, pipe.report
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for m in pipe.modules.values() for p in m.parameters()})
     print(f"source:          {report.source} ({report.format})")
@@ -89,6 +104,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         label = "text encoder:" if i == 0 else f"text encoder {i + 1}:"
         projection = f", projection {te.projection_dim}" if te.with_projection else ""
         print(f"{label:<17}width {te.width}, {te.num_layers} layers, {te.num_heads} heads, {te.activation}{projection}")
+    defaults = ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(pipe.defaults).items())
+    print(f"defaults:        {defaults}")
     counts = pipe.parameter_counts()
     if cfg.is_sdxl and len(cfg.text_encoders) > 1:  # each encoder's share too
         for i, encoder in enumerate(pipe.text_encoder.encoders):
@@ -101,12 +118,11 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .checkpoints.loading import load
     from .checkpoints.saving import check_destination, save
 
     check_destination(args.destination, args.to, args.overwrite)  # before the load, which may take minutes
     start = time.perf_counter()
-    pipe = load(args.source, dtype=args.dtype, prediction_type=args.prediction_type)
+    pipe = _load(args, args.source, dtype=args.dtype)
     out = save(pipe, args.destination, format=args.to, overwrite=args.overwrite)
     print(f"wrote {out} ({args.to}, {pipe.config.kind}, {pipe.config.prediction_type}) "
           f"in {time.perf_counter() - start:.1f}s")
@@ -134,6 +150,12 @@ def _request(args: argparse.Namespace) -> GenerationRequest:
         if changes:
             current = dataclasses.replace(current, **changes)
         top[group] = current
+    for name, cls in UNIT_FIELDS.items():  # unit i's flags over unit i of --from's (an infotext has no images)
+        given_units, known = getattr(args, name) or [], getattr(base, name)
+        if given_units:
+            units = [dataclasses.replace(known[i], **given) if i < len(known) else given
+                     for i, given in enumerate(given_units)]
+            top[name] = [from_fields(cls, unit, f"{name} unit #{i + 1}") for i, unit in enumerate(units)]
     request = base.replace(**top)
     if not request.prompt and not args.from_image:
         raise InvalidInputError("give a prompt (or --from image.png)")
@@ -181,13 +203,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     limits = Limits.from_strings(args.limit)
     request.validate(limits)  # before torch and the model load: a bad request is refused at once
 
-    from .checkpoints.loading import load
     from .outputs import plan_outputs, write_images
 
     lora_dir, embeddings_dir = _folder("--lora-dir", args.lora_dir), _folder("--embeddings-dir", args.embeddings_dir)
     vae = _vae(args.vae)
     outputs = plan_outputs(args.out, len(request.prompts()) * request.batch_size, overwrite=args.overwrite)
-    pipe = load(args.model, dtype=args.dtype, prediction_type=args.prediction_type).compile(args.compile)
+    pipe = _load(args, args.model, dtype=args.dtype).compile(args.compile)
     if vae is not None:
         pipe.load_vae(vae)
     pipe.limits = limits
@@ -218,7 +239,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not 0 < args.port < 65536:
         raise InvalidInputError(f"--port {args.port} is not a port number (1-65535)")
     folders = dict(models_dir=_folder("--models-dir", args.models_dir), lora_dir=_folder("--lora-dir", args.lora_dir),
-                   embeddings_dir=_folder("--embeddings-dir", args.embeddings_dir), vae=_vae(args.vae))
+                   embeddings_dir=_folder("--embeddings-dir", args.embeddings_dir), vae=_vae(args.vae),
+                   controlnet_dir=_folder("--controlnet-dir", args.controlnet_dir),
+                   clip_vision_dir=_folder("--clip-vision-dir", args.clip_vision_dir))
 
     import uvicorn
 
@@ -238,7 +261,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluation.generation import evaluate, format_report
 
     pipe = load(args.model)
-    guidance = pipe.default_cfg_scale if args.cfg is None else args.cfg
+    guidance = pipe.defaults.cfg_scale if args.cfg is None else args.cfg
     report = evaluate(
         pipe, args.prompts, args.held_out, seed=args.seed, guidance_scale=guidance, compare_guidance=not args.no_compare,
         steps=args.steps, sampler=args.sampler, schedule=args.schedule, deep_cache=args.deep_cache,
@@ -262,7 +285,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 _FINETUNE_SECTION_FLAGS = {
     "dataset": {"data": "folder", "resolution": "resolution", "buckets": "buckets",
                 "caption_dropout": "caption_dropout", "shuffle_tags": "shuffle_tags", "repeats": "repeats",
-                "cache_latents": "cache_latents"},
+                "cache_latents": "cache_latents", "conditioning_folder": "conditioning_folder"},
     "textual_inversion": {"token": "name", "init_word": "init_word", "num_vectors": "num_vectors"},
     "dreambooth": {"instance_prompt": "instance_prompt", "class_prompt": "class_prompt", "class_dir": "class_dir",
                    "num_class_images": "num_class_images", "prior_loss_weight": "prior_loss_weight",
@@ -364,6 +387,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="?", help="what to draw (A1111 syntax: (word:1.2), [word], BREAK)")
     gen.add_argument("--model", help="single file, diffusers folder or hub id (default: the shipped shapes model)")
     _add_request_flags(gen)
+    _add_unit_flags(gen)
     gen.add_argument("--hires", action="store_true", help="hires fix with its defaults (any --hires-* flag turns it on)")
     gen.add_argument("--dtype", type=_dtype, default=None, help="float32 (default), float16 or bfloat16")
     _add_compile_flag(gen)
@@ -407,6 +431,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        "that clients select by title")
     serve.add_argument("--lora-dir", help="folder of LoRA files that <lora:name:weight> in a prompt picks by name")
     serve.add_argument("--embeddings-dir", help="folder of textual-inversion embeddings, used by writing their name")
+    serve.add_argument("--controlnet-dir", help="folder of ControlNets, T2I- and IP-Adapters (.safetensors, .pth, "
+                       ".pt, .ckpt, .bin, diffusers folders) that ControlNet units name (/controlnet/model_list)")
+    serve.add_argument("--clip-vision-dir", help="folder of the CLIP vision towers of the IP-Adapter modules, named "
+                       "as the A1111 ControlNet extension names them: clip_h.pth (ViT-H/14: ip-adapter_clip_h), "
+                       "clip_g.pth (ViT-bigG/14: ip-adapter_clip_g), or .safetensors, or transformers folders")
     serve.add_argument("--vae", help=VAE_HELP + ", for every model loaded")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                        "only; 0.0.0.0: every interface)")
@@ -419,7 +448,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     serve.set_defaults(run=cmd_serve)
 
     finetune = sub.add_parser("finetune", help="fine-tune a model on a captioned image folder (LoRA, full, "
-                              "DreamBooth or textual inversion); resumable; LoRA and full run under accelerate launch / torchrun too")
+                              "DreamBooth, ControlNet or textual inversion); resumable; all but textual inversion run "
+                              "under accelerate launch / torchrun too")
     finetune.add_argument("config", nargs="?", help="fine-tune config (TOML); flags given override it")
     if command == "finetune":
         _add_finetune_flags(finetune)
@@ -447,6 +477,38 @@ def _add_request_flags(parser: argparse.ArgumentParser) -> None:
             kinds = [t for t in typing.get_args(hint) or (hint,) if t in (int, float)]
             parser.add_argument(flag, dest=dest, type=kinds[0] if kinds else str, choices=f.metadata["choices"] or None,
                                 help=f.metadata["help"] + shown)
+
+
+# The flag that starts a unit of each unit list: the others set a field of the last unit started
+UNIT_STARTS = {"controlnet": "image", "ip_adapter": "model"}
+
+
+class _UnitFlag(argparse.Action):
+    """A flag of a unit list (`args.<dest>`: one dict of fields a unit; `const`: the field): the list's starting
+    flag (`UNIT_STARTS`) begins a unit, the others set a field of the last one begun."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any,
+                 option_string: str | None = None) -> None:
+        units = getattr(namespace, self.dest) or []
+        setattr(namespace, self.dest, units)
+        start = UNIT_STARTS[self.dest]
+        if self.const == start:
+            units.append({})
+        elif not units:
+            flag = next(f.metadata["cli"] for f, _ in fields_of(UNIT_FIELDS[self.dest]) if f.name == start)
+            parser.error(f"{option_string} sets a field of the unit a {flag} starts: give it after that flag")
+        units[-1][self.const] = True if self.nargs == 0 else value
+
+
+def _add_unit_flags(parser: argparse.ArgumentParser) -> None:
+    """The ControlNet and IP-Adapter unit flags, repeatable: a unit's starting flag, then its other flags."""
+    for dest, cls in UNIT_FIELDS.items():
+        for f, hint in fields_of(cls):
+            kinds = [t for t in typing.get_args(hint) or (hint,) if t in (int, float)]
+            shown = f" (default {f.default})" if f.default not in (None, "") and hint is not bool else ""
+            parser.add_argument(f.metadata["cli"], dest=dest, action=_UnitFlag, const=f.name,
+                                nargs=0 if hint is bool else None, type=None if hint is bool else (kinds or [str])[0],
+                                choices=f.metadata["choices"] or None, help=f.metadata["help"] + shown)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,8 @@ class CompiledUNet:
     def __call__(self, x: Tensor, t: Tensor, context: Tensor, *, text_embeds: Tensor | None = None,
                  time_ids: Tensor | None = None, **residuals: Tensor | list[Tensor] | None) -> Tensor:
         """x: (B, C, H, W), t: (B,), context: (B, L, D) (SDXL: text_embeds (B, P), time_ids (B, K)) ->
-        (B, Cout, H, W), as the UNet; `residuals`: a ControlNet's, as `UNet.forward` takes them."""
+        (B, Cout, H, W), as the UNet; `residuals`: a ControlNet's and a T2I-Adapter's
+        (`down_intrablock_additional_residuals`), as `UNet.forward` takes them."""
         return self.split_forward(x, t, context, text_embeds=text_embeds, time_ids=time_ids, **residuals)[0]
 
     def split_forward(self, x: Tensor, t: Tensor, context: Tensor, deep: Tensor | None = None,

@@ -31,7 +31,9 @@ from torch import Tensor, nn
 
 from .compiled import CompiledUNet
 from .configs import ModelConfig
-from .control import Control, residuals, step_of
+from .checkpoints.controlnet_files import controlnet_title
+from .control import Control, control_map, infotext_unit, residuals, step_of
+from .image_prompts import ImagePrompt, image_prompt, installed, with_prompt_tokens
 from .decoding import decode_latents
 from .adapters.lora import lora_files, lora_hash
 from .errors import CheckpointError, InvalidInputError
@@ -44,7 +46,7 @@ from .infotext import format_infotext, schedule_label
 from .models.tokenizer import CLIPTokenizer
 from .models.vae import AutoencoderKL
 from .prompt_schedule import encode_conditioning, split_and
-from .request import GenerationRequest, Limits, random_seed, suggestion
+from .request import GenerationRequest, Limits, ModelDefaults, random_seed, suggestion
 from .sampling.common import Callback
 from .sampling.denoiser import Conditioning, Denoiser
 from .sampling.samplers import ModelSwitch, resolve, sample
@@ -82,6 +84,7 @@ class Job:
     loras: dict[str, float] = dataclasses.field(default_factory=dict)  # the prompts' <lora:name:weight> tags
     warnings: list[str] = dataclasses.field(default_factory=list)  # what was adjusted or fell back, for the user
     controls: list[Control] = dataclasses.field(default_factory=list)  # the request's ControlNet units, loaded
+    image_prompts: list[ImagePrompt] = dataclasses.field(default_factory=list)  # its IP-Adapter units, encoded
 
 
 class GenerationResult(list):
@@ -107,8 +110,7 @@ class Model(Protocol):
     config: ModelConfig
     vae_scale_factor: int
     default_size: int
-    default_cfg_scale: float
-    default_schedule: str | None  # for a request without a scheduler (None: the sampler's default)
+    defaults: ModelDefaults  # what a request's unset steps, sampler, schedule and CFG become
     model_hash: str | None
     model_name: str | None
     lora_dir: Path | None  # where <lora:name> tags find their files
@@ -119,6 +121,10 @@ class Model(Protocol):
     def load_refiner(self, source: str) -> Model: ...  # the model a request's refiner_checkpoint names
 
     def load_controlnet(self, source: str | Path) -> nn.Module: ...  # a ControlNet unit's model (cached)
+
+    def load_ip_adapter(self, source: str | Path) -> nn.Module: ...  # an IP-Adapter unit's adapter (cached)
+
+    def load_image_encoder(self, source: str | Path) -> nn.Module: ...  # its CLIP vision tower (cached)
 
     def unload_lora(self, name: str | None = None) -> None: ...
 
@@ -131,7 +137,7 @@ def run(
     with a `refiner` (or the request's refiner_checkpoint), A1111's refiner."""
     limits = limits or Limits()
     job = plan(model, request.validate(limits), generator, limits, refiner)
-    with _prompt_loras(model, job) as hashes:
+    with _prompt_loras(model, job) as hashes, installed(model.unet, job.image_prompts):
         images = _generate(model, job, callback, job.warnings, hashes)
     return GenerationResult(images, resolved_request(job), job.warnings)
 
@@ -164,7 +170,7 @@ def _generate(
     pipe: Model, request: Job, callback: Callback | None, warnings: list[str], lora_hashes: dict[str, str],
 ) -> list[Image.Image]:
     """Run one job end to end and return PIL images carrying their infotext; decoding warnings go to `warnings`."""
-    denoiser = _denoiser(pipe, request, request.controls)
+    denoiser = _denoiser(pipe, request, request.controls, request.image_prompts)
     embeddings = pipe.text_encoder.textual_inversion  # records the embeddings the prompts use
     if embeddings is not None:
         embeddings.used.clear()
@@ -190,13 +196,16 @@ def _generate(
     return _with_infotext(pipe, request, images, hashes, refined)
 
 
-def _denoiser(pipe: Model, request: Job, controls: list[Control] | None = None) -> Denoiser:
-    """The model's UNet as D(x, sigma): run on the model's device and dtype, with step caching if asked, and the
-    `controls`' ControlNet residuals added (step caching and the compiled UNet pass them through)."""
+def _denoiser(
+    pipe: Model, request: Job, controls: list[Control] | None = None, image_prompts: list[ImagePrompt] | None = None,
+) -> Denoiser:
+    """The model's UNet as D(x, sigma): run on the model's device and dtype, with step caching if asked, the
+    `controls`' ControlNet residuals added (step caching and the compiled UNet pass them through) and the
+    `image_prompts`' tokens appended to the context (their adapters installed: the plain UNet runs)."""
     unet_dtype = next(pipe.unet.parameters()).dtype
     device = next(pipe.unet.parameters()).device
 
-    forward = pipe.compiled_unet or pipe.unet
+    forward = pipe.unet if image_prompts else (pipe.compiled_unet or pipe.unet)
     if request.source.deep_cache > 1:
         forward = StepCache(forward.split_forward, request.source.deep_cache)
 
@@ -213,7 +222,9 @@ def _denoiser(pipe: Model, request: Job, controls: list[Control] | None = None) 
         if controls:
             grid = denoiser.grid  # the sampler's steps: the guidance windows are fractions of them
             step, steps = (step_of(grid.timesteps, t), grid.steps) if grid is not None else (0, 1)
-            extra = {**extra, **residuals(controls, x_in, t_in, context_in, step, steps, **extra)}
+            extra = {**extra, **residuals(controls, x_in, t_in, context_in, step, steps, denoiser.uncond_rows, **extra)}
+        if image_prompts:  # after the ControlNets, which read the text alone
+            context_in = with_prompt_tokens(context_in, image_prompts, denoiser.uncond_rows)
         out = forward(x_in, t_in, context_in, **extra)
         return out.to(x.device, torch.float32)
 
@@ -410,7 +421,8 @@ def _with_infotext(
     extra = {**extra, **(vae.infotext if vae is not None else {})} or None
     refiner = _title(job.refiner, job.source.refiner_checkpoint) if refined else None
     for i, img in enumerate(images):
-        request = resolved_request(job, i).replace(refiner_checkpoint=refiner)
+        units = [infotext_unit(c) for c in job.controls] + [p.infotext_unit() for p in job.image_prompts]
+        request = resolved_request(job, i).replace(refiner_checkpoint=refiner, controlnet=units, ip_adapter=[])
         img.info["parameters"] = format_infotext(request, model_hash=pipe.model_hash, model_name=pipe.model_name,
                                                  version=f"sdtorch {_version()}", extra=extra)
         img.info["seed"] = job.seeds[i]
@@ -440,7 +452,11 @@ def plan(
     the refiner (`refiner`, else the one the request names)."""
     prompts = request.prompts()
     negatives = request.negative_prompt if isinstance(request.negative_prompt, list) else [request.negative_prompt] * len(prompts)
-    info, kind = resolve(request.sampler_name, request.scheduler or model.default_schedule)
+    defaults = model.defaults
+    steps = defaults.steps if request.steps is None else request.steps
+    if request.steps is None:
+        request.check_steps(steps)
+    info, kind = resolve(request.sampler_name or defaults.sampler_name, request.scheduler or defaults.scheduler)
     _check_clip_skip(model, request.clip_skip, "this model")
     if model.config.is_inpainting and request.mask is None:
         raise InvalidInputError("this is an inpainting model (9-channel UNet): pass an init image and a mask")
@@ -487,30 +503,54 @@ def plan(
         if min(hires_size) < 8:
             raise InvalidInputError(f"the hires fix's target {hires_size[0]}x{hires_size[1]} is too small")
         request.check_size(*hires_size, limits)
-    controls = _controls(model, request)
+    controls = _controls(model, request, width, height, seed)
+    image_prompts = _image_prompts(model, request)
     refiner = _refiner(model, request, refiner)  # last: loading one is the slow part
     if refiner is not None:
         _check_clip_skip(refiner, request.clip_skip, "the refiner")
     return Job(
         source=request, prompts=prompts, negative_prompts=negatives, seeds=[seed + i for i in range(len(prompts))],
-        width=width, height=height, steps=request.steps,
-        guidance_scale=model.default_cfg_scale if request.cfg_scale is None else float(request.cfg_scale),
+        width=width, height=height, steps=steps,
+        guidance_scale=defaults.cfg_scale if request.cfg_scale is None else float(request.cfg_scale),
         sampler=info.name, schedule=kind, clip_skip=request.clip_skip, generator=generator, eta=request.eta,
         guidance_rescale=request.guidance_rescale, image=init, strength=request.denoising_strength, mask=mask,
         region=region, hires_size=hires_size, written_prompts=written, loras=loras, warnings=warnings,
-        refiner=refiner, controls=controls,
+        refiner=refiner, controls=controls, image_prompts=image_prompts,
     )
 
 
-def _controls(model: Model, request: GenerationRequest) -> list[Control]:
-    """The request's ControlNet units with their models (loaded, and cached, by the model) and images."""
+def _image_prompts(model: Model, request: GenerationRequest) -> list[ImagePrompt]:
+    """The request's IP-Adapter units with their adapters and image encoders (loaded, and cached, by the model), each
+    image encoded."""
+    prompts = []
+    for i, unit in enumerate(request.ip_adapter):
+        try:
+            adapter = model.load_ip_adapter(unit.model)
+            encoder_source = unit.image_encoder or Path(unit.model).expanduser().parent / "image_encoder"
+            encoder = model.load_image_encoder(encoder_source)
+            prompts.append(image_prompt(adapter, encoder, load_image(unit.image), unit.weight,
+                                        controlnet_title(unit.model)))
+        except CheckpointError as e:
+            raise InvalidInputError(f"ip_adapter[{i}]: {e}") from e
+    return prompts
+
+
+def _controls(model: Model, request: GenerationRequest, width: int, height: int, seed: int) -> list[Control]:
+    """The request's ControlNet units with their models (loaded, and cached, by the model) and control maps (each
+    image through its preprocessor)."""
     controls = []
     for i, unit in enumerate(request.controlnet):
+        mask = unit.mask if unit.mask is not None else request.mask
+        try:
+            image = control_map(unit, load_image(unit.image), None if mask is None else load_image(mask), width,
+                                height, seed)
+        except InvalidInputError as e:
+            raise InvalidInputError(f"controlnet[{i}]: {e}") from e
         try:
             controlnet = model.load_controlnet(unit.model)
         except CheckpointError as e:
             raise InvalidInputError(f"controlnet[{i}].model: {e}") from e
-        controls.append(Control(controlnet, load_image(unit.image), unit))
+        controls.append(Control(controlnet, image, unit, controlnet_title(unit.model), model.vae_scale_factor))
     return controls
 
 

@@ -31,7 +31,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .checkpoints.io import atomic_write
 from .errors import InvalidInputError
-from .request import BOOLEAN_LABELS, GenerationRequest, HiresFix, Inpainting, fields_of
+from .request import BOOLEAN_LABELS, ControlNetUnit, GenerationRequest, HiresFix, Inpainting, IPAdapterUnit, fields_of
 
 # A1111's parameter-line regex (modules/infotext_utils.py), byte for byte: readers everywhere use it
 PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -78,6 +78,47 @@ def _keyed_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
 _REQUEST_KEYS = {f.metadata["key"] for cls in (GenerationRequest, HiresFix, Inpainting) for f, _ in _keyed_fields(cls)}
 HIRES_RESIZE = "Hires resize"  # the hires fix's target size, "WxH", as A1111 writes it
 _KEYS = _REQUEST_KEYS | {"Size", HIRES_RESIZE, "Model hash", "Model", "Version"}  # keys `extra` may not use
+
+
+# The A1111 ControlNet extension's keys "ControlNet 0", "ControlNet 1"...: one a unit, its value "Module: canny,
+# Model: name [hash], Weight: 1.0, ..." (these fields in this order, names capitalised word by word, str() values;
+# a unit whose values hold "," or ":" is not written, as the extension writes it empty)
+CONTROLNET_FIELDS = ("module", "model", "weight", "resize_mode", "processor_res", "threshold_a", "threshold_b",
+                     "guidance_start", "guidance_end", "pixel_perfect", "control_mode")
+CONTROLNET_KEY = re.compile(r"ControlNet (\d+)")
+IP_ADAPTER_MODULE = "ip-adapter"  # the extension's IP-Adapter units: modules "ip-adapter_clip_h", ... (image prompts)
+RESIZE_LABELS = {"just resize": "Just Resize", "crop and resize": "Crop and Resize", "resize and fill": "Resize and Fill"}
+
+
+def format_controlnet_unit(unit: ControlNetUnit) -> str:
+    """A unit's text as the extension writes it (sdtorch adds "Guess Mode: True" for diffusers' guess mode)."""
+    values = {name: getattr(unit, name) for name in CONTROLNET_FIELDS}
+    values["resize_mode"] = RESIZE_LABELS[unit.resize_mode.lower()]
+    if unit.guess_mode:
+        values["guess_mode"] = True
+    text = {" ".join(w.capitalize() for w in name.split("_")): str(value) for name, value in values.items()}
+    if any("," in v or ":" in v for v in text.values()):
+        return ""
+    return ", ".join(f"{key}: {value}" for key, value in text.items())
+
+
+def parse_controlnet_unit(text: str) -> ControlNetUnit:
+    """A unit from the extension's text (no image; the model as named there); keys it does not know are skipped,
+    as the extension skips them."""
+    hints = {f.name: hint for f, hint in fields_of(ControlNetUnit)}
+    fields: dict[str, object] = {}
+    for item in text.split(","):
+        key, _, value = item.strip().partition(": ")
+        name = "_".join(w.lower() for w in key.split(" "))
+        if name not in hints or name in ("image", "mask"):
+            continue
+        kinds = [t for t in typing.get_args(hints[name]) or (hints[name],) if t in (bool, int, float)]
+        try:
+            fields[name] = (value == "True" if kinds[0] is bool else kinds[0](float(value)) if kinds[0] is int
+                            else kinds[0](value)) if kinds else value
+        except ValueError:
+            raise InvalidInputError(f"infotext: ControlNet {key} {value!r} is not a valid {kinds[0].__name__}") from None
+    return ControlNetUnit(**fields)
 
 
 def _applies(request: GenerationRequest) -> dict[str, object]:
@@ -176,9 +217,10 @@ def format_infotext(
             if value is None or (value == f.default and not f.metadata["always"]):
                 continue
             values[key] = schedule_label(value) if key == "Schedule type" else _value(f, value)
+    values |= {f"ControlNet {i}": format_controlnet_unit(unit) for i, unit in enumerate(request.controlnet)}
     values |= {"Model hash": model_hash, "Model": model_name, "Version": version}
     for key, value in (extra or {}).items():
-        if key in values or key in _KEYS:
+        if key in values or key in _KEYS or CONTROLNET_KEY.fullmatch(key):
             raise InvalidInputError(f"infotext extra key {key!r} is a request field's key; set the field")
         if not KEY_RE.fullmatch(key):
             raise InvalidInputError(f"infotext key {key!r} cannot be read back: use letters, digits, spaces, - or /")
@@ -285,6 +327,14 @@ def parse_infotext(text: str) -> Infotext:
         fields["hires"] = HiresFix(**found["hires"])
     if found["inpaint"]:
         fields["inpaint"] = Inpainting(**found["inpaint"])
+    keys = sorted((int(m.group(1)), key) for key in values if (m := CONTROLNET_KEY.fullmatch(key)))
+    units = [parse_controlnet_unit(values.pop(key)) for _, key in keys]
+    controls = [unit for unit in units if not unit.module.startswith(IP_ADAPTER_MODULE)]
+    images = [IPAdapterUnit(model=unit.model, weight=unit.weight) for unit in units if unit not in controls]
+    if controls:
+        fields["controlnet"] = controls
+    if images:  # the extension's IP-Adapter units: image prompts
+        fields["ip_adapter"] = images
     meta = {name: values.pop(key, None) for name, key in (("model_hash", "Model hash"), ("model_name", "Model"),
                                                             ("version", "Version"))}
     return Infotext(GenerationRequest(prompt=prompt, negative_prompt=negative, **fields), extra=values, **meta)

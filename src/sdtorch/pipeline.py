@@ -28,14 +28,13 @@ from .models.sdxl_text import SDXLTextEncoder
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
-from .request import GenerationRequest, Limits
+from .request import GenerationRequest, Limits, ModelDefaults
 from .sampling.common import Callback
 
 if TYPE_CHECKING:
     from .checkpoints.vae_files import LoadedVae
 
 
-DEFAULT_CFG_SCALE = 7.5  # A1111's and diffusers' habit, for the checkpoints users bring
 
 
 @dataclass
@@ -67,16 +66,16 @@ class Pipeline:
         self.vae = vae
         self.config = config
         self.report = report
-        self.default_cfg_scale = DEFAULT_CFG_SCALE  # the guidance scale a request without one gets
-        # the schedule a request without one gets: None, the sampler's own; "SGM Uniform" (trailing timesteps) for
-        # models distilled for few steps (SDXL Turbo / Lightning), whose diffusers scheduler says "trailing"
-        self.default_schedule: str | None = None
+        # what a request's unset steps, sampler, schedule and CFG become: the files' (the built-in model's CFG 4;
+        # FEW_STEP_DEFAULTS for a diffusers folder whose scheduler says "trailing", as SDXL Turbo's / Lightning's do)
+        self.defaults = ModelDefaults()
         self.limits = Limits()  # upper bounds every request is checked against before any work
         self.lora_adapters = LoraAdapters()  # the LoRAs applied to the UNet and text encoder (adapters/lora.py)
         self.lora_dir: Path | None = None  # where a prompt's <lora:name:weight> tags find their files
         self.compiled_unet: CompiledUNet | None = None  # set by compile(): generation runs the UNet through it
         self._refiner: tuple[str, Pipeline] | None = None  # (name, model) of the refiner requests last named
         self._controlnets: dict[str, nn.Module] = {}  # ControlNets requests named, by resolved path
+        self._adapters: dict[tuple[str, str], nn.Module] = {}  # IP-Adapters and image encoders, by kind and path
         # where a request's refiner_checkpoint is looked up (the server: its listed checkpoints only, so a client
         # never makes it open an arbitrary path); None: the name is a local path
         self.refiner_lookup: Callable[[str], str | None] | None = None
@@ -177,23 +176,51 @@ class Pipeline:
 
         self._refiner = None  # let the previous refiner go before the next loads
         refiner = load(source, dtype=self.dtype, device=self.device)
+        if self.loaded_vae is not None:  # A1111's "SD VAE" setting holds for whichever model runs
+            refiner.load_vae(self.loaded_vae.source)
         self._refiner = (name, refiner)
         return refiner
 
     def load_controlnet(self, source: str | os.PathLike) -> nn.Module:
-        """The ControlNet of a request's unit (`ControlNetUnit.model`: a file or diffusers folder), loaded strictly on
-        this pipeline's device and dtype, checked to fit its UNet, and kept for later requests
-        (`unload_controlnets`)."""
+        """The model of a request's ControlNet unit (`ControlNetUnit.model`: a file or diffusers folder): a ControlNet
+        or, as the A1111 extension also takes, a T2I-Adapter; loaded strictly on this pipeline's device and dtype,
+        checked to fit its UNet, and kept for later requests (`unload_controlnets`)."""
         from .checkpoints.controlnet_files import load_controlnet
+        from .checkpoints.t2i_adapter_files import is_t2i_adapter, load_t2i_adapter
 
         key = str(Path(source).expanduser().resolve())
         if key not in self._controlnets:
-            self._controlnets[key] = load_controlnet(source, self.dtype, self.device, base=self.unet.config)
+            base = self.unet.config
+            self._controlnets[key] = (
+                load_t2i_adapter(source, self.dtype, self.device, base=base, latent_scale=self.vae_scale_factor)
+                if is_t2i_adapter(source) else load_controlnet(source, self.dtype, self.device, base=base))
         return self._controlnets[key]
 
     def unload_controlnets(self) -> None:
-        """Forget the ControlNets kept by `load_controlnet`."""
+        """Forget the ControlNets, T2I- and IP-Adapters and image encoders kept by `load_controlnet`,
+        `load_ip_adapter` and `load_image_encoder`."""
         self._controlnets.clear()
+        self._adapters.clear()
+
+    def load_ip_adapter(self, source: str | os.PathLike) -> nn.Module:
+        """The IP-Adapter of a request's unit (`IPAdapterUnit.model`), loaded strictly on this pipeline's device and
+        dtype, checked to fit its UNet, and kept for later requests."""
+        from .checkpoints.ip_adapter_files import load_ip_adapter
+
+        key = ("ip_adapter", str(Path(source).expanduser().resolve()))
+        if key not in self._adapters:
+            self._adapters[key] = load_ip_adapter(source, self.dtype, self.device, unet=self.unet)
+        return self._adapters[key]
+
+    def load_image_encoder(self, source: str | os.PathLike) -> nn.Module:
+        """A CLIP vision tower for IP-Adapters (`IPAdapterUnit.image_encoder`), on this pipeline's device and dtype,
+        kept for later requests."""
+        from .checkpoints.ip_adapter_files import load_clip_vision
+
+        key = ("image_encoder", str(Path(source).expanduser().resolve()))
+        if key not in self._adapters:
+            self._adapters[key] = load_clip_vision(source, self.dtype, self.device)
+        return self._adapters[key]
 
     def load_vae(self, path: str | os.PathLike | None) -> Pipeline:
         """Decode (and encode) with a separately given VAE, as A1111's "SD VAE" setting does; None: the checkpoint's

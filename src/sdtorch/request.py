@@ -199,13 +199,6 @@ class Inpainting:
 
 
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")  # the A1111 extension's
-SUPPORTED_CONTROL_MODES = ("Balanced",)
-
-
-def _supported_control_mode(v: str, _: Limits) -> str | None:
-    if v not in CONTROL_MODES:
-        return f"must be one of {', '.join(map(repr, CONTROL_MODES))}"
-    return None if v in SUPPORTED_CONTROL_MODES else "is not supported yet (only 'Balanced' is)"
 
 
 def _resize_mode_name(v: str, _: Limits) -> str | None:
@@ -214,39 +207,45 @@ def _resize_mode_name(v: str, _: Limits) -> str | None:
 
 @dataclass
 class ControlNetUnit:
-    """One ControlNet guiding the generation (a unit of A1111's ControlNet extension, its names): the control image,
-    already preprocessed (an edge map, a depth map...), resized to the output size by `resize_mode`; the ControlNet
-    `model` (a file or diffusers folder, loaded by the model: `Pipeline.load_controlnet`); its residuals scaled by
-    `weight` and added to the UNet's calls from `guidance_start` to `guidance_end` (fractions of the sampling steps).
-    Several units sum their residuals (diffusers' MultiControlNetModel)."""
+    """One ControlNet guiding the generation (a unit of A1111's ControlNet extension, its names and API defaults):
+    the control image, run through the preprocessor `module` (preprocessors.py: "canny", "none" for an image
+    already preprocessed...), resized to the output size by `resize_mode`; the ControlNet `model` (a file or
+    diffusers folder, loaded by the model: `Pipeline.load_controlnet`); its residuals scaled by `weight` and added
+    to the UNet's calls from `guidance_start` to `guidance_end` (fractions of the sampling steps). Several units
+    sum their residuals (diffusers' MultiControlNetModel)."""
 
-    image: ImageInput | None = setting(None, "the control image (preprocessed: edges, depth, pose...)")
+    image: ImageInput | None = setting(None, "the control image (CLI: starts a unit; the --control-* and "
+                                       "preprocessor flags after it set that unit's fields)", cli="--control")
     model: str | os.PathLike | None = setting(None, "the ControlNet: a file (original or diffusers layout) or a "
-                                              "diffusers folder")
+                                              "diffusers folder", cli="--control-model")
+    module: str = setting("none", 'the preprocessor run on the image first: "canny", "invert", "tile_resample"... '
+                          "('none': the image is the control map)", cli="--preprocessor")
     weight: float = setting(1.0, "scale of the ControlNet's residuals (diffusers' controlnet_conditioning_scale)",
-                            checks=(finite, at_least(0.0)))
+                            cli="--control-weight", checks=(finite, at_least(0.0)))
     guidance_start: float = setting(0.0, "the fraction of the steps from which the ControlNet guides",
-                                    checks=(finite, at_least(0.0), at_most_one))
+                                    cli="--control-start", checks=(finite, at_least(0.0), at_most_one))
     guidance_end: float = setting(1.0, "the fraction of the steps up to which the ControlNet guides",
-                                  checks=(finite, at_least(0.0), at_most_one))
-    control_mode: str = setting("Balanced", "how prompt and ControlNet are balanced (only 'Balanced' so far)",
-                                checks=(_supported_control_mode,), choices=CONTROL_MODES)
+                                  cli="--control-end", checks=(finite, at_least(0.0), at_most_one))
+    control_mode: str = setting("Balanced", "how prompt and ControlNet are balanced: 'Balanced'; 'My prompt is more "
+                                "important' (residuals of shallower layers weaker); 'ControlNet is more important' "
+                                "(also only on CFG's conditional half)", cli="--control-mode",
+                                checks=(one_of(CONTROL_MODES),), choices=CONTROL_MODES)
+    guess_mode: bool = setting(False, "diffusers' guess mode: residuals scaled from 0.1 (shallowest) to 1 (mid "
+                               "block) and only on CFG's conditional half; with control_mode 'Balanced'",
+                               cli="--control-guess-mode")
     resize_mode: str = setting("crop and resize", "how the control image meets the output size (A1111's "
                                "'Just Resize', 'Crop and Resize', 'Resize and Fill', any case)",
-                               checks=(_resize_mode_name,), choices=RESIZE_MODES)
-
-    @classmethod
-    def from_value(cls, value: Any, where: str) -> ControlNetUnit:
-        """A unit from a ControlNetUnit or a dict of its fields (the extension's JSON); unknown keys are errors."""
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, dict):
-            raise InvalidInputError(f"{where} must be a ControlNetUnit or a dict of its fields, not {value!r}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in value:
-            if key not in names:
-                raise InvalidInputError(f"{where}: unknown field {key!r}{suggestion(str(key), names)}")
-        return cls(**value)
+                               cli="--control-resize", checks=(_resize_mode_name,))
+    processor_res: int = setting(-1, "the preprocessor's working resolution (-1: its default, 512)",
+                                 cli="--preprocessor-res")
+    threshold_a: float = setting(-1.0, "the preprocessor's first parameter (canny: low threshold; -1: its default)",
+                                 cli="--threshold-a", checks=(finite,))
+    threshold_b: float = setting(-1.0, "the preprocessor's second parameter (canny: high threshold; -1: its "
+                                 "default)", cli="--threshold-b", checks=(finite,))
+    pixel_perfect: bool = setting(False, "the preprocessor's resolution from the output size (the extension's "
+                                  "Pixel Perfect)", cli="--pixel-perfect")
+    mask: ImageInput | None = setting(None, "the inpaint preprocessors' mask, white = repaint (None: the request's "
+                                      "inpainting mask)", cli="--control-mask")
 
     def validate(self, limits: Limits, where: str) -> None:
         _check_fields(self, limits, f"{where}.")
@@ -257,6 +256,83 @@ class ControlNetUnit:
         if self.guidance_start >= self.guidance_end:
             raise InvalidInputError(f"{where}.guidance_start {self.guidance_start} must be below guidance_end "
                                     f"{self.guidance_end}")
+        if self.guess_mode and self.control_mode != "Balanced":
+            raise InvalidInputError(f"{where}: guess_mode is diffusers' own weighting; it does not combine with "
+                                    f"control_mode {self.control_mode!r}")
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a request's `None` settings become for one model (`Pipeline.defaults`); saved with the model when they
+    differ from these (checkpoints/saving.py)."""
+
+    steps: int = 20
+    sampler_name: str = "DPM++ 2M"
+    scheduler: str | None = None  # None: the sampler's own
+    cfg_scale: float = 7.5  # A1111's and diffusers' habit
+
+    def validate(self, where: str) -> ModelDefaults:
+        """Check the values by GenerationRequest's rules for the same fields; raise InvalidInputError naming `where`."""
+        try:
+            GenerationRequest(**dataclasses.asdict(self)).validate()
+        except InvalidInputError as error:
+            raise InvalidInputError(f"{where}: the model's default {error}") from None
+        return self
+
+    @classmethod
+    def from_dict(cls, values: object, where: str) -> ModelDefaults:
+        """Defaults from a JSON object of the fields that differ; unknown keys are errors."""
+        return from_fields(cls, values, where, "model default").validate(where)
+
+    def changes(self) -> dict[str, Any]:
+        """The fields that differ from the plain defaults (what a saved model records)."""
+        plain = ModelDefaults()
+        return {k: v for k, v in dataclasses.asdict(self).items() if getattr(plain, k) != v}
+
+
+# Models distilled for a few steps (SDXL Turbo, Lightning, Hyper-SD): trailing timesteps and no guidance
+FEW_STEP_DEFAULTS = ModelDefaults(steps=4, sampler_name="Euler a", scheduler="SGM Uniform", cfg_scale=1.0)
+
+
+@dataclass
+class IPAdapterUnit:
+    """An image as a prompt (IP-Adapter, Ye et al. 2023): `image` encoded by a CLIP vision tower (`image_encoder`),
+    turned into tokens by the adapter `model`, which the UNet's cross-attentions read beside the text through the
+    adapter's own keys and values, scaled by `weight` (diffusers' `ip_adapter_image` and `set_ip_adapter_scale`)."""
+
+    image: ImageInput | None = setting(None, "the image prompt", cli="--ip-image")
+    model: str | os.PathLike | None = setting(None, "the IP-Adapter file (ip-adapter_sd15, ip-adapter-plus_sdxl_vit-h..."
+                                              "; CLI: starts a unit, the --ip-* flags after it set its fields)",
+                                              cli="--ip-adapter")
+    image_encoder: str | os.PathLike | None = setting(None, "the CLIP vision tower it was trained with: a transformers "
+                                                      "folder or file (None: the `image_encoder` folder beside the "
+                                                      "adapter's, as h94/IP-Adapter lays them out)", cli="--ip-encoder")
+    weight: float = setting(1.0, "scale of the image tokens' attention (diffusers' ip_adapter_scale)",
+                            cli="--ip-weight", checks=(finite, at_least(0.0)))
+
+    def validate(self, limits: Limits, where: str) -> None:
+        _check_fields(self, limits, f"{where}.")
+        if self.image is None:
+            raise InvalidInputError(f"{where}.image is missing: give the image prompt")
+        if self.model is None:
+            raise InvalidInputError(f"{where}.model is missing: give the IP-Adapter file")
+
+
+UNIT_FIELDS: dict[str, type] = {"controlnet": ControlNetUnit, "ip_adapter": IPAdapterUnit}  # request fields of units
+
+
+def from_fields(cls: type, value: Any, where: str, noun: str = "field") -> Any:
+    """A `cls` (a dataclass) from itself or a dict (JSON object) of its fields; unknown keys are errors naming
+    the closest field."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{where} must be a {cls.__name__} or a JSON object of its fields, not {value!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in value:
+        if key not in names:
+            raise InvalidInputError(f"{where}: unknown {noun} {key!r}{suggestion(str(key), names)}")
+    return cls(**value)
 
 
 # Infotext values of the boolean inpainting keys, as A1111 writes them
@@ -273,15 +349,16 @@ class GenerationRequest:
 
     prompt: str | list[str] = setting("", "what to draw (A1111 syntax: (word:1.2), [word], BREAK)")
     negative_prompt: str | list[str] = setting("", "what not to draw", cli="--negative")
-    steps: int = setting(20, "sampling steps", cli="--steps", key="Steps", always=True, aliases=("num_inference_steps",),
+    steps: int | None = setting(None, "sampling steps (None: the model's, 20; 4 for few-step models)", cli="--steps", key="Steps", always=True, aliases=("num_inference_steps",),
                          checks=(at_least(1), at_most("max_steps")))
-    sampler_name: str = setting("DPM++ 2M", 'A1111 name, e.g. "DPM++ 2M", "Euler a", "DDIM", "UniPC"',
+    sampler_name: str | None = setting(None, 'A1111 name, e.g. "DPM++ 2M", "Euler a", "DDIM", "UniPC" (None: the '
+                                       "model's, DPM++ 2M; Euler a for few-step models)",
                                 cli="--sampler", key="Sampler", always=True, aliases=("sampler",))
     scheduler: str | None = setting(None, "Automatic, Karras, Exponential, Uniform, SGM Uniform (None: the "
-                                    "sampler's own)", cli="--schedule", key="Schedule type", always=True, aliases=("schedule",),
+                                    "model's: the sampler's own; SGM Uniform for few-step models)", cli="--schedule", key="Schedule type", always=True, aliases=("schedule",),
                                     )
     cfg_scale: float | None = setting(None, "classifier-free guidance scale (None: the model's, 7.5; 4 for the "
-                                      "built-in model)", cli="--cfg", key="CFG scale", always=True, aliases=("guidance_scale",),
+                                      "built-in model; 1 for few-step models)", cli="--cfg", key="CFG scale", always=True, aliases=("guidance_scale",),
                                       checks=(finite, at_least(0.0)))
     seed: int = setting(-1, "-1: random; image i of a batch uses seed + i", cli="--seed", key="Seed", always=True,
                         checks=(_seed_range,))
@@ -320,6 +397,8 @@ class GenerationRequest:
     inpaint: Inpainting = field(default_factory=Inpainting, metadata=dict(help="inpainting settings"))
     controlnet: list[ControlNetUnit] = field(default_factory=list, metadata=dict(
         help="ControlNet units (ControlNetUnit or dicts of its fields), their residuals summed"))
+    ip_adapter: list[IPAdapterUnit] = field(default_factory=list, metadata=dict(
+        help="image prompts (IPAdapterUnit or dicts of its fields), their tokens read side by side"))
 
     # ---- building ---------------------------------------------------------------------------------
 
@@ -348,11 +427,11 @@ class GenerationRequest:
             top["hires"] = HiresFix(**hires)
         if inpaint and "inpaint" not in top:
             top["inpaint"] = Inpainting(**inpaint)
-        if isinstance(top.get("controlnet"), (list, tuple)):
-            units = top["controlnet"]
-            top["controlnet"] = [ControlNetUnit.from_value(u, f"controlnet[{i}]") for i, u in enumerate(units)]
-        elif isinstance(top.get("controlnet"), (ControlNetUnit, dict)):  # one unit
-            top["controlnet"] = [ControlNetUnit.from_value(top["controlnet"], "controlnet")]
+        for name, unit_class in UNIT_FIELDS.items():
+            if isinstance(top.get(name), (list, tuple)):
+                top[name] = [from_fields(unit_class, u, f"{name}[{i}]") for i, u in enumerate(top[name])]
+            elif isinstance(top.get(name), (unit_class, dict)):  # one unit
+                top[name] = [from_fields(unit_class, top[name], name)]
         return cls(**top)
 
     def replace(self, **changes: Any) -> GenerationRequest:
@@ -371,10 +450,11 @@ class GenerationRequest:
         if self.hires is not None:
             _check_fields(self.hires, limits, "")
         _check_fields(self.inpaint, limits, "")
-        for i, unit in enumerate(self.controlnet):
-            if not isinstance(unit, ControlNetUnit):
-                raise InvalidInputError(f"controlnet[{i}] must be a ControlNetUnit, not {unit!r}")
-            unit.validate(limits, f"controlnet[{i}]")
+        for name, unit_class in UNIT_FIELDS.items():
+            for i, unit in enumerate(getattr(self, name)):
+                if not isinstance(unit, unit_class):
+                    raise InvalidInputError(f"{name}[{i}] must be a {unit_class.__name__}, not {unit!r}")
+                unit.validate(limits, f"{name}[{i}]")
         prompts = self.prompts()
         if not prompts:
             raise InvalidInputError("prompt must be a string or a non-empty list of strings")
@@ -390,14 +470,8 @@ class GenerationRequest:
             raise InvalidInputError("a mask needs an init image to inpaint (image / --init-image)")
         if self.init_image is not None and self.hires is not None:
             raise InvalidInputError("the hires fix is for txt2img; for a larger img2img, give the larger width and height")
-        if self.init_image is not None and int(self.steps * self.denoising_strength) < 1:
-            raise InvalidInputError(f"denoising_strength {self.denoising_strength} with {self.steps} steps runs no "
-                                    "step; raise either")
-        if self.hires is not None:
-            steps = self.hires.hr_second_pass_steps or self.steps
-            if int(steps * self.hires.hr_denoising_strength) < 1:
-                raise InvalidInputError(f"hr_denoising_strength {self.hires.hr_denoising_strength} with {steps} "
-                                        "second-pass steps runs no step; raise either")
+        if self.steps is not None:  # else checked once the model's default is known
+            self.check_steps(self.steps)
         if self.width is not None and self.height is not None:  # else known once the model or init image is
             self.check_size(self.width, self.height, limits)
             if self.hires is not None:
@@ -408,6 +482,17 @@ class GenerationRequest:
             if problem:
                 raise InvalidInputError(f"{name} {value!r} {problem}")
         return self
+
+    def check_steps(self, steps: int) -> None:
+        """That img2img and the hires fix's second pass run at least one step with `steps` sampling steps."""
+        if self.init_image is not None and int(steps * self.denoising_strength) < 1:
+            raise InvalidInputError(f"denoising_strength {self.denoising_strength} with {steps} steps runs no "
+                                    "step; raise either")
+        if self.hires is not None:
+            second = self.hires.hr_second_pass_steps or steps
+            if int(second * self.hires.hr_denoising_strength) < 1:
+                raise InvalidInputError(f"hr_denoising_strength {self.hires.hr_denoising_strength} with {second} "
+                                        "second-pass steps runs no step; raise either")
 
     def check_size(self, width: int, height: int, limits: Limits) -> None:
         """The pixel budget for `images` pictures of width x height (the first pass and the hires target)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +34,13 @@ from ..configs import ControlNetConfig, UNetConfig
 from ..errors import ArchitectureError, CheckpointError, InvalidInputError
 from ..models.controlnet import ControlNet
 from .detect import CONV, block_indices, tensor_shape, unet_config_from_tensors
-from .io import describe_error, read_checkpoint
+from .io import (
+    describe_error, detect_format, legacy_model_hash, read_checkpoint, read_safetensors_header,
+    weight_dtype, write_folder, write_json, write_safetensors,
+)
 from .keymaps import UNET_PREFIX, first_keys, rename_key, unet_table
+
+logger = logging.getLogger(__name__)
 
 CONTROL_PREFIX = "control_model."
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
@@ -121,7 +127,8 @@ def infer_controlnet_config(
     sd: dict[str, Tensor], base: UNetConfig | None = None, global_pool: bool = False
 ) -> ControlNetConfig:
     """The ControlNetConfig an original-layout state dict (without the `control_model.` prefix) describes; heads
-    and SDXL's size-number width from `base` where its levels have the same widths, else SD's conventions."""
+    and SDXL's size-number width from `base` where its levels have the same widths, its norm groups, else SD's
+    conventions."""
     part = "ControlNet"
     hint = block_indices(sd, _HINT)
     convs = len(hint)  # conv_in, a pair a downscaling step, conv_out
@@ -132,7 +139,7 @@ def infer_controlnet_config(
     # each step's second conv (stride 2, at 4k) sets the next width
     widths = (first[0], *(tensor_shape(sd, f"{_HINT}{4 * k}.weight", part, CONV)[0] for k in range(1, convs // 2)))
     try:  # the encoder has no output conv (a ControlNet has no out_channels; 4 is recorded)
-        unet = unet_config_from_tensors(sd, out_channels=4)
+        unet = unet_config_from_tensors(sd, out_channels=4, norm_groups=base.norm_groups if base is not None else 32)
     except ArchitectureError as e:
         raise ArchitectureError(str(e).replace("UNet:", f"{part} (its UNet encoder):", 1)) from None
     unet = _from_base(unet, base)
@@ -147,7 +154,7 @@ def _from_base(unet: UNetConfig, base: UNetConfig | None) -> UNetConfig:
         for level, ch in enumerate(unet.block_channels):
             if level < len(base.block_channels) and base.block_channels[level] == ch:
                 heads[level] = base.num_heads[level]
-    changes: dict = dict(num_heads=tuple(heads), sample_size=64)
+    changes: dict = dict(num_heads=tuple(heads), sample_size=base.sample_size if base is not None else 64)
     if unet.has_addition:
         width = base.addition_time_embed_dim if base is not None and base.has_addition else SDXL_TIME_ID_WIDTH
         if unet.addition_in_dim <= width:
@@ -263,9 +270,7 @@ def load_controlnet(
     """
     from .loading import build_model  # loading.py imports the pipeline, which will import this module
 
-    dtype = dtype or torch.float32
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise InvalidInputError(f"dtype must be a floating-point torch.dtype (torch.float16, ...), not {dtype!r}")
+    dtype = weight_dtype(dtype)
     path = Path(source).expanduser()
     if path.is_dir():
         config, tensors, report = read_controlnet_folder(path, dtype)
@@ -275,14 +280,18 @@ def load_controlnet(
         raise CheckpointError(f"no such ControlNet file or folder: {source}")
     if base is not None:
         check_fits(config, base, str(source))
-    try:
-        model = build_model(ControlNet, config, tensors, "ControlNet", dtype, device)
-    except CheckpointError as e:
-        if str(source) not in str(e):
-            e.args = (f"{source}: {e}",)
-        raise
+    model = build_model(ControlNet, config, tensors, "ControlNet", dtype, device, source=str(source))
     model.load_report = report
     return model
+
+
+def controlnet_title(source: str | os.PathLike) -> str:
+    """The A1111 extension's name for a ControlNet file, "name [hash]" (its file name without suffix and A1111's
+    legacy 8-digit hash); a diffusers folder is named by the folder, hashed by its weights file."""
+    path = Path(source).expanduser()
+    weights = next((path / name for name in WEIGHT_FILES if (path / name).is_file()), None) if path.is_dir() else path
+    name = path.name if path.is_dir() else path.stem
+    return f"{name} [{legacy_model_hash(weights)}]" if weights is not None else name
 
 
 def check_fits(config: ControlNetConfig, base: UNetConfig, source: str = "the ControlNet") -> None:
@@ -302,3 +311,99 @@ def check_fits(config: ControlNetConfig, base: UNetConfig, source: str = "the Co
                         f"({base.block_channels}, {base.layers_per_block}), so its residuals do not fit the skips")
     if problems:
         raise ArchitectureError(f"{source} does not fit this model: {'; '.join(problems)}")
+
+
+# ---- saving ------------------------------------------------------------------------------------------------------
+
+SAVE_FORMATS = ("diffusers", "single_file")
+# What a diffusers ControlNet folder holds (hub repositories add the README, licence and git files); a folder holding
+# anything else is not one and is never replaced.
+_FOLDER_ENTRIES = frozenset({"config.json", *WEIGHT_FILES, "README.md", "LICENSE", "LICENSE.md", ".gitattributes",
+                             ".gitignore"})
+
+
+def _not_a_controlnet(path: Path, format: str) -> str | None:
+    """Why the existing `path` (a folder for "diffusers", a file for "single_file") may not be replaced by a
+    ControlNet in `format`, or None when it may."""
+    if format == "diffusers":
+        names = {entry.name for entry in path.iterdir()}
+        others = sorted(names - _FOLDER_ENTRIES)
+        if others:
+            shown = ", ".join(others[:5]) + (" ..." if len(others) > 5 else "")
+            return f"it holds files a diffusers ControlNet does not ({shown})"
+        try:
+            cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            return "it has no readable config.json"
+        name = cfg.get("_class_name") if isinstance(cfg, dict) else None
+        return None if name == "ControlNetModel" else f"its config.json describes a {name}, not a ControlNetModel"
+    try:
+        if detect_format(path) != "safetensors":
+            return "it is not a safetensors file"
+        entries, _, _ = read_safetensors_header(path)
+    except CheckpointError as e:
+        return f"it is not a safetensors file ({e})"
+    if not any(k.startswith((CONTROL_PREFIX, _HINT)) or k == _DIFFUSERS_HINT for k in entries):
+        return "it holds no ControlNet"
+    return None
+
+
+def _misread(config: ControlNetConfig, original: dict[str, Tensor]) -> list[str]:
+    """How `load_controlnet(file, base=config.unet)` would misread `config` from a file of the original-layout tensors
+    `original` (the layout records shapes only; e.g. norm_groups other than SD's 32): [] when it reads it right."""
+    stripped = {k.removeprefix(CONTROL_PREFIX): v for k, v in original.items()}
+    try:
+        inferred = infer_controlnet_config(stripped, config.unet, config.global_pool_conditions)
+    except ArchitectureError as e:
+        return [f"read SD's way its tensors fail: {e}"]
+    ours, theirs = dataclasses.asdict(config), dataclasses.asdict(inferred)
+    ours.update({f"unet.{k}": v for k, v in ours.pop("unet").items() if k not in ("sample_size", "out_channels")})
+    theirs.update({f"unet.{k}": v for k, v in theirs.pop("unet").items()})
+    return [f"{k} {v!r} would read as {theirs[k]!r}" for k, v in ours.items() if v != theirs[k]]
+
+
+def save_controlnet(model: ControlNet, path: str | os.PathLike, format: str = "diffusers",
+                    overwrite: bool = False) -> Path:
+    """Write `model` to `path`; returns the path.
+
+    format "diffusers": a folder as diffusers' `ControlNetModel.save_pretrained` writes it (config.json from
+        `ControlNetConfig.to_diffusers()`, diffusion_pytorch_model.safetensors in diffusers' names = sdtorch's),
+        written beside `path` and renamed into place, so a failure leaves `path` as it was.
+    format "single_file": one safetensors file in the original layout of the A1111 extension's files
+        (`control_model.*`, `controlnet_to_original`), written to a temp file and renamed.
+    Both load with `load_controlnet` and the folder with diffusers' `ControlNetModel.from_pretrained`. The original
+    layout records only tensors: a single file needs `base` (the UNet's config) where the heads or norm groups are not
+    SD's, and `config` where even that misreads it: a warning names such settings, and the diffusers format
+    records them all. An existing `path` is
+    refused unless `overwrite`, and even then replaced only if it is a ControlNet in the same format: a user's
+    other files are never deleted to make room.
+    """
+    if format not in SAVE_FORMATS:
+        raise InvalidInputError(f"unknown ControlNet save format {format!r}: use one of {', '.join(SAVE_FORMATS)}")
+    path = Path(path).expanduser()
+    if format == "single_file" and path.is_dir():
+        raise InvalidInputError(f"{path} is a folder; a single-file ControlNet needs a file name (*.safetensors)")
+    if format == "diffusers" and os.path.lexists(path) and not path.is_dir():
+        raise InvalidInputError(f"{path} is a file; a diffusers ControlNet is a folder")
+    if os.path.lexists(path) and not (path.is_dir() and not any(path.iterdir())):
+        problem = _not_a_controlnet(path, format) if overwrite else "pass overwrite=True to replace it"
+        if problem:
+            raise InvalidInputError(f"{path} already exists and is not replaced: {problem}")
+    tensors = {k: v.detach() for k, v in model.state_dict().items()}  # diffusers' names
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if format == "single_file":
+        original = controlnet_to_original(tensors, model.config)  # control_model.* names
+        misread = _misread(model.config, original)
+        if misread:
+            logger.warning("%s: the original layout does not record this ControlNet's architecture (%s): load it with "
+                           "load_controlnet(..., config=...), or export the diffusers format, which records it", path,
+                           "; ".join(misread))
+        write_safetensors(original, path, {"format": "pt"})  # atomic: a temp file renamed into place
+        return path
+
+    def fill(staging: Path) -> None:
+        write_json(model.config.to_diffusers(), staging / "config.json")
+        write_safetensors(tensors, staging / WEIGHT_FILES[0], {"format": "pt"})
+
+    write_folder(path, fill)
+    return path

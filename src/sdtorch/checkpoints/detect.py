@@ -81,9 +81,10 @@ def _count(sd: dict[str, Tensor], prefix: str) -> int:
     return len(block_indices(sd, prefix))
 
 
-def unet_config_from_tensors(sd: dict[str, Tensor], out_channels: int | None = None) -> UNetConfig:
+def unet_config_from_tensors(sd: dict[str, Tensor], out_channels: int | None = None, norm_groups: int = 32) -> UNetConfig:
     """The UNet's sizes from its original-layout tensors (`out_channels` given: a UNet without its output conv, as
-    a ControlNet's copy); the addition embedding's `addition_in_dim` is read here, its split in `infer_config`."""
+    a ControlNet's copy; `norm_groups`, which tensors do not show: SD's 32 unless known); the addition embedding's
+    `addition_in_dim` is read here, its split in `infer_config`."""
     part = "UNet"
     inputs = block_indices(sd, "input_blocks.")
     downsamplers = [k for k in inputs if f"input_blocks.{k}.0.op.weight" in sd]
@@ -105,6 +106,7 @@ def unet_config_from_tensors(sd: dict[str, Tensor], out_channels: int | None = N
         num_heads=tuple(max(1, c // 64) for c in channels) if linear else (8,) * levels,
         context_dim=tensor_shape(sd, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", part, LINEAR)[1],
         use_linear_proj=linear,
+        norm_groups=norm_groups,
         transformer_depth=_transformer_depth(sd, first, attention),
         sample_size=SDXL_SAMPLE_SIZE if addition else 64,
         addition_time_embed_dim=addition,  # a placeholder until infer_config knows the pooled width

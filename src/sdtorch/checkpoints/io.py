@@ -20,6 +20,7 @@ import pickle
 import re
 import reprlib
 import struct
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import BinaryIO
 
 import torch
 
-from ..errors import CheckpointError, UnsafeCheckpointError
+from ..errors import CheckpointError, InvalidInputError, UnsafeCheckpointError
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -92,6 +93,70 @@ def file_sha256(path: str | os.PathLike, start: int = 0) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_folder(path: Path, fill: Callable[[Path], None]) -> None:
+    """Write a folder atomically: `fill(staging)` writes it beside `path`, then it is renamed into place (an existing
+    `path` moved aside first and removed only once the new one is in place). A failure leaves `path` as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        fill(staging)
+        _replace_folder(staging, path)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"could not write {path}: {e.strerror or e}; nothing was changed") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _replace_folder(new: Path, dst: Path) -> None:
+    """Rename `new` to `dst`; an existing `dst` is moved aside first and removed only once `new` is in place."""
+    if not dst.exists():
+        os.replace(new, dst)
+        return
+    old = new.with_name(f"{new.name}.old")  # `new` has a unique name (mkdtemp), so this one is free too
+    os.replace(dst, old)
+    try:
+        os.replace(new, dst)
+    except OSError:
+        os.replace(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def weight_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype weights are loaded in: `dtype` (a floating-point torch.dtype) or float32; anything else is an error."""
+    dtype = dtype or torch.float32
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InvalidInputError(f"dtype must be a floating-point torch.dtype (torch.float16, ...), not {dtype!r}")
+    return dtype
+
+
+def read_json_object(path: str | os.PathLike, missing: str | None = None) -> dict:
+    """A JSON object from `path`; a missing (message: `missing`, else "missing <path>"), unreadable or malformed
+    file, or JSON that is not an object, is a CheckpointError naming it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(missing or f"missing {path}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, an integer too long to parse, deep nesting
+        raise CheckpointError(f"{path} is not valid JSON ({describe_error(e)})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def legacy_model_hash(path: str | os.PathLike) -> str:
+    """A1111's old short model hash (`sd_models.model_hash`, what the ControlNet extension names models by): the
+    first 8 hex digits of the sha256 of the 64 KiB at offset 1 MiB (fewer bytes, or none, in a smaller file)."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[str, str], int]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import reprlib
 from pathlib import Path
@@ -29,16 +28,20 @@ from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
 from ..pipeline import LoadReport, Pipeline
+from ..request import FEW_STEP_DEFAULTS, ModelDefaults
 from .detect import infer_config
-from .io import describe_error, detect_format, read_checkpoint, read_shapes
+from .io import describe_error, detect_format, read_checkpoint, read_json_object, read_shapes, weight_dtype
 from .keymaps import original_to_parts
 
 CONFIG_METADATA_KEY = "sdtorch_config"
 TOKENIZER_METADATA_KEY = "sdtorch_tokenizer"  # a vocabulary other than CLIP's travels in the file (JSON)
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapes"  # trained by configs/shapes.toml
-CFG_SCALE_KEY = "sdtorch_cfg_scale"  # the model's own default CFG (the shapes model's: 4), in the file's metadata
-TRAILING_SCHEDULE = "SGM Uniform"  # A1111's name for trailing timesteps: the default of a "trailing" diffusers model
-CFG_SCALE_INDEX_KEY = "_sdtorch_cfg_scale"  # the same in a diffusers folder's model_index.json (diffusers skips "_")
+# its ControlNet on canny edge maps (scripts/shapes_controlnet.py), a diffusers ControlNet folder
+SHAPES_CONTROLNET = DEFAULT_MODEL.parent / "shapes-controlnet"
+# the model's own request defaults where they differ from ModelDefaults() (the shapes model's CFG 4), as JSON in a
+# single file's metadata, and as an object in a diffusers folder's model_index.json (diffusers skips "_" keys)
+DEFAULTS_KEY = "sdtorch_defaults"
+DEFAULTS_INDEX_KEY = "_sdtorch_defaults"
 SD2_EPSILON_GLOBAL_STEP = "875000"  # the 512px SD2 base checkpoint; other SD2 files predict v (diffusers' rule)
 
 # Weight files of a diffusers folder's parts, in order of preference.
@@ -88,9 +91,7 @@ def load(
         source = DEFAULT_MODEL
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise InvalidInputError(f"prediction_type must be one of {PREDICTION_TYPES}, not {prediction_type!r}")
-    dtype = dtype or torch.float32
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise InvalidInputError(f"dtype must be a floating-point torch.dtype (torch.float16, ...), not {dtype!r}")
+    dtype = weight_dtype(dtype)
     if device is not None:
         try:
             device = torch.device(device)
@@ -199,7 +200,14 @@ def _load_single_file(
     del tensors
     report = LoadReport(str(path), "single_file", origin, ignored)
     pipe = _assemble(parts, config, single_file_tokenizer(metadata, config), dtype, device, report)
-    return _with_cfg_scale(pipe, metadata.get(CFG_SCALE_KEY), f"the file's {CFG_SCALE_KEY} metadata")
+    if DEFAULTS_KEY in metadata:
+        where = f"{path}: metadata {DEFAULTS_KEY}"
+        try:
+            values = json.loads(metadata[DEFAULTS_KEY])
+        except ValueError:
+            raise ArchitectureError(f"{where} is not valid JSON") from None
+        pipe.defaults = _model_defaults(values, where)
+    return pipe
 
 
 def _metadata_config(text: str) -> ModelConfig:
@@ -239,8 +247,8 @@ def _load_diffusers_folder(
             f"{source} is a folder but not a diffusers Stable Diffusion model: no {', '.join(missing)} subfolder(s)"
         )
     unet_file, vae_file = folder / "unet" / "config.json", folder / "vae" / "config.json"
-    unet_cfg = UNetConfig.from_diffusers(_read_json(unet_file), source=str(unet_file))
-    vae_cfg = VAEConfig.from_diffusers(_read_json(vae_file), source=str(vae_file))
+    unet_cfg = UNetConfig.from_diffusers(read_json_object(unet_file), source=str(unet_file))
+    vae_cfg = VAEConfig.from_diffusers(read_json_object(vae_file), source=str(vae_file))
     if unet_cfg.has_addition and not sdxl:
         raise ArchitectureError(f"{unet_file}: an SDXL UNet (addition_embed_type text_time), but {folder} has no "
                                 "text_encoder_2 subfolder (SDXL's OpenCLIP bigG text encoder)")
@@ -258,7 +266,7 @@ def _load_diffusers_folder(
     text_cfgs = []
     for i, ((text, tok), tokenizer) in enumerate(zip(text_folders, tokenizers)):
         text_file = folder / text / "config.json"
-        cfg = TextEncoderConfig.from_diffusers(_read_json(text_file), pad_token_id=tokenizer.pad_token_id,
+        cfg = TextEncoderConfig.from_diffusers(read_json_object(text_file), pad_token_id=tokenizer.pad_token_id,
                                                source=str(text_file), hidden_state_output=sdxl)
         if sdxl and i == len(text_folders) - 1:  # bigG's pooled embedding needs its projection, whatever config says
             cfg = dataclasses.replace(cfg, with_projection=True)
@@ -266,7 +274,7 @@ def _load_diffusers_folder(
     if sdxl:
         _check_same_vocabulary(folder, text_folders, tokenizers)
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
-    scheduler = _read_json(scheduler_file) if scheduler_file.is_file() else {}
+    scheduler = read_json_object(scheduler_file) if scheduler_file.is_file() else {}
     origin = "user" if prediction_type else "file"
     prediction_type = prediction_type or scheduler.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
@@ -297,9 +305,20 @@ def _load_diffusers_folder(
     tokenizer = tokenizers[0]
     report = LoadReport(source, "diffusers", origin, ignored)
     pipe = _assemble(parts, config, tokenizer, dtype, device, report)
-    if scheduler.get("timestep_spacing") == "trailing":  # distilled few-step models (SDXL Turbo, Lightning)
-        pipe.default_schedule = TRAILING_SCHEDULE
-    return _with_cfg_scale(pipe, _model_index(folder).get(CFG_SCALE_INDEX_KEY), f"{folder / 'model_index.json'}")
+    index = _model_index(folder)
+    if DEFAULTS_INDEX_KEY in index:
+        pipe.defaults = _model_defaults(index[DEFAULTS_INDEX_KEY], f"{folder / 'model_index.json'}: {DEFAULTS_INDEX_KEY}")
+    elif is_few_step_scheduler(scheduler):  # Turbo ships Euler Ancestral, Lightning plain Euler
+        euler = scheduler.get("_class_name") == "EulerDiscreteScheduler"
+        pipe.defaults = dataclasses.replace(FEW_STEP_DEFAULTS, sampler_name="Euler") if euler else FEW_STEP_DEFAULTS
+    return pipe
+
+
+def is_few_step_scheduler(scheduler: dict) -> bool:
+    """Whether a diffusers scheduler config is a few-step distilled model's (SDXL Turbo / Lightning / Hyper-SD):
+    trailing timesteps on the ordinary schedule (a zero-terminal-SNR model also spaces them trailing, but keeps
+    ordinary steps and CFG)."""
+    return scheduler.get("timestep_spacing") == "trailing" and not scheduler.get("rescale_betas_zero_snr", False)
 
 
 def _check_same_vocabulary(folder: Path, text_folders, tokenizers: list[CLIPTokenizer]) -> None:
@@ -322,33 +341,12 @@ def _model_index(folder: Path) -> dict:
     return index if isinstance(index, dict) else {}
 
 
-def _with_cfg_scale(pipe: Pipeline, value: object, where: str) -> Pipeline:
-    """Set the model's own default CFG scale when its files name one (a positive finite number)."""
-    if value is None:
-        return pipe
+def _model_defaults(values: object, where: str) -> ModelDefaults:
+    """The request defaults a model's files record; bad ones are an ArchitectureError naming `where`."""
     try:
-        scale = float(value)
-    except (TypeError, ValueError):
-        scale = math.nan
-    if not (math.isfinite(scale) and scale > 0) or isinstance(value, bool):
-        raise ArchitectureError(f"{where}: {CFG_SCALE_INDEX_KEY.strip('_')} {value!r} is not a positive number")
-    pipe.default_cfg_scale = scale
-    return pipe
-
-
-def _read_json(path: Path) -> dict:
-    """A JSON object from `path`; a missing, unreadable or malformed file is a CheckpointError naming it."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"missing {path}") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, an integer too long to parse, deep nesting
-        raise CheckpointError(f"{path} is not valid JSON ({describe_error(e)})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object")
-    return data
+        return ModelDefaults.from_dict(values, where)
+    except InvalidInputError as error:
+        raise ArchitectureError(str(error)) from None
 
 
 def _read_part(folder: Path, part: str, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
@@ -394,9 +392,21 @@ def _assemble(
 
 def build_model(
     cls: type[nn.Module], config, tensors: dict[str, torch.Tensor], part: str,
-    dtype: torch.dtype, device=None,
+    dtype: torch.dtype, device=None, source: str | None = None,
 ) -> nn.Module:
-    """Build `cls(config)` on the meta device and fill it strictly with `tensors` (no copy when dtypes agree)."""
+    """Build `cls(config)` on the meta device and fill it strictly with `tensors` (no copy when dtypes agree);
+    errors name `source` (the file or folder) when given."""
+    try:
+        return _build_model(cls, config, tensors, part, dtype, device)
+    except CheckpointError as e:
+        if source is not None and source not in str(e):
+            e.args = (f"{source}: {e}",)
+        raise
+
+
+def _build_model(
+    cls: type[nn.Module], config, tensors: dict[str, torch.Tensor], part: str, dtype: torch.dtype, device,
+) -> nn.Module:
     with torch.device("meta"):
         model = cls(config)
     expected = model.state_dict()

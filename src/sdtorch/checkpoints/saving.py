@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 from ..configs import ModelConfig
 from ..errors import CheckpointError, InvalidInputError
 from ..models.tokenizer import CLIPTokenizer
-from ..pipeline import DEFAULT_CFG_SCALE, Pipeline
-from .io import atomic_write, detect_format, write_json, write_safetensors
+from ..pipeline import Pipeline
+from .io import atomic_write, detect_format, write_folder, write_json, write_safetensors
 from .keymaps import parts_to_original
 from .loading import (
-    CFG_SCALE_INDEX_KEY, CFG_SCALE_KEY, CONFIG_METADATA_KEY, TOKENIZER_METADATA_KEY, TRAILING_SCHEDULE,
-    single_file_tokenizer,
+    CONFIG_METADATA_KEY, DEFAULTS_INDEX_KEY, DEFAULTS_KEY, TOKENIZER_METADATA_KEY, single_file_tokenizer,
 )
+from ..request import FEW_STEP_DEFAULTS
 
 FORMATS = ("diffusers", "single_file")
 # What a diffusers Stable Diffusion folder holds (hub repositories add the README, licence and git files);
@@ -124,8 +122,8 @@ def _save_single_file(pipe: Pipeline, path: Path, overwrite: bool) -> None:
     tokenizer = pipe.tokenizer.to_dict()
     if tokenizer != single_file_tokenizer({}, pipe.config).to_dict():  # not CLIP's: loading could not rebuild it
         metadata[TOKENIZER_METADATA_KEY] = json.dumps(tokenizer, ensure_ascii=False)
-    if pipe.default_cfg_scale != DEFAULT_CFG_SCALE:
-        metadata[CFG_SCALE_KEY] = str(pipe.default_cfg_scale)
+    if pipe.defaults.changes():
+        metadata[DEFAULTS_KEY] = json.dumps(pipe.defaults.changes())
     try:  # write_safetensors writes straight into the temp file (nested atomic writes do)
         atomic_write(path, lambda tmp: write_safetensors(tensors, tmp, metadata), exclusive=not overwrite)
     except FileExistsError:
@@ -133,39 +131,14 @@ def _save_single_file(pipe: Pipeline, path: Path, overwrite: bool) -> None:
 
 
 def _save_diffusers(pipe: Pipeline, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        _write_diffusers_tree(pipe, staging)
-        _replace_folder(staging, path)
-    except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise CheckpointError(f"could not write {path}: {e.strerror or e}; nothing was changed") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _replace_folder(new: Path, dst: Path) -> None:
-    """Rename `new` to `dst`; an existing `dst` is moved aside first and removed only once `new` is in place."""
-    if not dst.exists():
-        os.replace(new, dst)
-        return
-    old = new.with_name(f"{new.name}.old")  # `new` has a unique name (mkdtemp), so this one is free too
-    os.replace(dst, old)
-    try:
-        os.replace(new, dst)
-    except OSError:
-        os.replace(old, dst)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    write_folder(path, lambda staging: _write_diffusers_tree(pipe, staging))
 
 
 def _write_diffusers_tree(pipe: Pipeline, root: Path) -> None:
     config = pipe.config
     index = _sdxl_model_index(config) if config.is_sdxl else _model_index()
-    if pipe.default_cfg_scale != DEFAULT_CFG_SCALE:
-        index[CFG_SCALE_INDEX_KEY] = pipe.default_cfg_scale
+    if pipe.defaults.changes():
+        index[DEFAULTS_INDEX_KEY] = pipe.defaults.changes()
     write_json(index, root / "model_index.json")
     write_json(config.unet.to_diffusers(), root / "unet" / "config.json")
     write_safetensors(pipe.unet.state_dict(), root / "unet" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
@@ -260,7 +233,7 @@ def _scheduler_config(pipe: Pipeline) -> dict:
         "set_alpha_to_one": False,
         "skip_prk_steps": True,
         "steps_offset": 1,
-        "timestep_spacing": "trailing" if pipe.default_schedule == TRAILING_SCHEDULE else "leading",
+        "timestep_spacing": "trailing" if pipe.defaults.scheduler == FEW_STEP_DEFAULTS.scheduler else "leading",
         "trained_betas": None,
     }
     if sdxl:

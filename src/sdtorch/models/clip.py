@@ -26,6 +26,7 @@ from ..errors import ArchitectureError, InvalidInputError
 
 if TYPE_CHECKING:
     from ..adapters.embeddings import EmbeddingDatabase
+    from .clip_vision import CLIPVisionConfig
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -70,12 +71,18 @@ class CLIPTextEmbeddings(nn.Module):
         return tokens + self.position_embedding(positions)  # (B, L, W)
 
 
-class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention (each token sees itself and the tokens before it)."""
+# The layers below serve the vision tower too (clip_vision.py): both configs have the fields they read (width,
+# num_heads, mlp_width, activation, layer_norm_eps, num_layers).
 
-    def __init__(self, width: int, num_heads: int):
+
+class CLIPAttention(nn.Module):
+    """Multi-head self-attention: causal (each token sees itself and the tokens before it) for text, over all tokens
+    (`causal=False`) for the image patches of the vision tower."""
+
+    def __init__(self, width: int, num_heads: int, causal: bool = True):
         super().__init__()
         self.num_heads = num_heads
+        self.causal = causal
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)
@@ -88,14 +95,14 @@ class CLIPAttention(nn.Module):
             return t.view(b, length, self.num_heads, -1).transpose(1, 2)  # (B, H, L, W/H)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, L, W/H)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, W/H)
         return self.out_proj(out.transpose(1, 2).reshape(b, length, width))  # (B, L, W)
 
 
 class CLIPMLP(nn.Module):
     """Two-layer feed-forward network: width -> mlp_width -> width."""
 
-    def __init__(self, config: TextEncoderConfig):
+    def __init__(self, config: TextEncoderConfig | CLIPVisionConfig):
         super().__init__()
         self.activation = _ACTIVATIONS[config.activation]
         self.fc1 = nn.Linear(config.width, config.mlp_width)
@@ -108,10 +115,10 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    def __init__(self, config: TextEncoderConfig):
+    def __init__(self, config: TextEncoderConfig | CLIPVisionConfig, causal: bool = True):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.self_attn = CLIPAttention(config.width, config.num_heads)
+        self.self_attn = CLIPAttention(config.width, config.num_heads, causal)
         self.layer_norm2 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         self.mlp = CLIPMLP(config)
 
@@ -123,9 +130,9 @@ class CLIPEncoderLayer(nn.Module):
 class CLIPEncoder(nn.Module):
     """The stack of transformer blocks."""
 
-    def __init__(self, config: TextEncoderConfig):
+    def __init__(self, config: TextEncoderConfig | CLIPVisionConfig, causal: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config, causal) for _ in range(config.num_layers))
 
     def forward(self, x: torch.Tensor, num_layers: int) -> torch.Tensor:
         """Run only the first `num_layers` blocks (the rest would be thrown away)."""

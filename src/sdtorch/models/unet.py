@@ -152,6 +152,7 @@ class DownBlock(nn.Module):
         )
         self.attentions = _level_transformers(len(self.resnets), out_channels, level, config)
         self.downsamplers = nn.ModuleList([Downsample(out_channels)]) if downsample else None
+        self.level = level  # names the level in errors
 
     def stage(self, j: int, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Stage j: ResBlock j, then SpatialTransformer j on attention levels. (B,Cin,H,W) -> (B,C,H,W)."""
@@ -159,16 +160,33 @@ class DownBlock(nn.Module):
         return x if self.attentions is None else self.attentions[j](x, context)
 
     def forward(
-        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor],
+        intrablock: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Runs the level, appending each stage's output to `skips`."""
+        """Runs the level, appending each stage's output to `skips`.
+
+        intrablock: a T2I-Adapter's feature for this level (diffusers' `down_intrablock_additional_residuals`),
+        added where diffusers adds it: on a level with attention, to the last stage's output (before the
+        Downsample); on a level without, to the level's output (after the Downsample, if any). Either way the
+        skip taken there carries it."""
+        last = len(self.resnets) - 1
         for j in range(len(self.resnets)):
             x = self.stage(j, x, emb, context)
+            if intrablock is not None and self.attentions is not None and j == last:
+                x = self.add_intrablock(x, intrablock)  # (B,C,H,W) + (B|1,C,H,W)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)  # (B,C,H,W) -> (B,C,H/2,W/2)
             skips.append(x)
+        if intrablock is not None and self.attentions is None:
+            x = self.add_intrablock(x, intrablock)  # (B,C,H',W') + (B|1,C,H',W'), H' = H/2 after a Downsample
+            skips[-1] = x  # the skip taken here carries it too (diffusers adds in place)
         return x
+
+    def add_intrablock(self, x: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        """x + a T2I-Adapter's feature for this level, which must broadcast to x's shape."""
+        return x + _fitting(feature, x, f"down_intrablock_additional_residuals[{self.level}]", "the down level's "
+                            "output where the UNet adds it")
 
 
 class MidBlock(nn.Module):
@@ -282,6 +300,36 @@ def _with_residuals(
             for i, (skip, residual) in enumerate(zip(skips, residuals))]
 
 
+def intrablock_points(cfg: UNetConfig) -> list[tuple[int, int]]:
+    """Where a UNet of config `cfg` adds a T2I-Adapter's features (`down_intrablock_additional_residuals`), in
+    order: one point a down level, then the mid block's output (an optional last feature), each as (channels,
+    downscale from the latents): a level with attention adds after its last stage, before its Downsample (level l:
+    2**l); one without adds after its Downsample (2**(l+1); the last level has none: 2**l). SD1: (320, 1),
+    (640, 2), (1280, 4), (1280, 8), mid (1280, 8); SDXL: (320, 2), (640, 2), (1280, 4), mid (1280, 4)."""
+    levels = len(cfg.block_channels)
+    points = []
+    for level, (ch, attention) in enumerate(zip(cfg.block_channels, cfg.attention_levels)):
+        after_downsample = not attention and level < levels - 1
+        points.append((ch, 2 ** (level + after_downsample)))
+    points.append((cfg.block_channels[-1], 2 ** (levels - 1)))
+    return points
+
+
+def _intrablock(
+    features: list[torch.Tensor] | tuple[torch.Tensor, ...] | None, levels: int
+) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+    """A T2I-Adapter's features as (one feature or None for each down level, the mid block's or None): one for
+    each level, and optionally one more for the mid block's output (SDXL's adapters have it)."""
+    if features is None:
+        return [None] * levels, None
+    if len(features) not in (levels, levels + 1):
+        raise InvalidInputError(f"down_intrablock_additional_residuals needs one tensor for each of the UNet's "
+                                f"{levels} down levels (and optionally one more for the mid block); got "
+                                f"{len(features)} (a T2I-Adapter for another model family?)")
+    features = list(features)
+    return features[:levels], (features[levels] if len(features) > levels else None)
+
+
 def _fitting(residual: torch.Tensor, features: torch.Tensor, name: str, what: str) -> torch.Tensor:
     """`residual` when it broadcasts to `features`' shape (a pooled (B, C, 1, 1) does), else InvalidInputError."""
     try:
@@ -348,6 +396,7 @@ class UNet(nn.Module):
         text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
         down_block_additional_residuals: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
         mid_block_additional_residual: torch.Tensor | None = None,
+        down_intrablock_additional_residuals: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
         """x: (B, in_channels, H, W) latents, t: (B,) timesteps (a scalar is broadcast), context: (B, L,
         context_dim) -> (B, out_channels, H, W). SDXL UNets (`config.has_addition`) also need text_embeds (B, P),
@@ -356,11 +405,18 @@ class UNet(nn.Module):
         down_block_additional_residuals, mid_block_additional_residual: a ControlNet's residuals (both or
         neither), as diffusers' UNet2DConditionModel takes them: one tensor for each skip of the down path (conv_in's,
         then each stage's and downsampler's, in order), added to the skip before the up path takes it (the down
-        path itself runs on unchanged features), and one added to the mid block's output."""
+        path itself runs on unchanged features), and one added to the mid block's output.
+
+        down_intrablock_additional_residuals: a T2I-Adapter's features, as diffusers' UNet2DConditionModel takes
+        them: one for each down level, added inside the down path (see `DownBlock.forward`; `intrablock_points`
+        lists where), so the rest of the down path and the skips taken after see them; an optional last one is
+        added to the mid block's output (before a ControlNet's mid residual). With a ControlNet too, its down
+        residuals are added to skips that already carry the adapter's features, as in diffusers."""
         return self.split_forward(
             x, t, context, text_embeds=text_embeds, time_ids=time_ids,
             down_block_additional_residuals=down_block_additional_residuals,
             mid_block_additional_residual=mid_block_additional_residual,
+            down_intrablock_additional_residuals=down_intrablock_additional_residuals,
         )[0]
 
     def num_skips(self) -> int:
@@ -374,6 +430,7 @@ class UNet(nn.Module):
         time_ids: torch.Tensor | None = None,
         down_block_additional_residuals: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
         mid_block_additional_residual: torch.Tensor | None = None,
+        down_intrablock_additional_residuals: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The UNet as step caching (DeepCache, Ma et al. 2023) splits it: a shallow part, conv_in and the first
         `shallow` stages of the first down level with the last `shallow + 1` stages of the last up level (which
@@ -387,6 +444,9 @@ class UNet(nn.Module):
         down_block_additional_residuals, mid_block_additional_residual: a ControlNet's, as in `forward`; with
         `deep`, the shallow part adds the residuals of its own skips (the first `shallow + 1`), and the deep
         features carry those of the call that made them.
+        down_intrablock_additional_residuals: a T2I-Adapter's features, as in `forward`; with `deep`, the shallow
+        part adds the first level's feature only where it falls inside it (a first level with attention, all of
+        whose stages are shallow); the deep features carry the rest.
         """
         t = broadcast_timesteps(t, x)  # () -> (B,)
         check_inputs(self.config, x, t, context)
@@ -395,6 +455,7 @@ class UNet(nn.Module):
         if (down_residuals is None) != (mid_residual is None):
             raise InvalidInputError("ControlNet residuals come in pairs: pass both down_block_additional_residuals "
                                     "and mid_block_additional_residual, or neither")
+        level_features, mid_feature = _intrablock(down_intrablock_additional_residuals, len(self.down_blocks))
         first, last = self.down_blocks[0], self.up_blocks[-1]
         if not 0 <= shallow < len(last.resnets):
             raise InvalidInputError(f"shallow must be 0 .. {len(last.resnets) - 1}, got {shallow}")
@@ -404,18 +465,24 @@ class UNet(nn.Module):
         h = self.conv_in(x)  # (B,Cin,H,W) -> (B,C0,H,W)
         skips = [h]
         if deep is None:
-            for block in self.down_blocks:
-                h = block(h, emb, context, skips)
+            for block, feature in zip(self.down_blocks, level_features):
+                h = block(h, emb, context, skips, feature)
             skips = _with_residuals(skips, down_residuals, len(skips))
             h = self.mid_block(h, emb, context)
+            if mid_feature is not None:
+                name = f"down_intrablock_additional_residuals[{len(self.down_blocks)}]"
+                h = h + _fitting(mid_feature, h, name, "the mid block's output")
             if mid_residual is not None:
                 h = h + _fitting(mid_residual, h, "mid_block_additional_residual", "the mid block's output")
             for block in self.up_blocks[:-1]:
                 h = block(h, emb, context, skips)
             deep = last(h, emb, context, skips, stop=split)  # leaves the skips of conv_in and `shallow` stages
         else:
+            feature = level_features[0] if first.attentions is not None else None  # else added after the Downsample
             for j in range(shallow):
                 h = first.stage(j, h, emb, context)
+                if feature is not None and j == len(first.resnets) - 1:
+                    h = first.add_intrablock(h, feature)
                 skips.append(h)
             skips = _with_residuals(skips, down_residuals, self.num_skips())
         h = last(deep, emb, context, skips, start=split)

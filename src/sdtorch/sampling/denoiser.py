@@ -137,11 +137,18 @@ class Denoiser:
         self.schedule = schedule
         self.prediction_type = prediction_type
         self._grid: SamplingSchedule | None = None
+        self._uncond_rows = 0
 
     @property
     def grid(self) -> SamplingSchedule | None:
         """The sampling schedule being walked (set by the sampler for its run), or None."""
         return self._grid
+
+    @property
+    def uncond_rows(self) -> int:
+        """How many leading rows of the UNet batch being evaluated are unconditional (CFG's [uncond, cond]
+        layout; 0 without guidance): for what applies to the conditional rows only (ControlNet's guess mode)."""
+        return self._uncond_rows
 
     def use_timesteps_of(self, sampling: SamplingSchedule | None) -> None:
         """At the sigmas of `sampling`, call the UNet at its exact timesteps (as diffusers does)."""
@@ -194,6 +201,7 @@ class Denoiser:
             added = None if added is None else torch.cat([uncond_added, added])
         else:
             x_in, sigma_in = x, sigma
+        self._uncond_rows = x.shape[0] if guided else 0
         out = self._predict(x_in, sigma_in, context, extra_channels, added)  # (2B|B, C, H, W)
         if guided:  # guidance on the raw output, as diffusers applies it (x0 is affine in it)
             out_uncond, out_cond = out.chunk(2)
@@ -220,6 +228,7 @@ class Denoiser:
         if extra_channels is not None:
             extra_channels = torch.cat([extra_channels, extra_channels[image]])
         added = None if added is None else torch.cat([uncond_added, added])
+        self._uncond_rows = x.shape[0]
         out = self._predict(x_in, sigma_in, torch.cat([uncond_context, context]), extra_channels, added)
         out_uncond, out_cond = out[: x.shape[0]], out[x.shape[0] :]  # (B, C, H, W), (N, C, H, W)
         scale = torch.tensor([w * guidance_scale for ws in weights for w in ws], dtype=out.dtype, device=out.device)

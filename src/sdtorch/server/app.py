@@ -1,4 +1,5 @@
-"""The FastAPI application: AUTOMATIC1111's /sdapi/v1 endpoints, OpenAPI docs at /docs, the web page at /.
+"""The FastAPI application: AUTOMATIC1111's /sdapi/v1 endpoints, its ControlNet extension's /controlnet/*
+(controlnet_api.py), OpenAPI docs at /docs, the web page at /.
 
     app = create_app(ServerConfig(model=None))   # the built-in model; uvicorn.run(app, host="127.0.0.1", port=7860)
 
@@ -19,6 +20,7 @@ from ..infotext import SCHEDULE_LABELS
 from ..request import HIRES_UPSCALERS, SCHEDULES
 from ..sampling.samplers import SAMPLERS, SCHEDULE_NAMES
 from .auth import BasicAuth
+from .controlnet_api import controlnet_router
 from .errors import install_error_handlers
 from .schemas import (
     EmbeddingsResponse, GenerationResponse, Img2ImgRequest, LoraItem, MemoryResponse, PNGInfoRequest,
@@ -137,7 +139,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @api.get("/scripts", response_model=ScriptsList)
     async def scripts() -> dict[str, list[str]]:
-        return {"txt2img": [], "img2img": []}
+        return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}  # the alwayson scripts it takes
 
     @api.get("/upscalers")
     async def upscalers() -> list[dict[str, Any]]:  # the hires fix's pixel-space upscaler
@@ -148,7 +150,12 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def latent_upscale_modes() -> list[dict[str, str]]:
         return [{"name": name} for name in HIRES_UPSCALERS if name.startswith("Latent")]
 
-    for listing in ("script-info", "sd-vae", "prompt-styles", "hypernetworks", "face-restorers"):  # empty in sdtorch
+    @api.get("/sd-vae")
+    async def sd_vae() -> list[dict[str, str]]:  # the VAE given with --vae, which every model decodes with
+        vae = config.vae
+        return [] if vae is None else [{"model_name": Path(vae).name, "filename": str(Path(vae).resolve())}]
+
+    for listing in ("script-info", "prompt-styles", "hypernetworks", "face-restorers"):  # empty in sdtorch
         api.add_api_route(f"/{listing}", _nothing, methods=["GET"], response_model=list)
 
     @api.get("/memory", response_model=MemoryResponse)
@@ -156,6 +163,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         return memory()
 
     app.include_router(api)
+    app.include_router(controlnet_router(service))  # the A1111 ControlNet extension's /controlnet/*
     if STATIC.is_dir():
         app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
     if config.api_auth:

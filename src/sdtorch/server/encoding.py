@@ -10,6 +10,7 @@ import re
 from PIL import Image
 
 from ..errors import InvalidInputError
+from ..images import load_image
 from ..infotext import png_info
 
 _DATA_URI = re.compile(r"data:[\w/+.-]*(;[\w=-]+)*;base64,", re.IGNORECASE)
@@ -34,6 +35,16 @@ def decode_base64(text: str, what: str) -> bytes:
         raise InvalidInputError(f"{what} is not valid base64 (nor a data: URI)") from None
     if not data:
         raise InvalidInputError(f"{what} is empty")
+    return data
+
+
+def image_bytes(text: str, what: str) -> bytes:
+    """The bytes of a base64 image, checked here to be an image Pillow decodes (so the error names the field)."""
+    data = decode_base64(text, what)
+    try:
+        load_image(data)
+    except InvalidInputError as e:
+        raise InvalidInputError(f"{what}: {e}") from None
     return data
 
 

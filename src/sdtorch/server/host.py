@@ -41,6 +41,7 @@ class ModelHost:
         self.compile = compile
         self.vae = vae  # a VAE file or folder given to each model in place of its own (Pipeline.load_vae)
         self.loaded: LoadedModel | None = None
+        self._controlnets: tuple[int, frozenset[str]] = (0, frozenset())  # (the pipe's id, the ControlNets it holds)
 
     def get(self, checkpoint: Checkpoint) -> LoadedModel:
         """The model of `checkpoint`, loading it (and dropping the one before) if it is not the loaded one."""
@@ -57,3 +58,13 @@ class ModelHost:
         embeddings = load_embeddings_dir(pipe, self.embeddings_dir) if self.embeddings_dir else FolderLoadReport()
         self.loaded = LoadedModel(checkpoint, pipe, LatentPreview(pipe.vae, pipe.vae_scale_factor), embeddings)
         return self.loaded
+
+    def keep_controlnets(self, sources: set[str]) -> None:
+        """Before a job that uses the ControlNets `sources`: drop those the loaded model keeps from earlier jobs
+        unless they are the same, so memory holds one job's ControlNets at most (the extension keeps a few)."""
+        if self.loaded is None or not sources:
+            return
+        pipe = self.loaded.pipe
+        if self._controlnets != (id(pipe), frozenset(sources)):
+            pipe.unload_controlnets()
+            self._controlnets = (id(pipe), frozenset(sources))

@@ -2,7 +2,9 @@
 
 Iteration k of n_iter generates one GenerationRequest (seeds running on over the job). Skip ends the running
 iteration and goes on; interrupt ends the job. Either way the answer holds the images finished so far, as
-A1111's does: `{images: [base64 PNG], parameters: the request, info: JSON string}`.
+A1111's does: `{images: [base64 PNG], parameters: the request, info: JSON string}`; after them, as the ControlNet
+extension appends them, its units' detected maps (an IP-Adapter unit's: its image; `info`'s infotexts cover the
+generated images only).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from PIL import Image
 from ..generation import GenerationResult
 from ..infotext import parse_infotext
 from ..outputs import plan_outputs, write_images
+from .controlnet_units import detected_maps
 from .encoding import encode_png
 from .host import LoadedModel, ModelHost
 from .payloads import GenerationJob
@@ -25,6 +28,9 @@ from .queue import Interrupted, Progress, Skipped
 def run_generation(job: GenerationJob, host: ModelHost, progress: Progress, outdir: Path) -> dict[str, Any]:
     """Generate `job`'s iterations with `progress` as the sampler callback; the response body."""
     model = host.get(job.checkpoint)
+    host.keep_controlnets({str(source) for request in job.requests for source in
+                           [*(unit.model for unit in request.controlnet),
+                            *(s for unit in request.ip_adapter for s in (unit.model, unit.image_encoder))]})
     outputs = None
     if job.save_images:  # the folder is checked before the work
         outputs = plan_outputs(outdir / f"{job.kind}-images", job.image_count())
@@ -43,7 +49,8 @@ def run_generation(job: GenerationJob, host: ModelHost, progress: Progress, outd
     images = [image for result in results for image in result]
     if outputs is not None and images:
         write_images(outputs, images)
-    return {"images": [encode_png(image) for image in images] if job.send_images else [],
+    maps = detected_maps(results[0].request, job.detected_maps) if results and job.detected_maps else []
+    return {"images": [encode_png(image) for image in images + maps] if job.send_images else [],
             "parameters": job.parameters, "info": json.dumps(_info(job, model, results, images, progress))}
 
 
@@ -76,5 +83,6 @@ def _info(job: GenerationJob, model: LoadedModel, results: list[GenerationResult
         "clip_skip": request.clip_skip,
         "is_using_inpainting_conditioning": model.pipe.config.is_inpainting and request.mask is not None,
         "version": read[0].version if read else None,
-        "interrupted": progress.interrupted, "warnings": list(dict.fromkeys(w for r in results for w in r.warnings)),
+        "interrupted": progress.interrupted,
+        "warnings": list(dict.fromkeys([*job.warnings, *(w for r in results for w in r.warnings)])),
     }

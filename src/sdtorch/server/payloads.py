@@ -5,21 +5,24 @@ iteration (`n_iter`), before anything is queued. Everything a client can get wro
     an unknown model title              400 "Model not found" (titles come from the scanned folders only)
     a value out of range, over a limit  422 naming the field and the limit (GenerationRequest.validate)
     undecodable base64, not an image    422
+    a bad ControlNet unit               422 naming alwayson_scripts.controlnet.args[i] and the field
+                                        (controlnet_units.py; its model only from --controlnet-dir, an
+                                        IP-Adapter's CLIP vision tower only from --clip-vision-dir)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
 
 from ..errors import InvalidInputError
-from ..images import load_image
 from ..request import RESIZE_MODES, GenerationRequest, Limits, random_seed
 from ..sampling.samplers import resolve, sampler_names
-from .catalog import Checkpoint, Checkpoints
-from .encoding import decode_base64
+from .catalog import Checkpoint, Checkpoints, ClipVisionFiles, ControlNetModels
+from .controlnet_units import NO_DETECTMAP_OPTION, DetectedMap, controlnet_units
+from .encoding import image_bytes
 from .errors import ApiError
 from .schemas import HIRES_FIELDS, IMG2IMG_TABLE, TXT2IMG_TABLE
 
@@ -37,6 +40,8 @@ class GenerationJob:
     save_images: bool
     parameters: dict[str, Any]  # the request as the response echoes it
     lasting_options: dict[str, Any]  # override_settings that stay set after the job (restore_afterwards false)
+    detected_maps: list[DetectedMap] = field(default_factory=list)  # the units whose maps follow the images
+    warnings: list[str] = field(default_factory=list)  # what the planning changed (added to info's warnings)
 
     def image_count(self) -> int:
         return sum(request.image_count() for request in self.requests)
@@ -59,16 +64,6 @@ def _resize_mode(value: int | str) -> str:
                             "or 2 (resize and fill)")
 
 
-def _image(text: str, what: str) -> bytes:
-    """The bytes of a base64 image, checked here to be an image Pillow decodes (so the error names the field)."""
-    data = decode_base64(text, what)
-    try:
-        load_image(data)
-    except InvalidInputError as e:
-        raise InvalidInputError(f"{what}: {e}") from None
-    return data
-
-
 def _request(payload: BaseModel, kind: str, clip_skip: Any) -> GenerationRequest:
     """The payload's generation settings as a GenerationRequest (not yet validated)."""
     table = TXT2IMG_TABLE if kind == "txt2img" else IMG2IMG_TABLE
@@ -84,9 +79,9 @@ def _request(payload: BaseModel, kind: str, clip_skip: Any) -> GenerationRequest
             values = {name: value for name, value in values.items() if name not in HIRES_FIELDS}
     else:
         values["resize_mode"] = _resize_mode(values["resize_mode"])
-        values["init_image"] = _image(payload.init_images[0], "init_images[0]")
+        values["init_image"] = image_bytes(payload.init_images[0], "init_images[0]")
         if payload.mask:
-            values["mask"] = _image(payload.mask, "mask")
+            values["mask"] = image_bytes(payload.mask, "mask")
     return GenerationRequest.from_kwargs(**values)
 
 
@@ -103,12 +98,19 @@ def _iterations(request: GenerationRequest, n_iter: int, limits: Limits) -> list
 
 
 def plan_generation(payload: BaseModel, kind: str, checkpoints: Checkpoints, options: dict[str, Any],
-                    limits: Limits) -> GenerationJob:
-    """Check a payload and plan its job against the server's models, options (with the payload's
-    override_settings applied for this job) and limits."""
+                    limits: Limits, controlnets: ControlNetModels | None = None,
+                    clip_vision: ClipVisionFiles | None = None) -> GenerationJob:
+    """Check a payload and plan its job against the server's models (and ControlNets, IP-Adapters and their CLIP
+    vision towers), options (with the payload's override_settings applied for this job) and limits."""
     overrides = payload.override_settings
     checkpoint = checkpoints.find(str(overrides.get(MODEL_OPTION, options[MODEL_OPTION])))
     request = _request(payload, kind, overrides.get(CLIP_SKIP_OPTION, options[CLIP_SKIP_OPTION]))
+    control = controlnet_units(payload.alwayson_scripts, controlnets or ControlNetModels(None), request, limits,
+                               clip_vision)
+    request = request.replace(controlnet=control.units, ip_adapter=control.ip_adapter)
+    no_maps = overrides.get(NO_DETECTMAP_OPTION, options.get(NO_DETECTMAP_OPTION, False))
+    if not isinstance(no_maps, bool):
+        raise InvalidInputError(f"{NO_DETECTMAP_OPTION} must be true or false, not {no_maps!r}")
     parameters = {**payload.model_dump(), "sampler_name": request.sampler_name}
     if kind == "img2img" and not payload.include_init_images:
         parameters.update(init_images=None, mask=None)
@@ -116,4 +118,6 @@ def plan_generation(payload: BaseModel, kind: str, checkpoints: Checkpoints, opt
     if MODEL_OPTION in lasting:
         lasting[MODEL_OPTION] = checkpoint.title
     return GenerationJob(kind, checkpoint, _iterations(request, payload.n_iter, limits), payload.send_images,
-                         payload.save_images, parameters, lasting)
+                         payload.save_images, parameters, lasting,
+                         detected_maps=[] if no_maps else control.detected_maps,
+                         warnings=control.warnings)

@@ -23,8 +23,9 @@ A1111_DEFAULTS: dict[str, Any] = {
     "steps": 50, "sampler_name": None, "inpaint_full_res": True, "resize_mode": 0,
 }
 # Fields of the table the API spells its own way, or does not take: images come as base64 `init_images` /
-# `mask`, hires and inpainting settings flat, clip skip from the options (CLIP_stop_at_last_layers)
-_NOT_IN_API = {"init_image", "mask", "hires", "inpaint", "clip_skip", "controlnet"}
+# `mask`, hires and inpainting settings flat, clip skip from the options (CLIP_stop_at_last_layers), ControlNet
+# units in alwayson_scripts (controlnet_units.py), IP-Adapter units there too (the extension's IP-Adapter modules)
+_NOT_IN_API = {"init_image", "mask", "hires", "inpaint", "clip_skip", "controlnet", "ip_adapter"}
 # Table fields whose API type or meaning reads differently: (type, help)
 _API_SPELLING: dict[str, tuple[Any, str]] = {
     "sampler_name": (str | None, 'A1111 name, e.g. "Euler a", "DPM++ 2M" (None: sampler_index)'),
@@ -62,6 +63,10 @@ _COMMON: dict[str, Any] = {
         "CLIP_stop_at_last_layers (clip skip)"))),
     "override_settings_restore_afterwards": (bool, Field(True, description="false: the overrides stay set")),
     "force_task_id": (str | None, Field(None, description="this job's id in /sdapi/v1/progress's queue")),
+    "alwayson_scripts": (dict[str, Any], Field(default_factory=dict, description=(
+        'scripts run with every generation: {"controlnet": {"args": [unit, ...]}} (the A1111 ControlNet '
+        "extension's units, IP-Adapter modules included; models from /controlnet/model_list); other scripts are "
+        "ignored"))),
 }
 _IGNORE_EXTRA = ConfigDict(extra="ignore")
 
@@ -172,3 +177,51 @@ class EmbeddingsResponse(BaseModel):
 class MemoryResponse(BaseModel):
     ram: dict[str, Any]
     cuda: dict[str, Any]
+
+
+# ---- the A1111 ControlNet extension's endpoints (/controlnet/*, controlnet_api.py) ---------------------------
+
+
+class ControlNetVersion(BaseModel):
+    version: int = Field(description="the extension's API version (3)")
+
+
+class ControlNetModelList(BaseModel):
+    model_list: list[str] = Field(description='"name [hash]" of each model in --controlnet-dir')
+
+
+class ControlNetModuleList(BaseModel):
+    module_list: list[str] = Field(description="preprocessor names (alias_names: their UI labels)")
+    module_detail: dict[str, Any] = Field(description="per module: model_free, sliders [{name, value, min, max, step}]")
+
+
+class ControlNetControlType(BaseModel):
+    module_list: list[str]
+    model_list: list[str]
+    default_option: str
+    default_model: str
+
+
+class ControlNetControlTypes(BaseModel):
+    control_types: dict[str, ControlNetControlType]
+
+
+class ControlNetSettings(BaseModel):
+    control_net_unit_count: int = Field(description="the units a generation takes")
+
+
+class ControlNetDetectRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    controlnet_module: str = Field("none", description="the preprocessor (/controlnet/module_list)")
+    controlnet_input_images: list[str] = Field(default_factory=list, description="base64 images")
+    controlnet_processor_res: int = Field(-1, description="the preprocessor's resolution (-1: its default)")
+    controlnet_threshold_a: float = Field(-1, description="its first slider (-1: the default)")
+    controlnet_threshold_b: float = Field(-1, description="its second slider (-1: the default)")
+    controlnet_masks: list[str] = Field(default_factory=list, description="base64 masks, one an image (inpaint)")
+    low_vram: bool = Field(False, description="accepted; no effect")
+
+
+class ControlNetDetectResponse(BaseModel):
+    info: str = Field(description='"Success"')
+    images: list[str] = Field(description="the detected maps, raw base64 PNGs")

@@ -20,7 +20,8 @@ from pydantic import BaseModel
 from ..errors import InvalidInputError
 from ..infotext import infotext_items, read_infotext
 from ..request import Limits
-from .catalog import Checkpoints, scan_loras
+from .catalog import Checkpoints, ClipVisionFiles, ControlNetModels, scan_loras
+from .controlnet_units import NO_DETECTMAP_OPTION
 from .encoding import decode_base64
 from .host import ModelHost
 from .jobs import run_generation
@@ -35,6 +36,8 @@ class ServerConfig:
     model: str | None = None  # --model: loaded first (None: the built-in model)
     models_dir: Path | None = None  # more models to offer, by title
     lora_dir: Path | None = None  # what <lora:name:weight> in a prompt finds
+    controlnet_dir: Path | None = None  # the ControlNets (and T2I- and IP-Adapters) ControlNet units name
+    clip_vision_dir: Path | None = None  # the IP-Adapter modules' CLIP vision towers: clip_h.pth, clip_g.pth
     embeddings_dir: Path | None = None  # textual inversions loaded with each model
     vae: Path | None = None  # --vae: a VAE file or folder used instead of each model's own
     outdir: Path = Path("outputs")  # where save_images writes (txt2img-images/, img2img-images/)
@@ -51,11 +54,14 @@ class Service:
         self.config = config
         self.checkpoints = Checkpoints(config.model, config.models_dir)
         self.loras = scan_loras(config.lora_dir)
+        self.controlnets = ControlNetModels(config.controlnet_dir)
+        self.clip_vision = ClipVisionFiles(config.clip_vision_dir)
         self.host = ModelHost(config.limits, config.lora_dir, config.embeddings_dir, config.dtype, config.compile,
                               refiner_lookup=lambda name: self.checkpoints.find(name).source, vae=config.vae)
         self.queue = TaskQueue()
         self.options: dict[str, Any] = {
-            MODEL_OPTION: self.checkpoints.default.title, CLIP_SKIP_OPTION: 1, "samples_format": "png",
+            MODEL_OPTION: self.checkpoints.default.title, CLIP_SKIP_OPTION: 1, NO_DETECTMAP_OPTION: False,
+            "samples_format": "png",
             "outdir_txt2img_samples": str(config.outdir / "txt2img-images"),
             "outdir_img2img_samples": str(config.outdir / "img2img-images"),
         }
@@ -76,7 +82,7 @@ class Service:
     async def generate(self, payload: BaseModel, kind: str) -> dict[str, Any]:
         """Plan (all checks, before queueing), queue, wait: the A1111 response body."""
         job = await asyncio.to_thread(plan_generation, payload, kind, self.checkpoints, self.options,
-                                      self.config.limits)  # decodes the images: off the event loop
+                                      self.config.limits, self.controlnets, self.clip_vision)  # decodes images
         future = self._submit(kind, lambda progress: run_generation(job, self.host, progress, self.config.outdir),
                               payload.force_task_id)
         response = await asyncio.wrap_future(future)
@@ -102,10 +108,13 @@ class Service:
 
     async def set_options(self, values: dict[str, Any]) -> None:
         """A1111's POST options: sd_model_checkpoint loads that model (after the jobs queued before it);
-        CLIP_stop_at_last_layers sets the clip skip of requests that do not override it. Other keys are ignored."""
+        CLIP_stop_at_last_layers sets the clip skip of requests that do not override it; control_net_no_detectmap
+        true leaves the ControlNet extension's detected maps out of the responses. Other keys are ignored."""
         clip_skip = values.get(CLIP_SKIP_OPTION, 1)
         if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
             raise InvalidInputError(f"{CLIP_SKIP_OPTION} must be a whole number >= 1, not {clip_skip!r}")
+        if not isinstance(values.get(NO_DETECTMAP_OPTION, False), bool):
+            raise InvalidInputError(f"{NO_DETECTMAP_OPTION} must be true or false, not {values[NO_DETECTMAP_OPTION]!r}")
         if MODEL_OPTION in values:
             checkpoint = self.checkpoints.find(str(values[MODEL_OPTION]))
             await asyncio.wrap_future(self._submit("load", lambda _: self.host.get(checkpoint)))
@@ -113,7 +122,8 @@ class Service:
         self._set_options(values)
 
     def _set_options(self, values: dict[str, Any]) -> None:
-        self.options.update({k: v for k, v in values.items() if k in (MODEL_OPTION, CLIP_SKIP_OPTION)})
+        kept = (MODEL_OPTION, CLIP_SKIP_OPTION, NO_DETECTMAP_OPTION)
+        self.options.update({k: v for k, v in values.items() if k in kept})
 
     def sd_models(self) -> list[dict[str, Any]]:
         return [checkpoint.item() for checkpoint in self.checkpoints.items]

@@ -31,6 +31,14 @@ last, short batch is filled up from the start of the same bucket's shuffled orde
 the r-th contiguous part of each global batch: the ranks' parts, in rank order, are the batch one
 process with the whole batch size draws, with the same captions and latent samples.
 
+Condition images (ControlNet training, `conditioning_folder`, kohya's conditioning_data_dir): each
+training image's condition is the image of the same file stem in that folder ("a.png" -> "cond/a.jpg",
+any image extension), read when the folder is scanned (a missing or ambiguous one, or one of another
+aspect ratio, fails there, by name). It is scaled to its training image's scaled size and cut by the
+same crop, so the two stay pixel-aligned in every bucket (there are no flips to mirror), and batches
+carry it as `conditions` (B, 3, H, W) in [0, 1], not normalised (diffusers' train_controlnet.py): pixels
+even when the training images' latents are cached.
+
 Captions (kohya's order): dropped to "" with probability `caption_dropout`; otherwise, with
 `shuffle_tags`, the comma-separated tags after the first `keep_tokens` are shuffled. Each draw comes
 from `step_generator(seed, step, stream)` with a stream for the item's position in the global batch.
@@ -55,6 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import PIL.Image
 import torch
 
@@ -93,6 +102,7 @@ class DatasetConfig:
     repeats: times each image appears in an epoch (a "N_prompt" sub-folder sets its own N).
     require_captions: an image whose caption is missing or empty is an error (else its caption is "").
     cache_latents: train on latents cached with `FineTuneDataset.cache_latents` rather than pixels.
+    conditioning_folder: a ControlNet's condition images, one per training image by file stem ("" : none).
     sample_latents: with cached latents, a posterior sample for each (step, position) instead of the mean.
     seed: drives batch order, caption augmentation and latent samples.
     """
@@ -111,6 +121,7 @@ class DatasetConfig:
     require_captions: bool = True
     cache_latents: bool = False
     sample_latents: bool = False
+    conditioning_folder: str = ""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -142,7 +153,8 @@ class ImageRecord:
     """One image of the dataset, as scanned: where it is, its caption, and how it is sized.
 
     Sizes are (width, height). The image is scaled to `scaled` (covering `bucket`) and the crop of
-    the bucket's size taken at `crop` = (top, left) of the scaled image.
+    the bucket's size taken at `crop` = (top, left) of the scaled image; so is its `condition`
+    image (ControlNet training), if it has one.
     """
 
     path: Path
@@ -152,6 +164,7 @@ class ImageRecord:
     scaled: Size
     bucket: Size
     crop: tuple[int, int]
+    condition: Path | None = None
 
 
 @dataclass
@@ -160,7 +173,8 @@ class Batch:
 
     Sizes follow SDXL's conditioning order, (height, width); crops are (top, left).
     `images` (B, 3, H, W) in [-1, 1] or, for a dataset with cached latents, `latents` (B, C, H/f, W/f)
-    times the VAE's scaling factor; the other is None.
+    times the VAE's scaling factor; the other is None. With a `conditioning_folder`, `conditions`
+    (B, 3, H, W) in [0, 1]: each item's condition image, sized and cropped as its image.
     """
 
     indices: list[int]
@@ -170,6 +184,7 @@ class Batch:
     target_size: tuple[int, int]
     images: torch.Tensor | None = None
     latents: torch.Tensor | None = None
+    conditions: torch.Tensor | None = None
 
 
 # ---- scanning --------------------------------------------------------------------------------------
@@ -302,6 +317,43 @@ def _sized(image: PIL.Image.Image, record: ImageRecord) -> PIL.Image.Image:
     return image.resize(record.scaled, resample=LANCZOS).crop((left, top, left + width, top + height))
 
 
+# ---- condition images ----------------------------------------------------------------------------
+
+
+def condition_files(folder: Path) -> dict[str, Path]:
+    """The condition images of a `conditioning_folder` by file stem; two files of one stem are an error."""
+    if not folder.is_dir():
+        raise InvalidInputError(f"conditioning_folder {folder} does not exist or is not a folder")
+    found: dict[str, Path] = {}
+    for path in image_files(folder):
+        if path.stem in found:
+            raise InvalidInputError(f"conditioning_folder {folder} holds two condition images for the stem "
+                                    f"{path.stem!r}: {found[path.stem].name} and {path.name}; keep one")
+        found[path.stem] = path
+    return found
+
+
+def _condition_of(image: Path, size: Size, conditions: dict[str, Path], folder: Path) -> Path:
+    """The condition image of training image `image` (of `size`), decoded once to check it, or a clear error."""
+    path = conditions.get(image.stem)
+    if path is None:
+        others = ", ".join(IMAGE_EXTENSIONS[1:])
+        raise InvalidInputError(f"training image {image} has no condition image: no {image.stem}{IMAGE_EXTENSIONS[0]} "
+                                f"(or {others}, any case) in conditioning_folder {folder}")
+    (width, height), (cond_w, cond_h) = size, load_image(path).size  # a corrupt file fails here, by name
+    if abs(cond_w * height - cond_h * width) > 0.01 * width * height:  # aspect ratios 1% apart or more
+        raise InvalidInputError(f"condition image {path} is {cond_w}x{cond_h}, its training image {image} "
+                                f"{width}x{height}: they need the same aspect ratio (the condition is scaled to "
+                                "the image's size and cropped with it)")
+    return path
+
+
+def condition_pixels(record: ImageRecord) -> torch.Tensor:
+    """The record's condition image scaled and cropped as its image: (3, H, W) float32 in [0, 1]."""
+    sized = _sized(load_image(record.condition), record)  # scaled to record.scaled whatever its own size
+    return torch.from_numpy(np.asarray(sized, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+
 # ---- captions -------------------------------------------------------------------------------------
 
 
@@ -362,6 +414,8 @@ class FineTuneDataset:
             )
         sizes = (bucket_sizes(config.resolution, config.min_bucket_side, config.max_bucket_side, config.bucket_step)
                  if config.buckets else [(config.resolution, config.resolution)])
+        condition_folder = Path(config.conditioning_folder) if config.conditioning_folder else None
+        conditions = condition_files(condition_folder) if condition_folder is not None else {}
         self.images: list[ImageRecord] = []
         for path, caption, repeats in found:
             if config.require_captions and not caption:
@@ -372,7 +426,8 @@ class FineTuneDataset:
             size = load_image(path).size  # decodes the whole file: a corrupt image fails here, by name
             bucket = choose_bucket(size, sizes)
             scaled, crop = cover(size, bucket)
-            self.images.append(ImageRecord(path, caption or "", repeats, size, scaled, bucket, crop))
+            condition = None if condition_folder is None else _condition_of(path, size, conditions, condition_folder)
+            self.images.append(ImageRecord(path, caption or "", repeats, size, scaled, bucket, crop, condition))
         self.entries: list[int] = [i for i, record in enumerate(self.images) for _ in range(record.repeats)]
         by_bucket: dict[Size, list[int]] = {}
         for entry, image in enumerate(self.entries):
@@ -386,10 +441,13 @@ class FineTuneDataset:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.images[self.entries[index]]
-        return {
+        item = {
             "image": self.pixels(self.entries[index]), "caption": record.caption, "path": str(record.path),
             "original_size": record.size[::-1], "crop": record.crop,
         }
+        if record.condition is not None:
+            item["condition"] = condition_pixels(record)  # (3, H, W) in [0, 1]
+        return item
 
     def pixels(self, image: int) -> torch.Tensor:
         """Image `image` (an index of `images`) loaded, scaled and cropped: (3, H, W) float32 in [-1, 1]."""
@@ -441,6 +499,8 @@ class FineTuneDataset:
             batch.images = torch.stack([self.pixels(self.entries[i]) for i in indices])  # (b, 3, H, W)
         else:
             batch.latents = torch.stack([self._latents(self.entries[i], step, p) for i, p in zip(indices, positions)])
+        if records[0].condition is not None:  # pixels, cached latents or not
+            batch.conditions = torch.stack([condition_pixels(r) for r in records])  # (b, 3, H, W) in [0, 1]
         return batch
 
     # ---- latents

@@ -1,14 +1,16 @@
 """Fine-tuning an existing model on a captioned image folder: LoRA (kohya / diffusers files), the full UNet,
-DreamBooth (either of those on a subject's images, with prior preservation: `dreambooth.py`), or a
-textual-inversion embedding (handed to `textual_inversion.py` once the data folder is scanned).
+DreamBooth (either of those on a subject's images, with prior preservation: `dreambooth.py`), a ControlNet on
+image / condition pairs (`controlnet_training.py`), or a textual-inversion embedding (handed to
+`textual_inversion.py` once the data folder is scanned).
 
 One `FineTuneConfig` (TOML via `tomlconfig.from_table`, or CLI flags made from the same fields) drives
 `finetune`, which:
-    1. scans the data folder (`FineTuneDataset`: a missing caption or an empty folder fails here, before
-       any model is loaded) and loads the model (`sdtorch.load`; none given: the built-in shapes model);
-    2. builds what trains: a `LoraNetwork` on the frozen UNet (and text encoder) or, for "full", the UNet
-       (and text encoder) itself, wrapped with the frozen parts in one `_Denoiser` so that accelerate's DDP
-       sees every trained parameter;
+    1. scans the data folder (`FineTuneDataset`: a missing caption or condition image or an empty folder fails
+       here, before any model is loaded) and loads the model (`sdtorch.load`; none given: the built-in shapes model);
+    2. builds what trains: a `LoraNetwork` on the frozen UNet (and text encoder), for "full" the UNet
+       (and text encoder) itself, or for "controlnet" a ControlNet beside the frozen UNet, whose residuals the
+       UNet takes; wrapped with the frozen parts in one `_Denoiser` so that accelerate's DDP sees every trained
+       parameter;
     3. runs `loop.train`: each step draws the global batch of (seed, step) and this rank's share of it
        (`FineTuneDataset.batch(step, B, rank, world_size)`), the timesteps and noise of the whole batch
        from `step_generator(seed, step)` (this rank's rows sliced out), so N processes with global batch B
@@ -17,7 +19,8 @@ One `FineTuneConfig` (TOML via `tomlconfig.from_table`, or CLI flags made from t
        `step_generator(seed, step, _PRIOR_STREAM)`);
     4. exports from rank 0: for LoRA `<out>/<name>.safetensors` (kohya, with `ss_*` metadata) and
        `<out>/pytorch_lora_weights.safetensors` (diffusers / peft); for "full" a diffusers folder or a
-       single file `<out>/<name>` (`sdtorch.save`; name: `export_name`); and `<out>/loss.png`.
+       single file `<out>/<name>` (`sdtorch.save`; name: `export_name`); for "controlnet" a diffusers
+       ControlNetModel folder or an original-layout file (`save_controlnet`); and `<out>/loss.png`.
 
 Process groups, gradient all-reduce and mixed precision are accelerate's (`Accelerator`): the same command
 runs alone, under `accelerate launch --num_processes N` or under `torchrun`. The objective is loss (Ho et al.
@@ -30,14 +33,19 @@ Layout of `out`:
     <name>.safetensors          LoRA, kohya format; <name>-step<N>.safetensors snapshots (keep_last); name:
                                 output_name, by default "lora" for a LoRA and "model" for a full fine-tune
     pytorch_lora_weights.safetensors   LoRA, diffusers format
-    <name>/ or <name>.safetensors      full fine-tune (and DreamBooth without lora)
+    <name>/ or <name>.safetensors      full fine-tune (and DreamBooth without lora): a diffusers folder or, with
+                                save_format single_file, an original-layout file
+    <name>/ or <name>.safetensors      ControlNet (name: output_name, by default "controlnet"): a diffusers
+                                ControlNetModel folder (config.json, diffusion_pytorch_model.safetensors) or, with
+                                save_format single_file, the A1111 extension's layout (control_model.* keys)
     class_images/               DreamBooth's class images, when class_dir does not name another folder
     latents/                    the latent cache (cache_latents)
-    samples/step-<N>.png        the sample grids of sample_prompts (`samples.py`; the trained weights, not the EMA)
+    samples/step-<N>.png        the sample grids of sample_prompts (`samples.py`; the trained weights, not the EMA;
+                                a ControlNet draws them with sample_condition as the control map)
     loss.png                    the loss curve
 
-Gradient checkpointing covers the UNet's ResBlocks and transformers (not the text encoder). fp16's loss
-scaler state is not checkpointed, so an fp16 run resumes close to, not exactly on, its uninterrupted path.
+Gradient checkpointing covers the ResBlocks and transformers of the UNet and a ControlNet (not the text encoder).
+fp16's loss scaler state is not checkpointed, so an fp16 run resumes close to, not exactly on, its uninterrupted path.
 """
 
 from __future__ import annotations
@@ -60,7 +68,9 @@ from torch import Tensor, nn
 from ..configs import ModelConfig
 from ..errors import InvalidInputError
 from ..models.checkpointing import set_gradient_checkpointing
+from ..models.controlnet import ControlNet
 from ..sampling.schedules import DiscreteSchedule
+from . import controlnet_training
 from .datasets import DatasetConfig, FineTuneDataset
 from .dreambooth import DreamBoothConfig, class_dataset, generate_class_images, instance_dataset
 from .diffusion import add_noise, min_snr_weights, velocity
@@ -72,14 +82,19 @@ from .vae import encode_images
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("lora", "full", "dreambooth", "textual-inversion")
+METHODS = ("lora", "full", "dreambooth", "controlnet", "textual-inversion")
 PRECISIONS = ("no", "bf16", "fp16")
 LR_SCHEDULERS = ("constant", "cosine")
 SAVE_FORMATS = ("diffusers", "single_file")
 CHECKPOINT_DIR = "checkpoint"
 # fields that may change between a run and its resumption (they do not change what a step computes)
 _RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "log_every", "out", "progress", "sample_prompts",
-                      "sample_every", "gradient_checkpointing")
+                      "sample_every", "sample_condition", "gradient_checkpointing")
+# keys added after checkpoints were first written: left out of run_settings at their default, so those resume
+_LATER_KEYS = ("controlnet_model",)
+_LATER_DATASET_KEYS = ("conditioning_folder",)
+# method controlnet's own keys (and [dataset] conditioning_folder): refused for the other methods
+_CONTROLNET_ONLY = ("controlnet_model", "sample_condition")
 # the LoRA's own keys: setting one for a run that trains no LoRA is an error, not a silent no-op
 _LORA_ONLY = ("rank", "alpha", "lora_dropout", "lora_targets", "keep_last")
 _SECTIONS = {"textual_inversion": "textual-inversion", "dreambooth": "dreambooth"}  # section -> its method
@@ -113,7 +128,9 @@ class FineTuneConfig:
     dreambooth: DreamBoothConfig | None = _opt(None, "method dreambooth's own settings")
     model: str = _opt("", "base model: single file, diffusers folder or hub id (empty: the built-in shapes model)")
     output_name: str = _opt("", "name of the exported file (kohya's output_name; empty: \"lora\" for a LoRA, "
-                            "\"model\" for a full fine-tune)")
+                            "\"model\" for a full fine-tune, \"controlnet\" for a ControlNet)")
+    controlnet_model: str = _opt("", "method controlnet: continue training this ControlNet (file or diffusers "
+                                 "folder; empty: a new one, the UNet's encoder copied, zero convolutions at zero)")
     steps: int = _opt(1000, "optimizer steps")
     batch_size: int = _opt(1, "global batch size (split across processes)")
     gradient_accumulation: int = _opt(1, "micro-batches per optimizer step")
@@ -140,8 +157,10 @@ class FineTuneConfig:
     sample_prompts: tuple[str, ...] = _opt((), "validation prompts drawn to <out>/samples/step-N.png every "
                                            "sample_every steps and at the end (repeat the flag for more)")
     sample_every: int = _opt(0, "steps between sample grids (0: only the final one)")
-    save_format: str = _opt("diffusers", f"full fine-tune export: {' | '.join(SAVE_FORMATS)}")
-    seed: int = _opt(0, "seed of LoRA init, timesteps and noise")
+    sample_condition: str = _opt("", "method controlnet: the control image of the sample grids (empty: the "
+                                 "condition image of the dataset's first image)")
+    save_format: str = _opt("diffusers", f"full fine-tune and ControlNet export: {' | '.join(SAVE_FORMATS)}")
+    seed: int = _opt(0, "seed of the LoRA or new ControlNet init, timesteps and noise")
     progress: bool = _opt(True, "show a progress bar (rank 0)")
 
     def __post_init__(self) -> None:
@@ -178,6 +197,19 @@ class FineTuneConfig:
             raise InvalidInputError("method dreambooth needs the [dreambooth] section (instance_prompt, and "
                                     "class_prompt for prior preservation; flags --instance-prompt, --class-prompt)")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.method == "controlnet":
+            if not self.dataset.conditioning_folder:
+                raise InvalidInputError("method controlnet needs [dataset] conditioning_folder "
+                                        "(--conditioning-folder): the condition images, one per training image by "
+                                        "file stem")
+            if self.train_text_encoder:
+                raise InvalidInputError("method controlnet trains only the ControlNet: leave train_text_encoder unset")
+        else:
+            given = [name for name in _CONTROLNET_ONLY if getattr(self, name) != defaults[name]]
+            given += ["[dataset] conditioning_folder"] * bool(self.dataset.conditioning_folder)
+            if given:
+                raise InvalidInputError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for method "
+                                        f"controlnet, not {self.method}")
         unused = (_NOT_TEXTUAL_INVERSION if self.method == "textual-inversion"
                   else () if self.trains_lora else (*_LORA_ONLY, ))
         unused = [name for name in unused if getattr(self, name) != defaults[name]]
@@ -191,8 +223,12 @@ class FineTuneConfig:
 
     @property
     def export_name(self) -> str:
-        """The exported file's name: output_name, or by default "lora" / "model" after what trains."""
-        return self.output_name or ("lora" if self.trains_lora else "model")
+        """The exported file's name: output_name, or by default "lora" / "controlnet" / "model" after what trains."""
+        if self.output_name:
+            return self.output_name
+        if self.method == "controlnet":
+            return controlnet_training.DEFAULT_NAME
+        return "lora" if self.trains_lora else "model"
 
     @property
     def trains_lora(self) -> bool:
@@ -211,7 +247,16 @@ class FineTuneConfig:
         for section in _SECTIONS:
             if settings[section] is None:
                 del settings[section]
+        for keys, table, default in ((_LATER_KEYS, settings, self), (_LATER_DATASET_KEYS, settings["dataset"],
+                                                                      DatasetConfig)):
+            for key in keys:
+                if table[key] == _field_default(default, key):
+                    del table[key]
         return settings
+
+
+def _field_default(cls: Any, name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -233,39 +278,48 @@ def _check_precision(precision: str, device: torch.device) -> None:
 
 
 class _Denoiser(nn.Module):
-    """Text encoder + UNet (+ the LoRA network) as one module: noisy latents, timesteps and captions' ids
-    (B, 77) of each part of a step's batch -> the UNet's output for each part.
+    """Text encoder + UNet (+ the LoRA network or the ControlNet) as one module: noisy latents, timesteps and
+    captions' ids (B, 77) of each part of a step's batch (and with a ControlNet its condition images (B, 3, H, W)
+    in [0, 1]) -> the UNet's output for each part.
 
     Wrapping them together lets DDP see every trained parameter, and one call per step however many parts
     (instance and class batches) there are, as DDP requires; parts of one latent size run as one batch.
-    The text encoder runs without gradients unless it trains.
+    The text encoder runs without gradients unless it trains. A ControlNet's residuals go to the UNet as
+    diffusers' train_controlnet.py passes them (`down_block_additional_residuals`, `mid_block_additional_residual`).
     """
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, network: LoraNetwork | None,
-                 train_text_encoder: bool, clip_skip: int):
+                 train_text_encoder: bool, clip_skip: int, controlnet: nn.Module | None = None):
         super().__init__()
-        self.unet, self.text_encoder, self.network = unet, text_encoder, network
+        self.unet, self.text_encoder, self.network, self.controlnet = unet, text_encoder, network, controlnet
         self.train_text_encoder, self.clip_skip = train_text_encoder, clip_skip
 
-    def forward(self, parts: list[tuple[Tensor, Tensor, Tensor]]) -> list[Tensor]:
-        sizes = [x_t.shape[0] for x_t, _, _ in parts]
-        if len({x_t.shape for x_t, _, _ in parts}) > 1:  # different buckets: one UNet call each
+    def forward(self, parts: list[tuple[Tensor, ...]]) -> list[Tensor]:
+        """parts: (x_t (b, C, h, w), t (b,), ids (b, 77)[, conditions (b, 3, 8h, 8w)]) each."""
+        sizes = [part[0].shape[0] for part in parts]
+        if len({part[0].shape for part in parts}) > 1:  # different buckets: one UNet call each
             return [out for part in parts for out in self.forward([part])]
-        x_t, t, ids = (torch.cat(tensors) for tensors in zip(*parts))
+        x_t, t, ids, *conditions = (torch.cat(tensors) for tensors in zip(*parts))
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             context = self.text_encoder(ids, clip_skip=self.clip_skip)  # (B, 77, D)
-        return list(self.unet(x_t, t, context).split(sizes))  # [(b, C, h, w)]
+        residuals = {}
+        if self.controlnet is not None:
+            down, mid = self.controlnet(x_t, t, context, conditions[0])  # [(B, C_i, h_i, w_i)], (B, C, h', w')
+            residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        return list(self.unet(x_t, t, context, **residuals).split(sizes))  # [(b, C, h, w)]
 
 
 @dataclass
 class LossPart:
     """One part of a step's batch: this rank's latents (b, C, h, w) and captions' ids (b, 77), the generator of
-    the whole global batch's timesteps and noise, and the part's weight in the loss."""
+    the whole global batch's timesteps and noise, the part's weight in the loss, and for a ControlNet its condition
+    images (b, 3, H, W) in [0, 1]."""
 
     latents: Tensor
     ids: Tensor
     generator: torch.Generator
     weight: float = 1.0
+    conditions: Tensor | None = None
 
 
 def finetune_loss(model: nn.Module, parts: list[LossPart], schedule: DiscreteSchedule, *, rows: slice,
@@ -284,7 +338,8 @@ def finetune_loss(model: nn.Module, parts: list[LossPart], schedule: DiscreteSch
         if noise_offset:
             noise = noise + noise_offset * torch.randn(*shape[:2], 1, 1, generator=generator)  # per sample, channel
         t, noise = t.to(latents.device), noise[rows].to(latents.device, latents.dtype)
-        inputs.append((add_noise(schedule, latents, noise, t), t, part.ids))  # x_t (b, C, h, w)
+        extra = () if part.conditions is None else (part.conditions,)
+        inputs.append((add_noise(schedule, latents, noise, t), t, part.ids, *extra))  # x_t (b, C, h, w)
         targets.append(noise if prediction_type == "epsilon" else velocity(schedule, latents, noise, t))
         timesteps.append(t)
     loss = torch.zeros((), device=parts[0].latents.device)
@@ -360,6 +415,8 @@ def finetune(config: FineTuneConfig) -> Path:
     dreambooth = config.dreambooth
     # bad data fails here, before any model is loaded
     dataset = instance_dataset(dreambooth, config.dataset) if dreambooth else FineTuneDataset(config.dataset)
+    sample_condition = (controlnet_training.check_inputs(config.controlnet_model, config.sample_condition, dataset)
+                        if config.method == "controlnet" else None)
     if config.method == "textual-inversion":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # set by accelerate launch and torchrun
             raise InvalidInputError("textual inversion trains in one process; run it without accelerate launch / "
@@ -382,7 +439,14 @@ def finetune(config: FineTuneConfig) -> Path:
     vae.requires_grad_(False).eval()
     set_gradient_checkpointing(unet, config.gradient_checkpointing)
     network: LoraNetwork | None = None
-    if config.trains_lora:
+    controlnet: ControlNet | None = None
+    if config.method == "controlnet":  # only the ControlNet trains
+        unet.requires_grad_(False)
+        text_encoder.requires_grad_(False)
+        controlnet = controlnet_training.controlnet_to_train(pipe, config.controlnet_model, config.seed)
+        set_gradient_checkpointing(controlnet, config.gradient_checkpointing)
+        trained: dict[str, nn.Module] = {"controlnet": controlnet}
+    elif config.trains_lora:
         parts = ("unet", "text_encoder") if config.train_text_encoder else ("unet",)
         text_encoder.requires_grad_(False)
         with torch.random.fork_rng(devices=[]):
@@ -390,7 +454,7 @@ def finetune(config: FineTuneConfig) -> Path:
             network = LoraNetwork({"unet": unet, "text_encoder": text_encoder}, rank=config.rank,
                                   alpha=config.alpha, dropout=config.lora_dropout, targets=config.lora_targets,
                                   parts=parts)
-        trained: dict[str, nn.Module] = {"lora": network}
+        trained = {"lora": network}
     else:
         text_encoder.requires_grad_(config.train_text_encoder)
         unet.requires_grad_(True)
@@ -407,7 +471,7 @@ def finetune(config: FineTuneConfig) -> Path:
             for data in (dataset, prior) if prior is not None else (dataset,):
                 data.cache_latents(vae, out / "latents")
 
-    denoiser = _Denoiser(unet, text_encoder, network, config.train_text_encoder, config.clip_skip)
+    denoiser = _Denoiser(unet, text_encoder, network, config.train_text_encoder, config.clip_skip, controlnet)
     denoiser.train()
     text_encoder.train(config.train_text_encoder and config.method == "full")
     params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
@@ -435,7 +499,8 @@ def finetune(config: FineTuneConfig) -> Path:
         else:
             latents = encode_images(vae, batch.images).mean * scaling  # (b, C, h, w)
         ids = pipe.tokenizer(batch.captions).to(accelerator.device)  # (b, 77)
-        return LossPart(latents, ids, step_generator(config.seed, micro_step, stream), weight)
+        conditions = None if controlnet is None else batch.conditions.to(accelerator.device)  # (b, 3, H, W) in [0, 1]
+        return LossPart(latents, ids, step_generator(config.seed, micro_step, stream), weight, conditions)
 
     def micro_loss(micro_step: int) -> Tensor:
         parts = [loss_part(dataset, micro_step, 0, 1.0)]
@@ -468,8 +533,11 @@ def finetune(config: FineTuneConfig) -> Path:
 
         bar = tqdm(total=config.steps, desc=f"finetune {config.method}", unit="step", dynamic_ncols=True)
 
-    sample = sampler(pipe, config.sample_prompts if main else (), out, every=config.sample_every, last=config.steps,
-                     resolution=config.dataset.resolution, seed=config.seed, modules=[m for m in (network,) if m])
+    drawing = (pipe if controlnet is None
+               else controlnet_training.SamplingPipeline(pipe, controlnet, sample_condition, out))
+    sample = sampler(drawing, config.sample_prompts if main else (), out, every=config.sample_every, last=config.steps,
+                     resolution=config.dataset.resolution, seed=config.seed,
+                     modules=[m for m in (network, controlnet) if m is not None])
 
     def on_step(state: TrainState, metrics: dict[str, Tensor]) -> None:
         sample(state.step)
@@ -519,7 +587,10 @@ def finetune(config: FineTuneConfig) -> Path:
         exported(lambda: (save_kohya(network, result, metadata()), save_peft(network, out / PEFT_FILE)))
     else:
         result = out / (config.export_name + (".safetensors" if config.save_format == "single_file" else ""))
-        exported(lambda: sdtorch.save(pipe, result, format=config.save_format, overwrite=True))
+        if controlnet is not None:
+            exported(lambda: controlnet_training.export(controlnet, result, config.save_format))
+        else:
+            exported(lambda: sdtorch.save(pipe, result, format=config.save_format, overwrite=True))
     draw_loss_curve(folder / LOG_JSONL, out / "loss.png")
     return result
 

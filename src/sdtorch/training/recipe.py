@@ -384,7 +384,7 @@ class Recipe:
         def build() -> None:
             pipe = self.pipeline().to(dtype=DTYPES[self.config.export.dtype])
             if self.config.export.cfg_scale is not None:
-                pipe.default_cfg_scale = self.config.export.cfg_scale
+                pipe.defaults = dataclasses.replace(pipe.defaults, cfg_scale=self.config.export.cfg_scale)
             save(pipe, self.workdir / "model", overwrite=True)  # the recipe owns this folder (a rerun after a stop)
 
         _timed(self.workdir, "model", build)
