@@ -25,6 +25,7 @@ Everything is seeded; `<workdir>/out` is written afresh unless --skip-train or -
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import shutil
@@ -54,12 +55,16 @@ def prompt(attrs: shapes.Attributes) -> str:
     return f"a {attrs.colour} shape"
 
 
-def pairs(count: int, seed: str) -> list[shapes.Attributes]:
+def pairs(count: int, seed: str, small_share: float | None = None) -> list[shapes.Attributes]:
+    """`count` random renders' attributes; small_share: the share of small shapes (None: the world's, half)."""
     rng = random.Random(f"shapes-controlnet:{seed}")
-    return [shapes.sample_attributes(rng, "all") for _ in range(count)]
+    drawn = [shapes.sample_attributes(rng, "all") for _ in range(count)]
+    if small_share is None:
+        return drawn
+    return [dataclasses.replace(a, size="small" if rng.random() < small_share else "large") for a in drawn]
 
 
-def write_data(workdir: Path, count: int) -> tuple[Path, Path]:
+def write_data(workdir: Path, count: int, small_share: float | None = None) -> tuple[Path, Path]:
     """`count` renders with colour-only captions in data/, their edge maps in conditions/ (same file names)."""
     data, conditions = workdir / "data", workdir / "conditions"
     if data.is_dir() and len(list(data.glob("*.png"))) == count:
@@ -67,7 +72,7 @@ def write_data(workdir: Path, count: int) -> tuple[Path, Path]:
     for folder in (data, conditions):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-    for i, attrs in enumerate(pairs(count, "train")):
+    for i, attrs in enumerate(pairs(count, "train", small_share)):
         image = shapes.render(attrs)
         image.save(data / f"{i:05d}.png")
         (data / f"{i:05d}.txt").write_text(prompt(attrs))
@@ -130,6 +135,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/shapes-controlnet"))
     parser.add_argument("--pairs", type=int, default=4000, help="training renders")
+    parser.add_argument("--small-share", type=float, default=None,
+                        help="the share of small shapes among the training renders (default: the world's, half)")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -149,7 +156,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     report_file = args.workdir / "report.json"
     previous = json.loads(report_file.read_text()) if report_file.is_file() else {}
-    data, conditions = write_data(args.workdir, args.pairs)
+    data, conditions = write_data(args.workdir, args.pairs, args.small_share)
     if args.skip_train:
         controlnet, seconds = args.workdir / "out" / "controlnet", previous.get("training_seconds")
     else:
