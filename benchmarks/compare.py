@@ -201,8 +201,8 @@ def sdtorch_generate(pipe, size: int, steps: int, deep_cache: int = 1):
 
 def openvino_unet(unet, example: tuple, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
     """diffusers' UNet converted with openvino.convert_model and compiled for this CPU at `dtype`
-    (INFERENCE_PRECISION_HINT), on torch's thread count; returns a callable like the UNet's."""
-    import openvino as ov
+    (sdtorch.openvino_runtime, as `--compile-backend openvino` converts sdtorch's); returns a callable like the UNet's."""
+    from sdtorch.openvino_runtime import compile_module
 
     class Traced(torch.nn.Module):
         def __init__(self, unet):
@@ -212,20 +212,8 @@ def openvino_unet(unet, example: tuple, dtype: torch.dtype) -> Callable[..., tor
         def forward(self, x, t, context):
             return self.unet(x, t, context).sample
 
-    if unet.dtype != torch.float32:  # traced in float32 (its inputs are); the hint sets the compute precision
-        unet = copy.deepcopy(unet).float()
-    model = ov.convert_model(Traced(unet), example_input=example)
-    del unet
-    precision = {torch.float32: "f32", torch.bfloat16: "bf16"}[dtype]
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
-                                                      "INFERENCE_NUM_THREADS": torch.get_num_threads()})
-    request = compiled.create_infer_request()
-
-    def run(x, t, context):
-        inputs = [x.float().numpy(), t.numpy(), context.float().numpy()]
-        return torch.from_numpy(request.infer(inputs)[0].copy())
-
-    return run
+    run = compile_module(Traced(unet), example, precision=dtype)
+    return lambda x, t, context: run(x, t, context)[0]
 
 
 # ----------------------------------------------------------------------------- the rows
@@ -394,13 +382,16 @@ def write_readme(text: str, readme: Path) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-def sdtorch_variants(file: Path, dtype: torch.dtype, device: torch.device) -> dict:
+def sdtorch_variants(file: Path, dtype: torch.dtype, device: torch.device, openvino: bool) -> dict:
     """The sdtorch pipelines to time: the default path, and each documented option on top of it (sharing its
-    modules)."""
+    modules); the last one also runs the generation row's step caching."""
     import sdtorch
 
     plain = sdtorch.load(file, dtype=dtype, device=device)
-    return {"sdtorch": plain, "sdtorch --compile": copy.copy(plain).compile()}
+    variants = {"sdtorch": plain, "sdtorch --compile": copy.copy(plain).compile()}
+    if openvino:
+        variants["sdtorch --compile-backend openvino"] = copy.copy(plain).compile("openvino")
+    return variants
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -438,9 +429,9 @@ def main(argv: list[str] | None = None) -> None:
         dtype = getattr(torch, name)
         print(f"{name}:", flush=True)
         theirs = diffusers_pipeline(folder, dtype).to(device)
-        ours = sdtorch_variants(file, dtype, device)
+        openvino = not args.no_openvino and device.type == "cpu"
+        ours = sdtorch_variants(file, dtype, device, openvino)
         if "unet" in args.only:
-            openvino = not args.no_openvino and device.type == "cpu"
             rows += [(name, r) for r in unet_rows(ours, theirs, args.sizes, dtype, openvino, args.repeats, device)]
         if "text" in args.only:
             rows.append((name, text_row(ours, theirs, args.repeats, device)))

@@ -198,6 +198,16 @@ def _vae(value: str | None) -> Path | None:
     return None if value is None else Path(value).expanduser()
 
 
+def _compile_backend(args: argparse.Namespace) -> str | None:
+    """The backend --compile / --compile-backend ask for (None: no compiling), checked before any model loads."""
+    from .compiled import BACKENDS
+
+    if args.compile_backend is not None and args.compile_backend not in BACKENDS:
+        raise InvalidInputError(f"--compile-backend: unknown compile backend {args.compile_backend!r}; "
+                                f"one of: {', '.join(BACKENDS)}")
+    return args.compile_backend or (BACKENDS[0] if args.compile else None)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     request = _request(args)
     limits = Limits.from_strings(args.limit)
@@ -208,7 +218,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     lora_dir, embeddings_dir = _folder("--lora-dir", args.lora_dir), _folder("--embeddings-dir", args.embeddings_dir)
     vae = _vae(args.vae)
     outputs = plan_outputs(args.out, len(request.prompts()) * request.batch_size, overwrite=args.overwrite)
-    pipe = _load(args, args.model, dtype=args.dtype).compile(args.compile)
+    backend = _compile_backend(args)
+    pipe = _load(args, args.model, dtype=args.dtype).compile(backend)
     if vae is not None:
         pipe.load_vae(vae)
     pipe.limits = limits
@@ -249,7 +260,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .server.service import ServerConfig
 
     config = ServerConfig(model=args.model, outdir=Path(args.out), api_auth=credentials, limits=limits,
-                          dtype=args.dtype, compile=args.compile, **folders)
+                          dtype=args.dtype, compile=_compile_backend(args), **folders)
     app = create_app(config)  # loads the first model
     print(f"sdtorch: serving on http://{args.host}:{args.port} (API docs: /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
@@ -351,6 +362,9 @@ class _Parser(argparse.ArgumentParser):
 def _add_compile_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="run the UNet through torch.compile (Pipeline.compile): "
                         "faster steps after a first compile of minutes per image size (see README, Speed)")
+    parser.add_argument("--compile-backend", metavar="NAME", help="compile with this backend instead (implies "
+                        "--compile): inductor (torch.compile's, the default) or openvino (OpenVINO's CPU runtime; "
+                        "needs the openvino package)")
 
 
 def _add_limit_flag(parser: argparse.ArgumentParser) -> None:

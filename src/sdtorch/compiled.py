@@ -1,33 +1,52 @@
-"""The UNet through `torch.compile` (inductor) for inference: `Pipeline.compile()`, the CLI's `--compile`.
+"""The UNet compiled for inference: `Pipeline.compile()`, the CLI's `--compile` / `--compile-backend openvino`.
 
-Inductor traces the UNet once per input shape and emits fused kernels; with weight freezing the weights are
-constants of the graph, so on a CPU the convolution and matmul weights are pre-packed for oneDNN/MKL once
-instead of reordered at every call. The first call at a new image size compiles (minutes at SD sizes on a
-small CPU; inductor's on-disk cache makes later processes faster).
+"inductor" (the default): `torch.compile` traces the UNet once per input shape and emits fused kernels; with
+weight freezing the weights are constants of the graph, so on a CPU the convolution and matmul weights are
+pre-packed for oneDNN/MKL once instead of reordered at every call. The first call at a new image size compiles
+(minutes at SD sizes on a small CPU; inductor's on-disk cache makes later processes faster).
 
-Frozen weights must not change behind the graph's back, so the compiled graph is used only when nothing else
+"openvino" (CPU only, the optional `openvino` package): the UNet converted to an OpenVINO graph per input shape
+and run by its CPU runtime at the UNet's dtype (openvino_runtime.py). Each graph holds its own copy of the
+weights, so at most MAX_OPENVINO_GRAPHS are kept (a whole UNet and, with step caching, its shallow part); calls
+with ControlNet or T2I-Adapter residuals run the plain module.
+
+Compiled weights must not change behind the graph's back, so a compiled graph is used only when nothing else
 can change the UNet's function: in inference (no grad, eval mode), with no forward hooks (LoRAs are hooks,
 see adapters/lora.py) and with the weights as they were when it was built (their version counters); otherwise
-the call runs the plain module, and a changed weight or dtype rebuilds the graph at the next call.
+the call runs the plain module, and a changed weight or dtype rebuilds the graphs at the next call.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from .errors import InvalidInputError
 from .models.unet import SHALLOW_STAGES
+from .openvino_runtime import compile_module, require_openvino
+
+BACKENDS = ("inductor", "openvino")
+MAX_OPENVINO_GRAPHS = 2
 
 
 class CompiledUNet:
-    """Callable like `unet(x, t, context)`; runs the compiled graph where it is valid, else `unet` itself."""
+    """Callable like `unet(x, t, context)`; runs a compiled graph where it is valid, else `unet` itself."""
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, unet: nn.Module, backend: str = "inductor"):
+        if backend not in BACKENDS:
+            raise InvalidInputError(f"unknown compile backend {backend!r}; one of: {', '.join(BACKENDS)}")
+        if backend == "openvino":
+            require_openvino()
+            if next(unet.parameters()).device.type != "cpu":
+                raise InvalidInputError("the openvino backend runs on the CPU; use inductor on other devices")
         self.unet = unet
-        self._compiled: Callable[..., tuple[Tensor, Tensor]] | None = None
-        self._state: tuple | None = None  # what the graph was built for: weight versions, dtype, device
+        self.backend = backend
+        self._compiled: Callable[..., tuple[Tensor, Tensor]] | None = None  # inductor's
+        self._graphs: OrderedDict[tuple, Callable[..., tuple[Tensor, ...]]] = OrderedDict()  # openvino's, by inputs
+        self._state: tuple | None = None  # what the graphs were built for: weight versions, dtype, device
 
     def _weights_state(self) -> tuple:
         first = next(self.unet.parameters())
@@ -37,7 +56,7 @@ class CompiledUNet:
         return any(m._forward_hooks or m._forward_pre_hooks for m in self.unet.modules())
 
     def usable(self) -> bool:
-        """Whether a call now would use the compiled graph (inference, no hooks)."""
+        """Whether a call now would use a compiled graph (inference, no hooks)."""
         return not (torch.is_grad_enabled() or self.unet.training or self._hooked())
 
     def __call__(self, x: Tensor, t: Tensor, context: Tensor, *, text_embeds: Tensor | None = None,
@@ -51,17 +70,55 @@ class CompiledUNet:
                       shallow: int = SHALLOW_STAGES, *, text_embeds: Tensor | None = None,
                       time_ids: Tensor | None = None,
                       **residuals: Tensor | list[Tensor] | None) -> tuple[Tensor, Tensor]:
-        """`UNet.split_forward` (step caching) through the compiled graph: one graph per input shapes, per
+        """`UNet.split_forward` (step caching) through a compiled graph: one graph per input shapes, per
         `shallow` and per whole / shallow call."""
         added = dict(text_embeds=text_embeds, time_ids=time_ids, **residuals)
-        if not self.usable():
+        with_residuals = any(v is not None for v in residuals.values())
+        if not self.usable() or (self.backend == "openvino" and with_residuals):
             return self.unet.split_forward(x, t, context, deep, shallow, **added)
         state = self._weights_state()
-        if self._compiled is None or state != self._state:
+        if state != self._state:
+            self._compiled = None
+            self._graphs.clear()
+            self._state = state
+        if self.backend == "openvino":
+            return self._openvino(x, t, context, deep, shallow, text_embeds, time_ids)
+        if self._compiled is None:
             torch._dynamo.reset()  # drop graphs holding the old frozen weights
             self._compiled = torch.compile(self.unet.split_forward, dynamic=False)
-            self._state = state
         import torch._inductor.config as inductor_config  # here: importing inductor takes seconds
 
         with inductor_config.patch(freezing=True):  # read when a call compiles (compile()'s options= is not)
             return self._compiled(x, t, context, deep, shallow, **added)
+
+    def _openvino(self, x: Tensor, t: Tensor, context: Tensor, deep: Tensor | None, shallow: int,
+                  text_embeds: Tensor | None, time_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+        """split_forward by the OpenVINO graph for these inputs (converted at the first such call)."""
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t  # a scalar timestep: (B,), as the UNet broadcasts it
+        inputs = tuple(v for v in (x, t, context, deep, text_embeds, time_ids) if v is not None)
+        key = (shallow, deep is not None, text_embeds is not None) + tuple((v.shape, v.dtype) for v in inputs)
+        run = self._graphs.get(key)
+        if run is None:
+            call = _SplitCall(self.unet, shallow, with_deep=deep is not None, sdxl=text_embeds is not None)
+            run = compile_module(call, inputs, precision=x.dtype)
+            self._graphs[key] = run
+            while len(self._graphs) > MAX_OPENVINO_GRAPHS:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+        out, new_deep = run(*inputs)
+        return out.to(x.device, x.dtype), new_deep.to(x.device, x.dtype)
+
+
+class _SplitCall(nn.Module):
+    """`UNet.split_forward` with its optional inputs fixed, taking tensors only (for tracing):
+    (x, t, context[, deep][, text_embeds, time_ids]) -> (output, deep features)."""
+
+    def __init__(self, unet: nn.Module, shallow: int, with_deep: bool, sdxl: bool):
+        super().__init__()
+        self.unet, self.shallow, self.with_deep, self.sdxl = unet, shallow, with_deep, sdxl
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, *rest: Tensor) -> tuple[Tensor, Tensor]:
+        deep, rest = (rest[0], rest[1:]) if self.with_deep else (None, rest)
+        added = dict(text_embeds=rest[0], time_ids=rest[1]) if self.sdxl else {}
+        return self.unet.split_forward(x, t, context, deep, self.shallow, **added)

@@ -237,13 +237,16 @@ class Pipeline:
         self.loaded_vae = swap_vae(self.vae, self.config, path, self.loaded_vae)
         return self
 
-    def compile(self, enabled: bool = True) -> Pipeline:
-        """Run the UNet through torch.compile (inductor, weights frozen) when generating; returns self.
+    def compile(self, backend: str | bool | None = "inductor") -> Pipeline:
+        """Run the UNet compiled when generating; returns self. backend: "inductor" (torch.compile, weights frozen;
+        also True), "openvino" (OpenVINO's CPU runtime; needs the `openvino` package), or None / False (off).
 
         Same images as the plain path within float rounding; each new image size compiles first (minutes at
         SD sizes on a CPU). Runs with a LoRA applied use the plain UNet. See sdtorch/compiled.py.
         """
-        self.compiled_unet = CompiledUNet(self.unet) if enabled else None
+        if backend is True:
+            backend = "inductor"
+        self.compiled_unet = CompiledUNet(self.unet, backend) if backend else None
         return self
 
     def load_embedding(self, path: str | os.PathLike, name: str | None = None) -> str:

@@ -34,7 +34,7 @@ class ModelHost:
     """Holds the one loaded model with the server's settings applied: limits, LoRA folder, embeddings, VAE."""
 
     def __init__(self, limits: Limits, lora_dir: Path | None, embeddings_dir: Path | None,
-                 dtype: torch.dtype | None = None, compile: bool = False,
+                 dtype: torch.dtype | None = None, compile: str | None = None,
                  refiner_lookup: Callable[[str], str | None] | None = None, vae: Path | None = None):
         self.limits, self.lora_dir, self.embeddings_dir, self.dtype = limits, lora_dir, embeddings_dir, dtype
         self.refiner_lookup = refiner_lookup  # a request's refiner name -> a listed checkpoint's source

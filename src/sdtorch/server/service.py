@@ -44,7 +44,7 @@ class ServerConfig:
     api_auth: tuple[tuple[str, str], ...] = ()  # (user, password) pairs for HTTP Basic; empty: no auth
     limits: Limits = field(default_factory=Limits)
     dtype: torch.dtype | None = None
-    compile: bool = False  # run the UNet through torch.compile (Pipeline.compile)
+    compile: str | None = None  # Pipeline.compile's backend (inductor, openvino); None: the plain UNet
 
 
 class Service:

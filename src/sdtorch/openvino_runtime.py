@@ -1,0 +1,63 @@
+"""sdtorch's own modules run by OpenVINO's CPU runtime: the `openvino` backend of `Pipeline.compile`.
+
+`openvino.convert_model` traces a module on example inputs into an OpenVINO graph (its weights copied in), and
+`compile_model` builds it for this CPU at a compute precision: float32, or bfloat16 / float16 where the CPU has
+them natively (AVX-512 BF16, AMX). Inputs and outputs cross as float32 numpy arrays; the graph is static in
+the example's shapes. The `openvino` package is optional (`pip install openvino`).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .errors import InvalidInputError
+
+PRECISION_HINTS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def require_openvino() -> None:
+    """Raise InvalidInputError with the remedy when the `openvino` package is not installed."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        raise InvalidInputError("the openvino backend needs the `openvino` package: pip install openvino") from None
+
+
+def compile_module(module: nn.Module, example: tuple[Tensor, ...],
+                   precision: torch.dtype = torch.float32) -> Callable[..., tuple[Tensor, ...]]:
+    """`module` (called as module(*example), returning a tensor or a tuple of tensors) converted and compiled for
+    this CPU, computing at `precision`, on torch's thread count. Returns run(*inputs) -> outputs: inputs of the
+    example's shapes (any float dtype: sent as float32; integer inputs keep their dtype), outputs float32 tensors.
+    A module whose weights are not float32 is traced from a float32 copy (exact for bfloat16 / float16 weights)."""
+    require_openvino()
+    import openvino as ov
+
+    if precision not in PRECISION_HINTS:
+        raise InvalidInputError(f"OpenVINO computes in {', '.join(map(str, PRECISION_HINTS))}, not {precision}")
+    if any(p.dtype != torch.float32 for p in module.parameters()):
+        module = copy.deepcopy(module).float()
+    example = tuple(_as_sent(x) for x in example)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the UNet's input checks: constant per graph
+        model = ov.convert_model(module, example_input=example)
+    del module
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
+                                                      "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    request = compiled.create_infer_request()
+
+    def run(*inputs: Tensor) -> tuple[Tensor, ...]:
+        results = request.infer([_as_sent(x).numpy() for x in inputs])
+        return tuple(torch.from_numpy(results[i].copy()) for i in range(len(compiled.outputs)))
+
+    return run
+
+
+def _as_sent(x: Tensor) -> Tensor:
+    """A tensor as OpenVINO receives it: on the CPU, float32 if floating, contiguous."""
+    x = x.detach().cpu()
+    return (x.float() if x.is_floating_point() else x).contiguous()

@@ -1,0 +1,78 @@
+"""Pipeline.compile("openvino"): OpenVINO's CPU runtime gives the plain path's images (whole UNet and step
+caching, SD1 and SDXL), rebuilds after weight changes, and leaves hooked calls and ControlNet residuals to the
+plain module."""
+
+import pytest
+import torch
+from conftest import psnr, random_pipeline
+
+from sdtorch.cli import main
+from sdtorch.configs import TINY_SD1, TINY_SDXL
+from sdtorch.errors import InvalidInputError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("config", [TINY_SD1, TINY_SDXL], ids=["sd1", "sdxl"])
+def test_openvino_gives_the_plain_images_with_and_without_step_caching(config):
+    pipe = random_pipeline(config, seed=3)
+    settings = dict(width=32, height=32, steps=4, cfg_scale=7.0, seed=5)
+    plain = pipe("a red circle", **settings)[0]
+    cached = pipe("a red circle", deep_cache=2, **settings)[0]
+    assert pipe.compile("openvino") is pipe
+    assert psnr(pipe("a red circle", **settings)[0], plain) >= 50
+    graphs = dict(pipe.compiled_unet._graphs)
+    assert len(graphs) == 1  # the generation ran the converted whole UNet, not the plain module
+    assert psnr(pipe("a red circle", deep_cache=2, **settings)[0], cached) >= 50
+    assert len(pipe.compiled_unet._graphs) == 2  # and now the shallow part too, the whole graph reused
+    assert set(graphs) <= set(pipe.compiled_unet._graphs)
+
+
+def test_openvino_rebuilds_after_weight_changes_and_runs_the_plain_module_with_hooks_or_residuals():
+    pipe = random_pipeline(TINY_SD1, seed=3).compile("openvino")
+    compiled = pipe.compiled_unet
+    g = torch.Generator().manual_seed(0)
+    x, t, context = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900]), torch.randn(2, 7, 128, generator=g)
+    with torch.inference_mode():
+        first = compiled(x, t, context)
+        torch.testing.assert_close(first, pipe.unet(x, t, context), rtol=1e-4, atol=1e-5)
+        graph = next(iter(compiled._graphs.values()))
+        pipe.unet.conv_out.bias.add_(0.5)
+        changed = compiled(x, t, context)
+        assert next(iter(compiled._graphs.values())) is not graph
+        torch.testing.assert_close(changed, first + 0.5, rtol=1e-4, atol=1e-4)
+
+        handle = pipe.unet.conv_out.register_forward_hook(lambda module, args, out: out * 2)  # as a LoRA does
+        torch.testing.assert_close(compiled(x, t, context), 2 * changed, rtol=1e-4, atol=1e-4)
+        handle.remove()
+
+        skips = [torch.zeros(2, c, s, s) for c, s in _skip_shapes(pipe.unet, x)]
+        skips[0] += 1.0
+        residuals = dict(down_block_additional_residuals=skips,
+                         mid_block_additional_residual=torch.zeros(_mid_shape(pipe.unet, x)))
+        torch.testing.assert_close(compiled(x, t, context, **residuals), pipe.unet(x, t, context, **residuals))
+        assert not torch.allclose(compiled(x, t, context, **residuals), changed)
+
+
+def _skip_shapes(unet, x):
+    """(channels, size) of each skip of the down path (the ControlNet down residuals' shapes)."""
+    shapes, size = [(unet.config.block_channels[0], x.shape[-1])], x.shape[-1]
+    for level, block in enumerate(unet.down_blocks):
+        shapes += [(unet.config.block_channels[level], size)] * len(block.resnets)
+        if block.downsamplers is not None:
+            size //= 2
+            shapes.append((unet.config.block_channels[level], size))
+    return shapes
+
+
+def _mid_shape(unet, x):
+    levels = len(unet.down_blocks) - 1
+    return (2, unet.config.block_channels[-1], x.shape[-2] >> levels, x.shape[-1] >> levels)
+
+
+def test_an_unknown_backend_is_refused_by_the_pipeline_and_the_cli(capsys):
+    pipe = random_pipeline(TINY_SD1, seed=3)
+    with pytest.raises(InvalidInputError, match="unknown compile backend 'tensorrt'; one of: inductor, openvino"):
+        pipe.compile("tensorrt")
+    assert main(["generate", "a fox", "--compile-backend", "tensorrt", "--steps", "1"]) == 2
+    assert "--compile-backend: unknown compile backend 'tensorrt'; one of: inductor, openvino" in capsys.readouterr().err
