@@ -382,13 +382,15 @@ def write_readme(text: str, readme: Path) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-def sdtorch_variants(file: Path, dtype: torch.dtype, device: torch.device, openvino: bool) -> dict:
+def sdtorch_variants(file: Path, dtype: torch.dtype, device: torch.device, inductor: bool, openvino: bool) -> dict:
     """The sdtorch pipelines to time: the default path, and each documented option on top of it (sharing its
     modules); the last one also runs the generation row's step caching."""
     import sdtorch
 
     plain = sdtorch.load(file, dtype=dtype, device=device)
-    variants = {"sdtorch": plain, "sdtorch --compile": copy.copy(plain).compile()}
+    variants = {"sdtorch": plain}
+    if inductor:
+        variants["sdtorch --compile"] = copy.copy(plain).compile()
     if openvino:
         variants["sdtorch --compile-backend openvino"] = copy.copy(plain).compile("openvino")
     return variants
@@ -407,9 +409,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gen-steps", type=int, default=20)
     parser.add_argument("--gen-repeats", type=int, default=2, help="timed whole generations per implementation")
     parser.add_argument("--deep-cache", type=int, nargs="+", default=[3],
-                        help="the generation row's step-caching intervals on the compiled pipeline, a column each "
+                        help="the generation row's step-caching intervals on the last sdtorch variant, a column each "
                              "(1: none)")
-    parser.add_argument("--no-openvino", action="store_true")
+    parser.add_argument("--no-openvino", action="store_true", help="leave out OpenVINO (diffusers' UNet converted) "
+                        "and sdtorch --compile-backend openvino")
+    parser.add_argument("--no-inductor", action="store_true", help="leave out sdtorch --compile (inductor)")
     parser.add_argument("--workdir", default="/tmp/sdtorch-compare", help="where the random model files are kept")
     parser.add_argument("--readme", default=str(REPO / "README.md"))
     parser.add_argument("--no-readme", action="store_true")
@@ -430,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}:", flush=True)
         theirs = diffusers_pipeline(folder, dtype).to(device)
         openvino = not args.no_openvino and device.type == "cpu"
-        ours = sdtorch_variants(file, dtype, device, openvino)
+        ours = sdtorch_variants(file, dtype, device, not args.no_inductor, openvino)
         if "unet" in args.only:
             rows += [(name, r) for r in unet_rows(ours, theirs, args.sizes, dtype, openvino, args.repeats, device)]
         if "text" in args.only:
