@@ -9,6 +9,7 @@ the example's shapes. The `openvino` package is optional (`pip install openvino`
 from __future__ import annotations
 
 import copy
+import importlib.util
 import warnings
 from collections.abc import Callable
 
@@ -22,10 +23,8 @@ PRECISION_HINTS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: 
 
 def require_openvino() -> None:
     """Raise InvalidInputError with the remedy when the `openvino` package is not installed."""
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        raise InvalidInputError("the openvino backend needs the `openvino` package: pip install openvino") from None
+    if importlib.util.find_spec("openvino") is None:
+        raise InvalidInputError("the openvino backend needs the `openvino` package: pip install openvino")
 
 
 def compile_module(module: nn.Module, example: tuple[Tensor, ...],
