@@ -6,8 +6,8 @@ pre-packed for oneDNN/MKL once instead of reordered at every call. The first cal
 (minutes at SD sizes on a small CPU; inductor's on-disk cache makes later processes faster).
 
 "openvino" (CPU only, the optional `openvino` package): the UNet converted to an OpenVINO graph per input shape
-and run by its CPU runtime at the UNet's dtype (openvino_runtime.py). Each graph holds its own copy of the
-weights, so at most MAX_OPENVINO_GRAPHS are kept (a whole UNet and, with step caching, its shallow part); calls
+and run by its CPU runtime at the UNet's dtype (openvino_runtime.py). Each graph may hold its own (repacked)
+copy of the weights, so at most MAX_OPENVINO_GRAPHS are kept (a whole UNet and, with step caching, its shallow part); calls
 with ControlNet or T2I-Adapter residuals run the plain module.
 
 Compiled weights must not change behind the graph's back, so a compiled graph is used only when nothing else
