@@ -38,7 +38,7 @@ from .io import (
     describe_error, detect_format, legacy_model_hash, read_checkpoint, read_safetensors_header,
     weight_dtype, write_folder, write_json, write_safetensors,
 )
-from .keymaps import UNET_PREFIX, first_keys, rename_key, unet_table
+from .keymaps import UNET_PREFIX, first_keys, rename_all, rename_key, unet_table
 
 logger = logging.getLogger(__name__)
 
@@ -93,16 +93,7 @@ def controlnet_table(cfg: ControlNetConfig) -> dict[str, str]:
 def original_to_controlnet(sd: dict[str, Tensor], cfg: ControlNetConfig) -> dict[str, Tensor]:
     """An original-layout ControlNet's tensors (without the `control_model.` prefix) in sdtorch's names; a key
     that fits no rule is an ArchitectureError (missing ones are left for the strict load to report)."""
-    table, out, unexpected = controlnet_table(cfg), {}, []
-    for key, tensor in sd.items():
-        name = rename_key(key, table)
-        if name is None:
-            unexpected.append(key)
-        else:
-            out[name] = tensor
-    if unexpected:
-        raise ArchitectureError(f"{len(unexpected)} tensor(s) fit no part of a ControlNet: {first_keys(unexpected)}")
-    return out
+    return rename_all(sd, controlnet_table(cfg), "fit no part of a ControlNet")
 
 
 def controlnet_to_original(

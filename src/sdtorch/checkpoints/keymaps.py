@@ -222,6 +222,21 @@ def rename_key(key: str, table: dict[str, str]) -> str | None:
     return None
 
 
+def rename_all(sd: dict[str, Tensor], table: dict[str, str], what: str) -> dict[str, Tensor]:
+    """Every tensor of `sd` renamed by `rename_key`; keys that fit no rule are an ArchitectureError reading
+    "N tensor(s) <what>: <the first keys>"."""
+    out, unplaced = {}, []
+    for key, tensor in sd.items():
+        name = rename_key(key, table)
+        if name is None:
+            unplaced.append(key)
+        else:
+            out[name] = tensor
+    if unplaced:
+        raise ArchitectureError(f"{len(unplaced)} tensor(s) {what}: {first_keys(unplaced)}")
+    return out
+
+
 def canonical_key(key: str) -> str:
     """Some old SD1 files store CLIP without `text_model.` (older transformers); give such keys today's name."""
     old = "cond_stage_model.transformer."

@@ -37,7 +37,7 @@ from ..models.t2i_adapter import T2IAdapter, T2IAdapterConfig
 from ..models.unet import intrablock_points
 from .detect import CONV, block_indices, tensor_shape
 from .io import detect_format, read_checkpoint, read_json_object, read_shapes, weight_dtype
-from .keymaps import UNET_PREFIX, first_keys, rename_key
+from .keymaps import UNET_PREFIX, rename_all
 
 ADAPTER_PREFIX = "adapter."  # diffusers' T2IAdapter keeps its layers in `self.adapter`
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
@@ -87,19 +87,6 @@ def original_table(levels: int, res_blocks: int, light: bool) -> dict[str, str]:
     return table
 
 
-def _rename(sd: dict[str, Tensor], table: dict[str, str], what: str) -> dict[str, Tensor]:
-    out, unplaced = {}, []
-    for key, tensor in sd.items():
-        name = rename_key(key, table)
-        if name is None:
-            unplaced.append(key)
-        else:
-            out[name] = tensor
-    if unplaced:
-        raise ArchitectureError(f"{len(unplaced)} tensor(s) {what}: {first_keys(unplaced)}")
-    return out
-
-
 def _is_original_light(sd: dict[str, Tensor]) -> bool:
     return any(_ORIGINAL_LIGHT.match(k) for k in sd)
 
@@ -116,7 +103,7 @@ def original_to_t2i_adapter(sd: dict[str, Tensor], res_blocks: int | None = None
     else:
         n = res_blocks or _original_res_blocks(sd)
         table = original_table(-(-blocks // n), n, light=False)
-    return _rename(sd, table, "fit no part of a T2I-Adapter")
+    return rename_all(sd, table, "fit no part of a T2I-Adapter")
 
 
 def t2i_adapter_to_original(sd: dict[str, Tensor], config: T2IAdapterConfig) -> dict[str, Tensor]:
@@ -125,7 +112,7 @@ def t2i_adapter_to_original(sd: dict[str, Tensor], config: T2IAdapterConfig) -> 
     table = original_table(len(config.levels), config.num_res_blocks, config.adapter_type == "light_adapter")
     inverse = {ours: original for original, ours in table.items()}
     sd = {k.removeprefix(ADAPTER_PREFIX): v for k, v in sd.items()}
-    return _rename(sd, inverse, "have no name in the original layout")
+    return rename_all(sd, inverse, "have no name in the original layout")
 
 
 def _levels(sd: dict[str, Tensor]) -> list[int]:

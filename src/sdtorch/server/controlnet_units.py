@@ -253,20 +253,12 @@ def _ip_unit(args: UnitArgs, module: IPAdapterModule, where: str, models: Contro
 def _ip_image(args: UnitArgs, where: str, request: GenerationRequest) -> tuple[bytes, bool]:
     """An IP-Adapter unit's image and whether it is its own: without one, img2img's image. Its mask is the extension's
     CLIP mask, which sdtorch does not apply: only an empty (all-zero) mask is taken."""
-    text, mask_text = _image_fields(args.image, args.mask, where)
+    text, mask_text = _unit_image_fields(args, where, request)
     if text is None:
-        if mask_text is not None:
-            raise InvalidInputError(f"{where}: a mask without an image; give image")
-        if request.init_image is None:
-            raise InvalidInputError(f"{where}: controlnet is enabled but no input image is given (image: base64)")
         return request.init_image, False
     image = image_bytes(text, f"{where}.image")
     if mask_text is not None:
-        picture, alpha = load_image(image), np.asarray(load_image(image_bytes(mask_text, f"{where}.mask")))[:, :, 0]
-        if alpha.shape != (picture.height, picture.width):
-            raise InvalidInputError(f"{where}: the mask is {alpha.shape[1]}x{alpha.shape[0]}, the image "
-                                    f"{picture.width}x{picture.height}: they must be the same size")
-        if alpha.any():
+        if _mask_alpha(image, image_bytes(mask_text, f"{where}.mask"), where).any():
             raise InvalidInputError(f"{where}.mask: the extension's CLIP mask (blanking the image where it is white) "
                                     "is not supported by sdtorch's IP-Adapter units; send the image alone, or blank "
                                     "the masked part of the image yourself")
@@ -311,12 +303,8 @@ def _choice(value: int | str, names: tuple[str, ...], where: str, aliases: dict[
 def _images(args: UnitArgs, p: Preprocessor, where: str, request: GenerationRequest,
             resize_mode: str) -> tuple[bytes | Image.Image, bytes | Image.Image | None, str]:
     """(control image, mask, resize mode) of a unit, as the extension picks them."""
-    text, mask_text = _image_fields(args.image, args.mask, where)
+    text, mask_text = _unit_image_fields(args, where, request)
     if text is None:
-        if mask_text is not None:
-            raise InvalidInputError(f"{where}: a mask without an image; give image")
-        if request.init_image is None:
-            raise InvalidInputError(f"{where}: controlnet is enabled but no input image is given (image: base64)")
         # img2img's image, resize mode and (for inpaint modules, through the request) mask; none: an empty mask
         mask = _empty_mask(load_image(request.init_image)) if p.requires_mask and request.mask is None else None
         return request.init_image, mask, RESIZE_TITLES[RESIZE_MODES.index(request.resize_mode.lower())]
@@ -324,15 +312,32 @@ def _images(args: UnitArgs, p: Preprocessor, where: str, request: GenerationRequ
     mask = None if mask_text is None else image_bytes(mask_text, f"{where}.mask")
     if mask is None:
         return image, (_empty_mask(load_image(image)) if p.requires_mask else None), resize_mode
-    picture, alpha = load_image(image), np.asarray(load_image(mask))[:, :, 0]  # (H, W): the mask's first channel
-    if alpha.shape != (picture.height, picture.width):
-        raise InvalidInputError(f"{where}: the mask is {alpha.shape[1]}x{alpha.shape[0]}, the image "
-                                f"{picture.width}x{picture.height}: they must be the same size")
+    alpha = _mask_alpha(image, mask, where)
     if p.requires_mask:
         return image, mask, resize_mode
     if (alpha <= BLANK_MASK[0]).all() or (alpha >= BLANK_MASK[1]).all():
         return image, None, resize_mode
     return Image.fromarray(alpha).convert("RGB"), None, resize_mode  # the extension's canvas scribble
+
+
+def _unit_image_fields(args: UnitArgs, where: str, request: GenerationRequest) -> tuple[str | None, str | None]:
+    """A unit's (image, mask) base64 texts; (None, None) where img2img's image stands in for a missing one."""
+    text, mask_text = _image_fields(args.image, args.mask, where)
+    if text is None:
+        if mask_text is not None:
+            raise InvalidInputError(f"{where}: a mask without an image; give image")
+        if request.init_image is None:
+            raise InvalidInputError(f"{where}: controlnet is enabled but no input image is given (image: base64)")
+    return text, mask_text
+
+
+def _mask_alpha(image: bytes, mask: bytes, where: str) -> np.ndarray:
+    """A unit's mask as (H, W) uint8, its first channel; InvalidInputError unless it is the image's size."""
+    picture, alpha = load_image(image), np.asarray(load_image(mask))[:, :, 0]
+    if alpha.shape != (picture.height, picture.width):
+        raise InvalidInputError(f"{where}: the mask is {alpha.shape[1]}x{alpha.shape[0]}, the image "
+                                f"{picture.width}x{picture.height}: they must be the same size")
+    return alpha
 
 
 def _image_fields(image: Any, mask: str | None, where: str) -> tuple[str | None, str | None]:
