@@ -90,6 +90,7 @@ def train(args: argparse.Namespace, data: Path, conditions: Path) -> tuple[Path,
         out=str(out), method="controlnet", steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         warmup_steps=args.warmup, lr_scheduler="cosine", checkpoint_every=max(args.steps // 4, 1),
         log_every=20, seed=args.seed, controlnet_model=str(args.init_from) if args.init_from else "",
+        ema_decay=args.ema_decay,
     )
     start = time.perf_counter()
     result = finetune(config)
@@ -142,6 +143,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--ema-decay", type=float, default=None, help="train with an EMA of the weights and ship it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-pairs", type=int, default=200)
     parser.add_argument("--grid-columns", type=int, default=12)
