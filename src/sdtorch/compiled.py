@@ -6,7 +6,9 @@ pre-packed for oneDNN/MKL once instead of reordered at every call. The first cal
 (minutes at SD sizes on a small CPU; inductor's on-disk cache makes later processes faster).
 
 "openvino" (CPU only, the optional `openvino` package): the UNet converted to an OpenVINO graph per input shape
-and run by its CPU runtime at the UNet's dtype (openvino_runtime.py). Each graph may hold its own (repacked)
+and run by its CPU runtime at the UNet's dtype (openvino_runtime.py). "openvino-bf16": the same, computing in
+bfloat16 whatever the UNet's dtype, as OpenVINO itself does by default on CPUs with native bfloat16 (AVX-512 BF16,
+AMX): a float32 model keeps float32 weights, inputs and outputs, and the picture changes by bfloat16's rounding. Each graph may hold its own (repacked)
 copy of the weights, so at most MAX_OPENVINO_GRAPHS are kept (a whole UNet and, with step caching, its shallow part); calls
 with ControlNet or T2I-Adapter residuals run the plain module.
 
@@ -26,9 +28,9 @@ from torch import Tensor, nn
 
 from .errors import InvalidInputError
 from .models.unet import SHALLOW_STAGES
-from .openvino_runtime import compile_module, require_openvino
+from .openvino_runtime import compile_module, native_bfloat16, require_openvino
 
-BACKENDS = ("inductor", "openvino")
+BACKENDS = ("inductor", "openvino", "openvino-bf16")
 MAX_OPENVINO_GRAPHS = 2
 
 
@@ -38,10 +40,13 @@ class CompiledUNet:
     def __init__(self, unet: nn.Module, backend: str = "inductor"):
         if backend not in BACKENDS:
             raise InvalidInputError(f"unknown compile backend {backend!r}; one of: {', '.join(BACKENDS)}")
-        if backend == "openvino":
+        if backend.startswith("openvino"):
             require_openvino()
             if next(unet.parameters()).device.type != "cpu":
-                raise InvalidInputError("the openvino backend runs on the CPU; use inductor on other devices")
+                raise InvalidInputError(f"the {backend} backend runs on the CPU; use inductor on other devices")
+            if backend == "openvino-bf16" and not native_bfloat16():
+                raise InvalidInputError("the openvino-bf16 backend needs a CPU with native bfloat16 (AVX-512 BF16 "
+                                        "or AMX); this one has none: use openvino")
         self.unet = unet
         self.backend = backend
         self._compiled: Callable[..., tuple[Tensor, Tensor]] | None = None  # inductor's
@@ -74,14 +79,15 @@ class CompiledUNet:
         `shallow` and per whole / shallow call."""
         added = dict(text_embeds=text_embeds, time_ids=time_ids, **residuals)
         with_residuals = any(v is not None for v in residuals.values())
-        if not self.usable() or (self.backend == "openvino" and with_residuals):
+        openvino = self.backend.startswith("openvino")
+        if not self.usable() or (openvino and with_residuals):
             return self.unet.split_forward(x, t, context, deep, shallow, **added)
         state = self._weights_state()
         if state != self._state:
             self._compiled = None
             self._graphs.clear()
             self._state = state
-        if self.backend == "openvino":
+        if openvino:
             return self._openvino(x, t, context, deep, shallow, text_embeds, time_ids)
         if self._compiled is None:
             torch._dynamo.reset()  # drop graphs holding the old frozen weights
@@ -100,7 +106,8 @@ class CompiledUNet:
         run = self._graphs.get(key)
         if run is None:
             call = _SplitCall(self.unet, shallow, with_deep=deep is not None, sdxl=text_embeds is not None)
-            run = compile_module(call, inputs, precision=x.dtype)
+            precision = torch.bfloat16 if self.backend == "openvino-bf16" else x.dtype
+            run = compile_module(call, inputs, precision=precision)
             self._graphs[key] = run
             while len(self._graphs) > MAX_OPENVINO_GRAPHS:
                 self._graphs.popitem(last=False)

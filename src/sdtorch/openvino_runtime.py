@@ -27,6 +27,14 @@ def require_openvino() -> None:
         raise InvalidInputError("the openvino backend needs the `openvino` package: pip install openvino")
 
 
+def native_bfloat16() -> bool:
+    """Whether OpenVINO's CPU runtime computes bfloat16 natively here (AVX-512 BF16 or AMX)."""
+    require_openvino()
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def compile_module(module: nn.Module, example: tuple[Tensor, ...],
                    precision: torch.dtype = torch.float32) -> Callable[..., tuple[Tensor, ...]]:
     """`module` (called as module(*example), returning a tensor or a tuple of tensors) converted and compiled for

@@ -239,9 +239,11 @@ class Pipeline:
 
     def compile(self, backend: str | bool | None = "inductor") -> Pipeline:
         """Run the UNet compiled when generating; returns self. backend: "inductor" (torch.compile, weights frozen;
-        also True), "openvino" (OpenVINO's CPU runtime; needs the `openvino` package), or None / False (off).
+        also True), "openvino" (OpenVINO's CPU runtime; needs the `openvino` package), "openvino-bf16" (the same,
+        computing in bfloat16 on a float32 model too, as OpenVINO does by default where the CPU has native bfloat16:
+        the picture changes by bfloat16's rounding), or None / False (off).
 
-        Same images as the plain path within float rounding; each new image size compiles first (minutes at
+        Except for openvino-bf16, the same images as the plain path within float rounding; each new image size compiles first (minutes at
         SD sizes on a CPU). Runs with a LoRA applied use the plain UNet. See sdtorch/compiled.py.
         """
         if backend is True:

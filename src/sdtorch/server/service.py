@@ -44,7 +44,7 @@ class ServerConfig:
     api_auth: tuple[tuple[str, str], ...] = ()  # (user, password) pairs for HTTP Basic; empty: no auth
     limits: Limits = field(default_factory=Limits)
     dtype: torch.dtype | None = None
-    compile: str | None = None  # Pipeline.compile's backend (inductor, openvino); None: the plain UNet
+    compile: str | None = None  # Pipeline.compile's backend (compiled.BACKENDS); None: the plain UNet
 
 
 class Service:
