@@ -5,7 +5,9 @@
 
 Every model is SD 1.5-sized with random weights (seeded); diffusers' modules are built first and their state
 dicts loaded into sdtorch's, and the OpenVINO model is diffusers' UNet converted here with
-`openvino.convert_model`. Runs alternate between the implementations (A B C A B C ...) and each row reports
+`openvino.convert_model` and computing at the run's dtype; in float32 runs on a CPU with native bfloat16, also at
+OpenVINO's own default there (bfloat16 arithmetic on the float32 model), beside sdtorch's `--compile-backend
+openvino-bf16`, which does the same. Runs alternate between the implementations (A B C A B C ...) and each row reports
 the median. Rows:
 
   unet            one guided UNet step (batch 2: negative + prompt, 77-token contexts) at each --sizes,
@@ -19,8 +21,9 @@ the median. Rows:
                   (sdtorch in float32, and in bfloat16 where native, against diffusers in float32)
 
 Ratios are diffusers' time over the other's (above 1: faster than diffusers). "Peak used" is the UNet step's
-arithmetic (counted with torch's FlopCounterMode) per second, by the fastest implementation, over the
-machine's measured matmul rate in that dtype (a 4096 x 4096 matmul): what its cores are seen to reach.
+arithmetic (counted with torch's FlopCounterMode) per second, by the fastest implementation computing in the
+row's dtype, over the machine's measured matmul rate in that dtype (a 4096 x 4096 matmul): what its cores are
+seen to reach.
 `--device cuda` (benchmarks/gpu.sh) runs the same on a GPU, without OpenVINO and the RSS row.
 """
 
@@ -199,9 +202,10 @@ def sdtorch_generate(pipe, size: int, steps: int, deep_cache: int = 1):
                 cfg_scale=7.0, deep_cache=deep_cache, generator=torch.Generator().manual_seed(0))[0]
 
 
-def openvino_unet(unet, example: tuple, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
-    """diffusers' UNet converted with openvino.convert_model and compiled for this CPU at `dtype`
-    (sdtorch.openvino_runtime, as `--compile-backend openvino` converts sdtorch's); returns a callable like the UNet's."""
+def openvino_unet(unet, example: tuple, dtype: torch.dtype | None) -> Callable[..., torch.Tensor]:
+    """diffusers' UNet converted with openvino.convert_model and compiled for this CPU at `dtype` (None: OpenVINO's
+    default precision, bfloat16 where native) (sdtorch.openvino_runtime, as `--compile-backend openvino` converts
+    sdtorch's); returns a callable like the UNet's."""
     from sdtorch.openvino_runtime import compile_module
 
     class Traced(torch.nn.Module):
@@ -232,6 +236,9 @@ def unet_rows(ours: dict, theirs, sizes: list[int], dtype: torch.dtype, openvino
         if openvino:
             ov_unet = openvino_unet(theirs.unet, (x.float(), t, context.float()), dtype)  # CPU only
             runs["openvino"] = lambda: ov_unet(x, t, context)
+            if "sdtorch --compile-backend openvino-bf16" in ours:  # float32 on a CPU with native bfloat16
+                ov_default = openvino_unet(theirs.unet, (x.float(), t, context.float()), None)
+                runs["openvino (its default: bf16 math)"] = lambda: ov_default(x, t, context)
         for label, pipe in ours.items():
             runs[label] = lambda pipe=pipe: (pipe.compiled_unet or pipe.unet)(x, t, context)
         with torch.inference_mode():
@@ -353,7 +360,8 @@ def table(rows: list[tuple[str, Row]], peaks: dict[str, float], rss: dict[str, f
         cells = [row.name, dtype]
         cells += [f"{row.median(label):.3f}" if label in row.times else "" for label in labels]
         cells += [f"{row.median('diffusers') / row.median(label):.2f}x" if label in row.times else "" for label in others]
-        fastest = min(row.times, key=row.median)
+        same_math = [label for label in row.times if dtype != "float32" or "bf16" not in label]
+        fastest = min(same_math, key=row.median)
         cells.append(f"{row.flops / row.median(fastest) / peaks[dtype]:.0%} ({fastest})" if row.flops else "")
         lines.append("| " + " | ".join(cells) + " |")
     if rss:
@@ -386,6 +394,7 @@ def sdtorch_variants(file: Path, dtype: torch.dtype, device: torch.device, induc
     """The sdtorch pipelines to time: the default path, and each documented option on top of it (sharing its
     modules); the last one also runs the generation row's step caching."""
     import sdtorch
+    from sdtorch.openvino_runtime import native_bfloat16
 
     plain = sdtorch.load(file, dtype=dtype, device=device)
     variants = {"sdtorch": plain}
@@ -393,6 +402,8 @@ def sdtorch_variants(file: Path, dtype: torch.dtype, device: torch.device, induc
         variants["sdtorch --compile"] = copy.copy(plain).compile()
     if openvino:
         variants["sdtorch --compile-backend openvino"] = copy.copy(plain).compile("openvino")
+        if dtype == torch.float32 and native_bfloat16():
+            variants["sdtorch --compile-backend openvino-bf16"] = copy.copy(plain).compile("openvino-bf16")
     return variants
 
 
@@ -412,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="the generation row's step-caching intervals on the last sdtorch variant, a column each "
                              "(1: none)")
     parser.add_argument("--no-openvino", action="store_true", help="leave out OpenVINO (diffusers' UNet converted) "
-                        "and sdtorch --compile-backend openvino")
+                        "and sdtorch --compile-backend openvino / openvino-bf16")
     parser.add_argument("--no-inductor", action="store_true", help="leave out sdtorch --compile (inductor)")
     parser.add_argument("--workdir", default="/tmp/sdtorch-compare", help="where the random model files are kept")
     parser.add_argument("--readme", default=str(REPO / "README.md"))

@@ -36,15 +36,15 @@ def native_bfloat16() -> bool:
 
 
 def compile_module(module: nn.Module, example: tuple[Tensor, ...],
-                   precision: torch.dtype = torch.float32) -> Callable[..., tuple[Tensor, ...]]:
+                   precision: torch.dtype | None = torch.float32) -> Callable[..., tuple[Tensor, ...]]:
     """`module` (called as module(*example), returning a tensor or a tuple of tensors) converted and compiled for
-    this CPU, computing at `precision`, on torch's thread count. Returns run(*inputs) -> outputs: inputs of the
+    this CPU, computing at `precision` (None: OpenVINO's default, bfloat16 where native), on torch's thread count. Returns run(*inputs) -> outputs: inputs of the
     example's shapes (any float dtype: sent as float32; integer inputs keep their dtype), outputs float32 tensors.
     A module whose weights are not float32 is traced from a float32 copy (exact for bfloat16 / float16 weights)."""
     require_openvino()
     import openvino as ov
 
-    if precision not in PRECISION_HINTS:
+    if precision is not None and precision not in PRECISION_HINTS:
         raise InvalidInputError(f"OpenVINO computes in {', '.join(map(str, PRECISION_HINTS))}, not {precision}")
     if any(p.dtype != torch.float32 for p in module.parameters()):
         module = copy.deepcopy(module).float()
@@ -53,8 +53,10 @@ def compile_module(module: nn.Module, example: tuple[Tensor, ...],
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the UNet's input checks: constant per graph
         model = ov.convert_model(module, example_input=example)
     del module
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
-                                                      "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    hints = {"INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    if precision is not None:
+        hints["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS[precision]
+    compiled = ov.Core().compile_model(model, "CPU", hints)
     request = compiled.create_infer_request()
 
     def run(*inputs: Tensor) -> tuple[Tensor, ...]:
