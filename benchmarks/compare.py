@@ -18,7 +18,8 @@ the median. Rows:
                   also compiled with step caching (--deep-cache N [N ...]), whose picture differs (PSNR printed)
   load            loading the original-layout single file (float32) into a ready pipeline
   rss             peak resident memory of a fresh process that loads the single file and runs that generation
-                  (sdtorch in float32, and in bfloat16 where native, against diffusers in float32)
+                  (sdtorch in float32, and in bfloat16 where native, each also with --compile-backend openvino,
+                  against diffusers in float32)
 
 Ratios are diffusers' time over the other's (above 1: faster than diffusers). "Peak used" is the UNet step's
 arithmetic (counted with torch's FlopCounterMode) per second, by the fastest implementation computing in the
@@ -319,23 +320,26 @@ def peak():  # bytes: VmHWM, the process's peak resident set
             return int(line.split()[1]) * 1024
 
 impl, file, folder, size, steps = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
-dtype = getattr(torch, impl.split()[-1])
+name, dtype_name, *backend = impl.split()  # e.g. "sdtorch bfloat16 --compile-backend openvino"
 start = time.perf_counter()
 with torch.inference_mode():
-    if impl.startswith("diffusers"):
+    if name == "diffusers":
         compare.diffusers_generate(compare.diffusers_pipeline(compare.Path(folder), file=compare.Path(file)), size, steps)
     else:
         import sdtorch
-        compare.sdtorch_generate(sdtorch.load(file, dtype=dtype), size, steps)
+        pipe = sdtorch.load(file, dtype=getattr(torch, dtype_name)).compile(backend[-1] if backend else None)
+        compare.sdtorch_generate(pipe, size, steps)
 print(peak(), time.perf_counter() - start)
 """
 
 
-def rss_row(file: Path, folder: Path, size: int, steps: int, bf16: bool) -> dict[str, float]:
+def rss_row(file: Path, folder: Path, size: int, steps: int, bf16: bool, openvino: bool) -> dict[str, float]:
     """Peak RSS (bytes) of a fresh process per implementation that loads the float32 single file and generates
-    (sdtorch also loading it as bfloat16 where `bf16`)."""
+    (sdtorch also loading it as bfloat16 where `bf16`, and with `--compile-backend openvino` where `openvino`)."""
+    impls = ["diffusers float32", "sdtorch float32", *(["sdtorch bfloat16"] if bf16 else [])]
+    impls += [f"{impl} --compile-backend openvino" for impl in impls[1:] if openvino]
     peaks = {}
-    for impl in ("diffusers float32", "sdtorch float32", *(["sdtorch bfloat16"] if bf16 else [])):
+    for impl in impls:
         out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(Path(__file__).parent), impl, str(file), str(folder),
                               str(size), str(steps)], capture_output=True, text=True, check=False)
         if out.returncode:
@@ -463,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
         gc.collect()
     if "load" in args.only:
         rows.append(("float32", load_row(file, folder, args.repeats)))
-    rss = (rss_row(file, folder, args.gen_size, args.gen_steps, features["native_bf16"])
+    rss = (rss_row(file, folder, args.gen_size, args.gen_steps, features["native_bf16"], not args.no_openvino)
            if "rss" in args.only and device.type == "cpu" else None)
 
     bf16 = "native" if features["native_bf16"] else "emulated (not timed)"
