@@ -8,7 +8,6 @@ the example's shapes. The `openvino` package is optional (`pip install openvino`
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import warnings
 from collections.abc import Callable
@@ -40,14 +39,16 @@ def compile_module(module: nn.Module, example: tuple[Tensor, ...],
     """`module` (called as module(*example), returning a tensor or a tuple of tensors) converted and compiled for
     this CPU, computing at `precision` (None: OpenVINO's default, bfloat16 where native), on torch's thread count. Returns run(*inputs) -> outputs: inputs of the
     example's shapes (any float dtype: sent as float32; integer inputs keep their dtype), outputs float32 tensors.
-    A module whose weights are not float32 is traced from a float32 copy (exact for bfloat16 / float16 weights)."""
+    A module whose weights are not float32 is traced as they are, its float inputs cast to their dtype inside the
+    graph (no float32 copy of the weights is made)."""
     require_openvino()
     import openvino as ov
 
     if precision is not None and precision not in PRECISION_HINTS:
         raise InvalidInputError(f"OpenVINO computes in {', '.join(map(str, PRECISION_HINTS))}, not {precision}")
-    if any(p.dtype != torch.float32 for p in module.parameters()):
-        module = copy.deepcopy(module).float()
+    weights = next(module.parameters(), torch.empty(0)).dtype
+    if weights != torch.float32:
+        module = _CastingCall(module, weights)
     example = tuple(_as_sent(x) for x in example)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the UNet's input checks: constant per graph
@@ -64,6 +65,18 @@ def compile_module(module: nn.Module, example: tuple[Tensor, ...],
         return tuple(torch.from_numpy(results[i].copy()) for i in range(len(compiled.outputs)))
 
     return run
+
+
+class _CastingCall(nn.Module):
+    """module(*inputs) with its float inputs cast to `dtype` (its weights') and its outputs to float32."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
+        out = self.module(*(x.to(self.dtype) if x.is_floating_point() else x for x in inputs))
+        return out.float() if isinstance(out, Tensor) else tuple(o.float() for o in out)
 
 
 def _as_sent(x: Tensor) -> Tensor:
