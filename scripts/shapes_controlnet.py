@@ -11,7 +11,8 @@ script:
   3. evaluates `--eval-pairs` new renders (another seed): the prompt names the colour only, the edge map
      shows the rest; the attribute judge (`evaluation.judge`) reads the shape, position, size and colour of
      the plain model's picture and of the ControlNet-guided one, same prompts and seeds (DPM++ 2M Karras,
-     20 steps, the model's CFG 4);
+     20 steps, the model's CFG 4), and of each render passed through the model's VAE (encode, decode): the
+     most any picture drawn in its latents can reach;
   4. writes `<workdir>/report.json` and a grid (`--grid`, default docs/shapes-controlnet.png: edge maps, the
      plain model's pictures, the guided ones), and with `--ship DIR` copies the ControlNet there.
 
@@ -34,10 +35,12 @@ import time
 from pathlib import Path
 
 import PIL.Image
+import torch
 
 import sdtorch
 from sdtorch.data import shapes
 from sdtorch.evaluation.judge import load_judge, score_predictions
+from sdtorch.images import image_to_tensor, tensor_to_images
 from sdtorch.preprocessors import preprocess
 from sdtorch.request import ControlNetUnit
 from sdtorch.training.datasets import DatasetConfig
@@ -100,10 +103,13 @@ def train(args: argparse.Namespace, data: Path, conditions: Path) -> tuple[Path,
 def evaluate(args: argparse.Namespace, controlnet: Path) -> tuple[dict, list]:
     pipe, judge = sdtorch.load(), load_judge()
     settings = dict(sampler_name="DPM++ 2M", scheduler="Karras", steps=20)
-    runs = {"plain": [], "controlnet": []}
+    runs = {"plain": [], "controlnet": [], "vae round trip": []}
     shown = []
     for i, attrs in enumerate(pairs(args.eval_pairs, "eval")):
-        edges = edge_map(shapes.render(attrs))
+        render = shapes.render(attrs)
+        edges = edge_map(render)
+        with torch.inference_mode():
+            runs["vae round trip"] += tensor_to_images(pipe.vae(image_to_tensor(render)))
         plain = pipe(prompt(attrs), seed=i, **settings)[0]
         guided = pipe(prompt(attrs), seed=i, controlnet=[ControlNetUnit(image=edges, model=str(controlnet))],
                       **settings)[0]
@@ -177,7 +183,7 @@ def main() -> None:
         shutil.copytree(controlnet, args.ship)
     for name, result in scores.items():
         accuracy = ", ".join(f"{k} {v:.1%}" for k, v in result["accuracy"].items())
-        print(f"{name:>10}: {accuracy}; all correct {result['all_correct']:.1%}")
+        print(f"{name:>14}: {accuracy}; all correct {result['all_correct']:.1%}")
     if seconds is not None:
         print(f"training: {seconds:.1f} s")
 
