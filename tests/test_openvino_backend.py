@@ -97,6 +97,16 @@ def _mid_shape(unet, x):
     return (2, unet.config.block_channels[-1], x.shape[-2] >> levels, x.shape[-1] >> levels)
 
 
+def test_a_pipeline_made_in_inference_mode_compiles():
+    """Inference tensors have no version counter; the compiled UNet must still run on them."""
+    with torch.inference_mode():
+        pipe = random_pipeline(TINY_SD1, seed=3)
+        settings = dict(width=32, height=32, steps=2, cfg_scale=7.0, seed=5)
+        plain = pipe("a red circle", **settings)[0]
+        assert psnr(pipe.compile("openvino")("a red circle", **settings)[0], plain) >= 50
+        assert len(pipe.compiled_unet._graphs) == 1
+
+
 def test_an_unknown_backend_is_refused_by_the_pipeline_and_the_cli(capsys):
     pipe = random_pipeline(TINY_SD1, seed=3)
     with pytest.raises(InvalidInputError, match="unknown compile backend 'tensorrt'; one of: inductor, openvino, openvino-bf16"):

@@ -15,7 +15,8 @@ with ControlNet or T2I-Adapter residuals run the plain module.
 Compiled weights must not change behind the graph's back, so a compiled graph is used only when nothing else
 can change the UNet's function: in inference (no grad, eval mode), with no forward hooks (LoRAs are hooks,
 see adapters/lora.py) and with the weights as they were when it was built (their version counters); otherwise
-the call runs the plain module, and a changed weight or dtype rebuilds the graphs at the next call.
+the call runs the plain module, and a changed weight or dtype rebuilds the graphs at the next call. (Weights
+created under `torch.inference_mode()` have no version counters: change them in place and call compile again.)
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class CompiledUNet:
 
     def _weights_state(self) -> tuple:
         first = next(self.unet.parameters())
-        return sum(p._version for p in self.unet.parameters()), first.dtype, first.device
+        # weights made in inference mode carry no version counter: their in-place changes are not seen
+        versions = sum(0 if p.is_inference() else p._version for p in self.unet.parameters())
+        return versions, first.dtype, first.device
 
     def _hooked(self) -> bool:
         return any(m._forward_hooks or m._forward_pre_hooks for m in self.unet.modules())
