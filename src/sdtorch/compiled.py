@@ -8,9 +8,9 @@ pre-packed for oneDNN/MKL once instead of reordered at every call. The first cal
 "openvino" (CPU only, the optional `openvino` package): the UNet converted to an OpenVINO graph per input shape
 and run by its CPU runtime at the UNet's dtype (openvino_runtime.py). "openvino-bf16": the same, computing in
 bfloat16 whatever the UNet's dtype, as OpenVINO itself does by default on CPUs with native bfloat16 (AVX-512 BF16,
-AMX): a float32 model keeps float32 weights, inputs and outputs, and the picture changes by bfloat16's rounding. Each graph may hold its own (repacked)
-copy of the weights, so at most MAX_OPENVINO_GRAPHS are kept (a whole UNet and, with step caching, its shallow part); calls
-with ControlNet or T2I-Adapter residuals run the plain module.
+AMX): a float32 model keeps float32 weights, inputs and outputs, and the picture changes by bfloat16's rounding.
+Each graph may hold its own (repacked) copy of the weights, so at most MAX_OPENVINO_GRAPHS are kept (a whole UNet
+and, with step caching, its shallow part); calls with ControlNet or T2I-Adapter residuals run the plain module.
 
 Compiled weights must not change behind the graph's back, so a compiled graph is used only when nothing else
 can change the UNet's function: in inference (no grad, eval mode), with no forward hooks (LoRAs are hooks,
@@ -41,7 +41,8 @@ class CompiledUNet:
     def __init__(self, unet: nn.Module, backend: str = "inductor"):
         if backend not in BACKENDS:
             raise InvalidInputError(f"unknown compile backend {backend!r}; one of: {', '.join(BACKENDS)}")
-        if backend.startswith("openvino"):
+        self.openvino = backend.startswith("openvino")
+        if self.openvino:
             require_openvino()
             if next(unet.parameters()).device.type != "cpu":
                 raise InvalidInputError(f"the {backend} backend runs on the CPU; use inductor on other devices")
@@ -82,15 +83,14 @@ class CompiledUNet:
         `shallow` and per whole / shallow call."""
         added = dict(text_embeds=text_embeds, time_ids=time_ids, **residuals)
         with_residuals = any(v is not None for v in residuals.values())
-        openvino = self.backend.startswith("openvino")
-        if not self.usable() or (openvino and with_residuals):
+        if not self.usable() or (self.openvino and with_residuals):
             return self.unet.split_forward(x, t, context, deep, shallow, **added)
         state = self._weights_state()
         if state != self._state:
             self._compiled = None
             self._graphs.clear()
             self._state = state
-        if openvino:
+        if self.openvino:
             return self._openvino(x, t, context, deep, shallow, text_embeds, time_ids)
         if self._compiled is None:
             torch._dynamo.reset()  # drop graphs holding the old frozen weights

@@ -37,8 +37,9 @@ def native_bfloat16() -> bool:
 def compile_module(module: nn.Module, example: tuple[Tensor, ...],
                    precision: torch.dtype | None = torch.float32) -> Callable[..., tuple[Tensor, ...]]:
     """`module` (called as module(*example), returning a tensor or a tuple of tensors) converted and compiled for
-    this CPU, computing at `precision` (None: OpenVINO's default, bfloat16 where native), on torch's thread count. Returns run(*inputs) -> outputs: inputs of the
-    example's shapes (any float dtype: sent as float32; integer inputs keep their dtype), outputs float32 tensors.
+    this CPU, computing at `precision` (None: OpenVINO's default, bfloat16 where native), on torch's thread count.
+    Returns run(*inputs) -> outputs: inputs of the example's shapes (any float dtype: sent as float32; integer inputs
+    keep their dtype), outputs float32 tensors.
     A module whose weights are not float32 is traced as they are, its float inputs cast to their dtype inside the
     graph (no float32 copy of the weights is made)."""
     require_openvino()

@@ -38,7 +38,7 @@ from .io import (
     describe_error, detect_format, legacy_model_hash, read_checkpoint, read_safetensors_header,
     weight_dtype, write_folder, write_json, write_safetensors,
 )
-from .keymaps import UNET_PREFIX, first_keys, rename_all, rename_key, unet_table
+from .keymaps import UNET_PREFIX, rename_all, unet_table
 
 logger = logging.getLogger(__name__)
 
@@ -102,16 +102,8 @@ def controlnet_to_original(
     """The exact inverse of `original_to_controlnet`, with `prefix` (the A1111 extension's files have
     `control_model.`)."""
     inverse = {ours: original for original, ours in controlnet_table(cfg).items()}
-    out, unknown = {}, []
-    for key, tensor in sd.items():
-        name = rename_key(key, inverse)
-        if name is None:
-            unknown.append(key)
-        else:
-            out[prefix + name] = tensor
-    if unknown:
-        raise ArchitectureError(f"{len(unknown)} tensor(s) have no name in the original layout: {first_keys(unknown)}")
-    return out
+    renamed = rename_all(sd, inverse, "have no name in the original layout")
+    return {prefix + name: tensor for name, tensor in renamed.items()}
 
 
 def infer_controlnet_config(
