@@ -15,12 +15,15 @@ the median. Rows:
   text            encoding a prompt and a negative prompt (batch 2, 77 tokens)
   vae             decoding one 512x512 latent
   generation      a whole --gen-size txt2img of --gen-steps DPM++ 2M steps, CFG 7 (encode, denoise, decode);
-                  also compiled with step caching (--deep-cache N [N ...]), whose picture differs (PSNR printed)
+                  also with step caching (--deep-cache N [N ...]) on the plain and the last sdtorch variant,
+                  whose picture differs (PSNR printed)
   load            loading the original-layout single file (float32) into a ready pipeline
   rss             peak resident memory of a fresh process that loads the single file and runs that generation
                   (sdtorch in float32, and in bfloat16 where native, each also with --compile-backend openvino,
-                  against diffusers in float32)
+                  and the last with each --deep-cache, against diffusers in float32)
 
+sdtorch's variants: the plain path, `--compile` (inductor), `--compile-backend openvino` (/ openvino-bf16) and
+`--compile --quantize int8` (int8 linear layers; without --compile where --no-inductor): --no-* flags drop them.
 Ratios are diffusers' time over the other's (above 1: faster than diffusers). "Peak used" is the UNet step's
 arithmetic (counted with torch's FlopCounterMode) per second, by the fastest implementation computing in the
 row's dtype, over the machine's measured matmul rate in that dtype (a 4096 x 4096 matmul): what its cores are
@@ -280,24 +283,25 @@ def generation_row(ours: dict, theirs, size: int, steps: int, repeats: int, deep
         mse = ((x - y) ** 2).mean()
         return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
 
-    for pipe in ours.values():
+    cached_labels = dict.fromkeys(["sdtorch", list(ours)[-1]])  # the plain and the last variant
+    for label, pipe in ours.items():
         if pipe.compiled_unet is not None:  # compile for this size untimed (one step), as a warm cache would
             sdtorch_generate(pipe, size, 1)
-            if any(n > 1 for n in deep_cache):
+            if any(n > 1 for n in deep_cache) and label in cached_labels:
                 sdtorch_generate(pipe, size, 2, 2)  # and the shallow part's graph
     runs = {"diffusers": lambda: diffusers_generate(theirs, size, steps)}
     runs.update({label: (lambda pipe=pipe: sdtorch_generate(pipe, size, steps)) for label, pipe in ours.items()})
-    last_label, last = list(ours.items())[-1]
-    cached = {f"{last_label} --deep-cache {n}": n for n in deep_cache if n > 1}
-    runs.update({label: (lambda n=n: sdtorch_generate(last, size, steps, n)) for label, n in cached.items()})
+    cached = {f"{label} --deep-cache {n}": (label, n) for label in cached_labels for n in deep_cache if n > 1}
+    runs.update({cached_label: (lambda pipe=ours[label], n=n: sdtorch_generate(pipe, size, steps, n))
+                 for cached_label, (label, n) in cached.items()})
     row = Row(f"whole {size}x{size} {steps}-step generation", runs).measure(repeats, warmup=0)
     for label in runs:
         if label != "diffusers":
             print(f"    generation {label}: PSNR against diffusers' image "
                   f"{psnr(row.outputs[label], row.outputs['diffusers']):.1f} dB", flush=True)
-    for label in cached:
-        print(f"    generation {label}: PSNR against sdtorch's image without it "
-              f"{psnr(row.outputs[label], row.outputs['sdtorch']):.1f} dB", flush=True)
+    for cached_label, (label, _) in cached.items():
+        print(f"    generation {cached_label}: PSNR against {label}'s image without it "
+              f"{psnr(row.outputs[cached_label], row.outputs[label]):.1f} dB", flush=True)
     return row
 
 
@@ -320,24 +324,28 @@ def peak():  # bytes: VmHWM, the process's peak resident set
             return int(line.split()[1]) * 1024
 
 impl, file, folder, size, steps = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
-name, dtype_name, *backend = impl.split()  # e.g. "sdtorch bfloat16 --compile-backend openvino"
+name, dtype_name, *flags = impl.split()  # e.g. "sdtorch bfloat16 --compile-backend openvino", "... --deep-cache 2"
+options = dict(zip(flags[::2], flags[1::2]))
 start = time.perf_counter()
 with torch.inference_mode():
     if name == "diffusers":
         compare.diffusers_generate(compare.diffusers_pipeline(compare.Path(folder), file=compare.Path(file)), size, steps)
     else:
         import sdtorch
-        pipe = sdtorch.load(file, dtype=getattr(torch, dtype_name)).compile(backend[-1] if backend else None)
-        compare.sdtorch_generate(pipe, size, steps)
+        pipe = sdtorch.load(file, dtype=getattr(torch, dtype_name)).compile(options.get("--compile-backend"))
+        compare.sdtorch_generate(pipe, size, steps, int(options.get("--deep-cache", 1)))
 print(peak(), time.perf_counter() - start)
 """
 
 
-def rss_row(file: Path, folder: Path, size: int, steps: int, bf16: bool, openvino: bool) -> dict[str, float]:
+def rss_row(file: Path, folder: Path, size: int, steps: int, bf16: bool, openvino: bool,
+            deep_cache: list[int]) -> dict[str, float]:
     """Peak RSS (bytes) of a fresh process per implementation that loads the float32 single file and generates
-    (sdtorch also loading it as bfloat16 where `bf16`, and with `--compile-backend openvino` where `openvino`)."""
-    impls = ["diffusers float32", "sdtorch float32", *(["sdtorch bfloat16"] if bf16 else [])]
-    impls += [f"{impl} --compile-backend openvino" for impl in impls[1:] if openvino]
+    (sdtorch also loading it as bfloat16 where `bf16`, each with `--compile-backend openvino` where `openvino`, and
+    the last with each `deep_cache` interval)."""
+    ours = ["sdtorch float32", *(["sdtorch bfloat16"] if bf16 else [])]
+    impls = ["diffusers float32", *ours, *(f"{ours[-1]} --deep-cache {n}" for n in deep_cache if n > 1)]
+    impls += [f"{impl} --compile-backend openvino" for impl in ours if openvino]
     peaks = {}
     for impl in impls:
         out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(Path(__file__).parent), impl, str(file), str(folder),
@@ -364,7 +372,8 @@ def table(rows: list[tuple[str, Row]], peaks: dict[str, float], rss: dict[str, f
         cells = [row.name, dtype]
         cells += [f"{row.median(label):.3f}" if label in row.times else "" for label in labels]
         cells += [f"{row.median('diffusers') / row.median(label):.2f}x" if label in row.times else "" for label in others]
-        same_math = [label for label in row.times if dtype != "float32" or "bf16" not in label]
+        same_math = [label for label in row.times
+                     if "int8" not in label and (dtype != "float32" or "bf16" not in label)]
         fastest = min(same_math, key=row.median)
         cells.append(f"{row.flops / row.median(fastest) / peaks[dtype]:.0%} ({fastest})" if row.flops else "")
         lines.append("| " + " | ".join(cells) + " |")
@@ -394,9 +403,11 @@ def write_readme(text: str, readme: Path) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-def sdtorch_variants(file: Path, dtype: torch.dtype, device: torch.device, inductor: bool, openvino: bool) -> dict:
+def sdtorch_variants(file: Path, dtype: torch.dtype, device: torch.device, inductor: bool, openvino: bool,
+                     int8: bool) -> dict:
     """The sdtorch pipelines to time: the default path, and each documented option on top of it (sharing its
-    modules); the last one also runs the generation row's step caching."""
+    modules, but for int8, which replaces the UNet's linear layers in a pipeline of its own); the plain and the
+    last one also run the generation row's step caching."""
     import sdtorch
     from sdtorch.openvino_runtime import native_bfloat16
 
@@ -408,6 +419,9 @@ def sdtorch_variants(file: Path, dtype: torch.dtype, device: torch.device, induc
         variants["sdtorch --compile-backend openvino"] = copy.copy(plain).compile("openvino")
         if dtype == torch.float32 and native_bfloat16():
             variants["sdtorch --compile-backend openvino-bf16"] = copy.copy(plain).compile("openvino-bf16")
+    if int8:  # compiled where inductor runs: its quantising of each input fuses there
+        label = "sdtorch --compile --quantize int8" if inductor else "sdtorch --quantize int8"
+        variants[label] = sdtorch.load(file, dtype=dtype, device=device).quantize("int8").compile(inductor)
     return variants
 
 
@@ -424,11 +438,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gen-steps", type=int, default=20)
     parser.add_argument("--gen-repeats", type=int, default=2, help="timed whole generations per implementation")
     parser.add_argument("--deep-cache", type=int, nargs="+", default=[3],
-                        help="the generation row's step-caching intervals on the last sdtorch variant, a column each "
+                        help="the generation row's step-caching intervals on the plain and the last sdtorch variant, "
+                             "a column each "
                              "(1: none)")
     parser.add_argument("--no-openvino", action="store_true", help="leave out OpenVINO (diffusers' UNet converted) "
                         "and sdtorch --compile-backend openvino / openvino-bf16")
     parser.add_argument("--no-inductor", action="store_true", help="leave out sdtorch --compile (inductor)")
+    parser.add_argument("--no-int8", action="store_true", help="leave out sdtorch --quantize int8")
     parser.add_argument("--workdir", default="/tmp/sdtorch-compare", help="where the random model files are kept")
     parser.add_argument("--readme", default=str(REPO / "README.md"))
     parser.add_argument("--no-readme", action="store_true")
@@ -449,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}:", flush=True)
         theirs = diffusers_pipeline(folder, dtype).to(device)
         openvino = not args.no_openvino and device.type == "cpu"
-        ours = sdtorch_variants(file, dtype, device, not args.no_inductor, openvino)
+        ours = sdtorch_variants(file, dtype, device, not args.no_inductor, openvino, not args.no_int8)
         if "unet" in args.only:
             rows += [(name, r) for r in unet_rows(ours, theirs, args.sizes, dtype, openvino, args.repeats, device)]
         if "text" in args.only:
@@ -467,7 +483,8 @@ def main(argv: list[str] | None = None) -> None:
         gc.collect()
     if "load" in args.only:
         rows.append(("float32", load_row(file, folder, args.repeats)))
-    rss = (rss_row(file, folder, args.gen_size, args.gen_steps, features["native_bf16"], not args.no_openvino)
+    rss = (rss_row(file, folder, args.gen_size, args.gen_steps, features["native_bf16"], not args.no_openvino,
+                   args.deep_cache)
            if "rss" in args.only and device.type == "cpu" else None)
 
     bf16 = "native" if features["native_bf16"] else "emulated (not timed)"

@@ -208,6 +208,15 @@ def _compile_backend(args: argparse.Namespace) -> str | None:
     return args.compile_backend or (BACKENDS[0] if args.compile else None)
 
 
+def _quantize(args: argparse.Namespace) -> str | None:
+    """--quantize's mode (None: off), checked before any model loads."""
+    from .quantization import QUANTIZE_MODES
+
+    if args.quantize is not None and args.quantize not in QUANTIZE_MODES:
+        raise InvalidInputError(f"--quantize: unknown quantisation {args.quantize!r}; one of: {', '.join(QUANTIZE_MODES)}")
+    return args.quantize
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     request = _request(args)
     limits = Limits.from_strings(args.limit)
@@ -218,8 +227,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     lora_dir, embeddings_dir = _folder("--lora-dir", args.lora_dir), _folder("--embeddings-dir", args.embeddings_dir)
     vae = _vae(args.vae)
     outputs = plan_outputs(args.out, len(request.prompts()) * request.batch_size, overwrite=args.overwrite)
-    backend = _compile_backend(args)
-    pipe = _load(args, args.model, dtype=args.dtype).compile(backend)
+    backend, quantize = _compile_backend(args), _quantize(args)
+    pipe = _load(args, args.model, dtype=args.dtype).quantize(quantize).compile(backend)
     if vae is not None:
         pipe.load_vae(vae)
     pipe.limits = limits
@@ -260,7 +269,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .server.service import ServerConfig
 
     config = ServerConfig(model=args.model, outdir=Path(args.out), api_auth=credentials, limits=limits,
-                          dtype=args.dtype, compile=_compile_backend(args), **folders)
+                          dtype=args.dtype, compile=_compile_backend(args), quantize=_quantize(args),
+                          **folders)
     app = create_app(config)  # loads the first model
     print(f"sdtorch: serving on http://{args.host}:{args.port} (API docs: /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
@@ -271,7 +281,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .checkpoints.loading import load
     from .evaluation.generation import evaluate, format_report
 
-    pipe = load(args.model)
+    quantize = _quantize(args)
+    pipe = load(args.model).quantize(quantize)
     guidance = pipe.defaults.cfg_scale if args.cfg is None else args.cfg
     report = evaluate(
         pipe, args.prompts, args.held_out, seed=args.seed, guidance_scale=guidance, compare_guidance=not args.no_compare,
@@ -359,6 +370,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"sdtorch: error: {printable(message, keep_newlines=False)} (see: {self.prog} --help)\n")
 
 
+def _add_quantize_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", metavar="MODE", help="int8: the UNet's linear layers in int8, inputs quantised "
+                        "per token at each call (Pipeline.quantize); the picture changes (see README, Speed)")
+
+
 def _add_compile_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="run the UNet through torch.compile (Pipeline.compile): "
                         "faster steps after a first compile of minutes per image size (see README, Speed)")
@@ -406,6 +422,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     gen.add_argument("--hires", action="store_true", help="hires fix with its defaults (any --hires-* flag turns it on)")
     gen.add_argument("--dtype", type=_dtype, default=None, help="float32 (default), float16 or bfloat16")
     _add_compile_flag(gen)
+    _add_quantize_flag(gen)
     gen.add_argument("--lora-dir", help="folder of LoRA files that <lora:name:weight> in a prompt picks by name")
     gen.add_argument("--vae", help=VAE_HELP)
     gen.add_argument("--embeddings-dir", help="folder of textual-inversion embeddings, used by writing their name")
@@ -431,6 +448,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--sampler", default="DPM++ 2M")
     ev.add_argument("--schedule", default="Karras")
     ev.add_argument("--deep-cache", type=int, default=1, help="step caching interval (1: off; see generate --deep-cache)")
+    _add_quantize_flag(ev)
     ev.add_argument("--json", help="also write the report here")
     ev.set_defaults(run=cmd_eval)
 
@@ -459,6 +477,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--out", default="outputs", help="where save_images writes (default: outputs/)")
     serve.add_argument("--dtype", type=_dtype, default=None, help="float32 (default), float16 or bfloat16")
     _add_compile_flag(serve)
+    _add_quantize_flag(serve)
     _add_limit_flag(serve)
     serve.set_defaults(run=cmd_serve)
 

@@ -28,6 +28,7 @@ from .models.sdxl_text import SDXLTextEncoder
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
+from .quantization import quantize_unet
 from .request import GenerationRequest, Limits, ModelDefaults
 from .sampling.common import Callback
 
@@ -73,6 +74,7 @@ class Pipeline:
         self.lora_adapters = LoraAdapters()  # the LoRAs applied to the UNet and text encoder (adapters/lora.py)
         self.lora_dir: Path | None = None  # where a prompt's <lora:name:weight> tags find their files
         self.compiled_unet: CompiledUNet | None = None  # set by compile(): generation runs the UNet through it
+        self.quantized: str | None = None  # set by quantize(): the UNet's linear layers' quantisation
         self._refiner: tuple[str, Pipeline] | None = None  # (name, model) of the refiner requests last named
         self._controlnets: dict[str, nn.Module] = {}  # ControlNets requests named, by resolved path
         self._adapters: dict[tuple[str, str], nn.Module] = {}  # IP-Adapters and image encoders, by kind and path
@@ -248,7 +250,24 @@ class Pipeline:
         """
         if backend is True:
             backend = "inductor"
+        if backend and backend.startswith("openvino") and self.quantized:
+            raise InvalidInputError(f"the {backend} backend cannot run a quantised UNet ({self.quantized}): use one of them")
         self.compiled_unet = CompiledUNet(self.unet, backend) if backend else None
+        return self
+
+    def quantize(self, mode: str | None = "int8") -> Pipeline:
+        """int8 dynamic quantisation of the UNet's linear layers (sdtorch/quantization.py); returns self. One-way: the
+        picture changes by int8's rounding, and the float weights come back only by loading the model again.
+        None: nothing (the CLI's default)."""
+        if mode is None or mode == self.quantized:
+            return self
+        if self.quantized:
+            raise InvalidInputError(f"the UNet is already {self.quantized}-quantised; load the model again first")
+        if self.compiled_unet is not None and self.compiled_unet.openvino:
+            raise InvalidInputError(f"the {self.compiled_unet.backend} backend cannot run a quantised UNet ({mode}): "
+                                    "use one of them")
+        quantize_unet(self.unet, mode)
+        self.quantized = mode
         return self
 
     def load_embedding(self, path: str | os.PathLike, name: str | None = None) -> str:

@@ -20,7 +20,7 @@ Refused with an error that names the key: SDXL files on SD1 / SD2 models, LyCORI
 Tucker (`hada_`, `lokr_`, `lora_mid`), DoRA (`dora_scale`, `lora_magnitude_vector`), LoRA biases, and any
 key for a layer the model does not have or with a shape that does not fit it.
 
-Applied at run time, never merged: each targeted nn.Linear / nn.Conv2d gets one forward hook that adds
+Applied at run time, never merged: each targeted nn.Linear / nn.Conv2d (or int8-quantised Linear) gets one forward hook that adds
 sum_i scale_i * (alpha_i / rank_i) * up_i(down_i(x)) to its output, in the layer's dtype (as peft does). The
 weights are never touched, so unloading restores the outputs bit for bit, scales change without reloading,
 and any number of LoRAs stack. The cost is two rank-r products per targeted layer and step: about
@@ -44,6 +44,7 @@ from torch.utils.hooks import RemovableHandle
 from ..checkpoints.io import describe_error, detect_format, file_sha256, read_checkpoint, read_safetensors_header
 from ..checkpoints.keymaps import rename_key, unet_table
 from ..errors import CheckpointError, InvalidInputError
+from ..quantization import Int8Linear
 
 COMPONENTS = ("unet", "text_encoder")  # the model parts a LoRA changes: the keys of `models`
 DIFFUSERS_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
@@ -96,18 +97,17 @@ class LoadedLora:
 class _LayerHook:
     """Forward hook of one layer: output + sum over the layer's LoRAs of scale * factor * up(down(x))."""
 
-    def __init__(self, layer: nn.Linear | nn.Conv2d):
+    def __init__(self, layer: nn.Linear | Int8Linear | nn.Conv2d):
         self.entries: dict[str, tuple[LoadedLora, LoraLayer]] = {}  # LoRA name -> (its record, this layer's pair)
         self.handle: RemovableHandle = layer.register_forward_hook(self)
 
     def __call__(self, layer: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
         x = args[0]  # Linear: (..., in); Conv2d: (B, in, H, W)
-        weight = layer.weight
         for lora, pair in self.entries.values():
             if lora.scale == 0:
                 continue
-            if pair.down.device != weight.device or pair.down.dtype != weight.dtype:  # the model moved since loading
-                pair.down, pair.up = pair.down.to(weight), pair.up.to(weight)
+            if pair.down.device != output.device or pair.down.dtype != output.dtype:  # the model moved since loading
+                pair.down, pair.up = pair.down.to(output), pair.up.to(output)
             if isinstance(layer, nn.Conv2d):
                 h = F.conv2d(x, pair.down, None, layer.stride, layer.padding, layer.dilation)  # (B, rank, H', W')
                 h = F.conv2d(h, pair.up)  # (B, out, H', W')
@@ -286,7 +286,7 @@ def kohya_name(text_encoder: nn.Module, part: str, path: str) -> str:
 
 
 def _lora_targets(model: nn.Module) -> list[str]:
-    return [path for path, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return [path for path, m in model.named_modules() if isinstance(m, (nn.Linear, Int8Linear, nn.Conv2d))]
 
 
 def _unsupported(key: str, sdxl: bool) -> str | None:
@@ -477,8 +477,8 @@ def _lora_layer(
             raise CheckpointError(f"{where}: {alpha_key!r} must be one finite number, got shape {shape}")
         alpha = float(alpha_tensor.float().item())
     factor = alpha / (math.sqrt(rank) if rslora else rank)
-    weight = layer.weight
-    return LoraLayer(down.to(weight, copy=True), up.to(weight, copy=True), factor)
+    like = layer.weight_scale if isinstance(layer, Int8Linear) else layer.weight  # the hook casts to its output later
+    return LoraLayer(down.to(like, copy=True), up.to(like, copy=True), factor)
 
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")

@@ -35,10 +35,11 @@ class ModelHost:
 
     def __init__(self, limits: Limits, lora_dir: Path | None, embeddings_dir: Path | None,
                  dtype: torch.dtype | None = None, compile: str | None = None,
-                 refiner_lookup: Callable[[str], str | None] | None = None, vae: Path | None = None):
+                 refiner_lookup: Callable[[str], str | None] | None = None, vae: Path | None = None,
+                 quantize: str | None = None):
         self.limits, self.lora_dir, self.embeddings_dir, self.dtype = limits, lora_dir, embeddings_dir, dtype
         self.refiner_lookup = refiner_lookup  # a request's refiner name -> a listed checkpoint's source
-        self.compile = compile
+        self.compile, self.quantize = compile, quantize
         self.vae = vae  # a VAE file or folder given to each model in place of its own (Pipeline.load_vae)
         self.loaded: LoadedModel | None = None
         self._controlnets: tuple[int, frozenset[str]] = (0, frozenset())  # (the pipe's id, the ControlNets it holds)
@@ -49,7 +50,7 @@ class ModelHost:
             return self.loaded
         self.loaded = None
         gc.collect()  # free the old model's memory before the new one takes its own
-        pipe = load(checkpoint.source, dtype=self.dtype).compile(self.compile)
+        pipe = load(checkpoint.source, dtype=self.dtype).quantize(self.quantize).compile(self.compile)
         if self.vae is not None:
             pipe.load_vae(self.vae)
         pipe.limits, pipe.lora_dir, pipe.refiner_lookup = self.limits, self.lora_dir, self.refiner_lookup

@@ -45,6 +45,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     dtype: torch.dtype | None = None
     compile: str | None = None  # Pipeline.compile's backend (compiled.BACKENDS); None: the plain UNet
+    quantize: str | None = None  # Pipeline.quantize's mode (quantization.QUANTIZE_MODES); None: float weights
 
 
 class Service:
@@ -57,6 +58,7 @@ class Service:
         self.controlnets = ControlNetModels(config.controlnet_dir)
         self.clip_vision = ClipVisionFiles(config.clip_vision_dir)
         self.host = ModelHost(config.limits, config.lora_dir, config.embeddings_dir, config.dtype, config.compile,
+                              quantize=config.quantize,
                               refiner_lookup=lambda name: self.checkpoints.find(name).source, vae=config.vae)
         self.queue = TaskQueue()
         self.options: dict[str, Any] = {
