@@ -98,3 +98,12 @@ def test_cli_generates_quantised(tmp_path):
     assert main(["generate", "a red circle", "--quantize", "int8", "--model", str(folder), "--out", str(out),
                  "--steps", "2", "--width", "32", "--height", "32", "--quiet"]) == 0
     assert out.is_file()
+
+
+def test_compiled_quantised_unet_gives_the_plain_quantised_images():
+    pipe = random_pipeline(TINY_SD1, seed=3).quantize("int8")
+    settings = dict(width=32, height=32, steps=3, cfg_scale=7.0, seed=5)
+    plain = pipe("a red circle", **settings)[0]
+    compiled = pipe.compile()("a red circle", **settings)[0]
+    assert pipe.compiled_unet._compiled is not None  # the graph ran, not the plain module
+    assert psnr(compiled, plain) >= 50
