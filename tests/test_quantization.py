@@ -107,3 +107,14 @@ def test_compiled_quantised_unet_gives_the_plain_quantised_images():
     compiled = pipe.compile()("a red circle", **settings)[0]
     assert pipe.compiled_unet._compiled is not None  # the graph ran, not the plain module
     assert psnr(compiled, plain) >= 50
+
+
+def test_the_server_quantises_each_model_it_loads(tmp_path):
+    from sdtorch.request import Limits
+    from sdtorch.server.catalog import Checkpoint
+    from sdtorch.server.host import ModelHost
+
+    model = sdtorch.save(random_pipeline(TINY_SD1, seed=3), tmp_path / "tiny.safetensors", format="single_file")
+    host = ModelHost(Limits(), None, None, quantize="int8")
+    pipe = host.get(Checkpoint("tiny.safetensors", str(model), str(model))).pipe
+    assert pipe.quantized == "int8" and any(isinstance(m, Int8Linear) for m in pipe.unet.modules())
