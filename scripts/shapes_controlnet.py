@@ -8,7 +8,7 @@ script:
      ControlNet extension's "canny" preprocessor makes it at 64 px);
   2. trains a ControlNet from the base UNet's encoder (`sdtorch finetune --method controlnet`, through its
      API, timed) into `<workdir>/out`;
-  3. evaluates `--eval-pairs` new renders (another seed): the prompt names the colour only, the edge map
+  3. evaluates `--eval-pairs` new renders (another seed, `--eval-split`): the prompt names the colour only, the edge map
      shows the rest; the attribute judge (`evaluation.judge`) reads the shape, position, size and colour of
      the plain model's picture and of the ControlNet-guided one, same prompts and seeds (DPM++ 2M Karras,
      20 steps, the model's CFG 4), and of each render passed through the model's VAE (encode, decode): the
@@ -105,13 +105,14 @@ def evaluate(args: argparse.Namespace, controlnet: Path) -> tuple[dict, list]:
     settings = dict(sampler_name="DPM++ 2M", scheduler="Karras", steps=20)
     runs = {"plain": [], "controlnet": [], "vae round trip": []}
     shown = []
-    for i, attrs in enumerate(pairs(args.eval_pairs, "eval")):
+    unit = dict(model=str(controlnet), weight=args.control_weight)
+    for i, attrs in enumerate(pairs(args.eval_pairs, args.eval_split)):
         render = shapes.render(attrs)
         edges = edge_map(render)
         with torch.inference_mode():
             runs["vae round trip"] += tensor_to_images(pipe.vae(image_to_tensor(render)))
         plain = pipe(prompt(attrs), seed=i, **settings)[0]
-        guided = pipe(prompt(attrs), seed=i, controlnet=[ControlNetUnit(image=edges, model=str(controlnet))],
+        guided = pipe(prompt(attrs), seed=i, controlnet=[ControlNetUnit(image=edges, **unit)],
                       **settings)[0]
         runs["plain"].append(plain)
         runs["controlnet"].append(guided)
@@ -119,7 +120,7 @@ def evaluate(args: argparse.Namespace, controlnet: Path) -> tuple[dict, list]:
             shown.append((edges, plain, guided))
         print(f"\r{i + 1}/{args.eval_pairs}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    intended = [{name: getattr(a, name) for name in ATTRIBUTES} for a in pairs(args.eval_pairs, "eval")]
+    intended = [{name: getattr(a, name) for name in ATTRIBUTES} for a in pairs(args.eval_pairs, args.eval_split)]
     report = {}
     for name, images in runs.items():
         scored = score_predictions(judge.predict(images), intended)
@@ -152,6 +153,10 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, default=None, help="train with an EMA of the weights and ship it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-pairs", type=int, default=200)
+    parser.add_argument("--eval-split", default="eval", help="the seed of the evaluated renders: eval (the reported "
+                        "figures), or another name for a split of its own (e.g. val, to choose settings on)")
+    parser.add_argument("--control-weight", type=float, default=1.0,
+                        help="the ControlNet unit's weight when evaluating")
     parser.add_argument("--grid-columns", type=int, default=12)
     parser.add_argument("--grid", type=Path, default=Path("docs/shapes-controlnet.png"))
     parser.add_argument("--ship", type=Path, default=None, help="copy the trained ControlNet folder here")
