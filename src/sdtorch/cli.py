@@ -213,7 +213,8 @@ def _quantize(args: argparse.Namespace) -> str | None:
     from .quantization import QUANTIZE_MODES
 
     if args.quantize is not None and args.quantize not in QUANTIZE_MODES:
-        raise InvalidInputError(f"--quantize: unknown quantisation {args.quantize!r}; one of: {', '.join(QUANTIZE_MODES)}")
+        raise InvalidInputError(f"--quantize: unknown quantisation {args.quantize!r}; "
+                                f"one of: {', '.join(QUANTIZE_MODES)}")
     return args.quantize
 
 

@@ -250,8 +250,7 @@ class Pipeline:
         """
         if backend is True:
             backend = "inductor"
-        if backend and backend.startswith("openvino") and self.quantized:
-            raise InvalidInputError(f"the {backend} backend cannot run a quantised UNet ({self.quantized}): use one of them")
+        _refuse_openvino_quantized(backend, self.quantized)
         self.compiled_unet = CompiledUNet(self.unet, backend) if backend else None
         return self
 
@@ -263,9 +262,7 @@ class Pipeline:
             return self
         if self.quantized:
             raise InvalidInputError(f"the UNet is already {self.quantized}-quantised; load the model again first")
-        if self.compiled_unet is not None and self.compiled_unet.openvino:
-            raise InvalidInputError(f"the {self.compiled_unet.backend} backend cannot run a quantised UNet ({mode}): "
-                                    "use one of them")
+        _refuse_openvino_quantized(self.compiled_unet and self.compiled_unet.backend, mode)
         quantize_unet(self.unet, mode)
         self.quantized = mode
         return self
@@ -308,3 +305,9 @@ class Pipeline:
     def __repr__(self) -> str:
         counts = ", ".join(f"{k}={v / 1e6:.1f}M" for k, v in self.parameter_counts().items())
         return f"Pipeline(kind={self.config.kind}, prediction={self.config.prediction_type}, {counts})"
+
+
+def _refuse_openvino_quantized(backend: str | bool | None, quantized: str | None) -> None:
+    """InvalidInputError where an openvino compile backend would meet a quantised UNet (OpenVINO cannot trace it)."""
+    if isinstance(backend, str) and backend.startswith("openvino") and quantized:
+        raise InvalidInputError(f"the {backend} backend cannot run a quantised UNet ({quantized}): use one of them")

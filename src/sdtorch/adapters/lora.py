@@ -20,11 +20,11 @@ Refused with an error that names the key: SDXL files on SD1 / SD2 models, LyCORI
 Tucker (`hada_`, `lokr_`, `lora_mid`), DoRA (`dora_scale`, `lora_magnitude_vector`), LoRA biases, and any
 key for a layer the model does not have or with a shape that does not fit it.
 
-Applied at run time, never merged: each targeted nn.Linear / nn.Conv2d (or int8-quantised Linear) gets one forward hook that adds
-sum_i scale_i * (alpha_i / rank_i) * up_i(down_i(x)) to its output, in the layer's dtype (as peft does). The
-weights are never touched, so unloading restores the outputs bit for bit, scales change without reloading,
-and any number of LoRAs stack. The cost is two rank-r products per targeted layer and step: about
-r * (in + out) / (in * out) of the layer's FLOPs (a few percent at rank <= 32 on SD1) plus the hook calls.
+Applied at run time, never merged: each targeted nn.Linear / nn.Conv2d (or int8-quantised Linear) gets one
+forward hook that adds sum_i scale_i * (alpha_i / rank_i) * up_i(down_i(x)) to its output, in the layer's dtype
+(as peft does). The weights are never touched, so unloading restores the outputs bit for bit, scales change
+without reloading, and any number of LoRAs stack. The cost is two rank-r products per targeted layer and step:
+about r * (in + out) / (in * out) of the layer's FLOPs (a few percent at rank <= 32 on SD1) plus the hook calls.
 """
 
 from __future__ import annotations

@@ -58,8 +58,8 @@ class Service:
         self.controlnets = ControlNetModels(config.controlnet_dir)
         self.clip_vision = ClipVisionFiles(config.clip_vision_dir)
         self.host = ModelHost(config.limits, config.lora_dir, config.embeddings_dir, config.dtype, config.compile,
-                              quantize=config.quantize,
-                              refiner_lookup=lambda name: self.checkpoints.find(name).source, vae=config.vae)
+                              quantize=config.quantize, vae=config.vae,
+                              refiner_lookup=lambda name: self.checkpoints.find(name).source)
         self.queue = TaskQueue()
         self.options: dict[str, Any] = {
             MODEL_OPTION: self.checkpoints.default.title, CLIP_SKIP_OPTION: 1, NO_DETECTMAP_OPTION: False,
