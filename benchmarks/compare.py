@@ -20,7 +20,8 @@ the median. Rows:
   load            loading the original-layout single file (float32) into a ready pipeline
   rss             peak resident memory of a fresh process that loads the single file and runs that generation
                   (sdtorch in float32, and in bfloat16 where native, each also with --compile-backend openvino,
-                  and the last with each --deep-cache, against diffusers in float32)
+                  and the last with each --deep-cache, against diffusers in float32); the OpenVINO ones twice,
+                  first converting the UNet, then importing the graph that run kept on disk
 
 sdtorch's variants: the plain path, `--compile` (inductor), `--compile-backend openvino` (/ openvino-bf16) and
 `--compile --quantize int8` (int8 linear layers; without --compile where --no-inductor): --no-* flags drop them.
@@ -38,8 +39,10 @@ import contextlib
 import copy
 import gc
 import json
+import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,10 +53,13 @@ from pathlib import Path
 
 import torch
 
+from sdtorch import openvino_cache
+
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 NEGATIVE = "blurry, low quality"
 README_BEGIN, README_END = "<!-- compare.py: begin -->", "<!-- compare.py: end -->"
+COLD_WARM = (" (converts)", " (graph kept on disk)")  # the two OpenVINO memory runs
 
 
 # ----------------------------------------------------------------------------- the machine
@@ -345,16 +351,20 @@ def rss_row(file: Path, folder: Path, size: int, steps: int, bf16: bool, openvin
     the last with each `deep_cache` interval)."""
     ours = ["sdtorch float32", *(["sdtorch bfloat16"] if bf16 else [])]
     impls = ["diffusers float32", *ours, *(f"{ours[-1]} --deep-cache {n}" for n in deep_cache if n > 1)]
-    impls += [f"{impl} --compile-backend openvino" for impl in ours if openvino]
+    # OpenVINO twice: the first process converts and keeps the graph on disk, the second imports it
+    impls += [f"{impl} --compile-backend openvino{run}" for impl in ours if openvino for run in COLD_WARM]
+    graphs = Path(os.environ[openvino_cache.CACHE_ENV])
+    shutil.rmtree(graphs, ignore_errors=True)
     peaks = {}
     for impl in impls:
-        out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(Path(__file__).parent), impl, str(file), str(folder),
-                              str(size), str(steps)], capture_output=True, text=True, check=False)
+        out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(Path(__file__).parent), impl.split(" (")[0],
+                              str(file), str(folder), str(size), str(steps)], capture_output=True, text=True,
+                             check=False)
         if out.returncode:
             sys.exit(f"the {impl} memory run failed:\n{out.stderr[-3000:]}")
         peak, seconds = out.stdout.split()[-2:]
         peaks[impl] = float(peak)
-        print(f"    rss {impl}: peak {float(peak) / 2**30:.2f} GiB ({float(seconds):.0f}s)", flush=True)
+        print(f"    rss {impl}: peak {float(peak) / 2**30:.2f} GiB, load + generation {float(seconds):.0f}s", flush=True)
     return peaks
 
 
@@ -458,6 +468,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"CPU: {json.dumps(features)}\ndevice: {machine}", flush=True)
     print("measured matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()), flush=True)
     file, folder = write_models(Path(args.workdir))
+    os.environ.setdefault(openvino_cache.CACHE_ENV, str(Path(args.workdir) / "openvino-graphs"))
 
     rows: list[tuple[str, Row]] = []
     for name in dtypes:

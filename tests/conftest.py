@@ -96,3 +96,19 @@ def diffusers_pipe(folder, kind: str, sampler: str, schedule: str):
     pipe.scheduler = getattr(diffusers, name).from_config(config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _openvino_cache(tmp_path_factory):
+    """OpenVINO's compiled graphs go to a folder of the test session, never the user's ~/.cache."""
+    import os
+
+    from sdtorch.openvino_cache import CACHE_ENV
+
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("openvino-cache"))
+    yield
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before

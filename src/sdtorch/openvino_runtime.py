@@ -3,7 +3,8 @@
 `openvino.convert_model` traces a module on example inputs into an OpenVINO graph (its weights copied in), and
 `compile_model` builds it for this CPU at a compute precision: float32, or bfloat16 / float16 where the CPU has
 them natively (AVX-512 BF16, AMX). Inputs and outputs cross as float32 numpy arrays; the graph is static in
-the example's shapes. The `openvino` package is optional (`pip install openvino`).
+the example's shapes. The `openvino` package is optional (`pip install openvino`). Compiled graphs are kept on disk
+for later processes (openvino_cache.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from . import openvino_cache
 from .errors import InvalidInputError
 
 PRECISION_HINTS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -51,20 +53,30 @@ def compile_module(module: nn.Module, example: tuple[Tensor, ...],
     if weights != torch.float32:
         module = _CastingCall(module, weights)
     example = tuple(_as_sent(x) for x in example)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the UNet's input checks: constant per graph
-        model = ov.convert_model(module, example_input=example)
+    hints = {} if precision is None else {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
+    threads = {"INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    key = openvino_cache.graph_key(module, example, hints) if openvino_cache.cache_dir() else None
+    compiled, mapping = (openvino_cache.load(key, {**hints, **threads}) or (None, None)) if key else (None, None)
+    if compiled is None:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the UNet's input checks: constant per graph
+            model = ov.convert_model(module, example_input=example)
+        compiled = ov.Core().compile_model(model, "CPU", {**hints, **threads})
+        del model
+        if key:
+            openvino_cache.store(key, compiled)
     del module
-    hints = {"INFERENCE_NUM_THREADS": torch.get_num_threads()}
-    if precision is not None:
-        hints["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS[precision]
-    compiled = ov.Core().compile_model(model, "CPU", hints)
     request = compiled.create_infer_request()
 
     def run(*inputs: Tensor) -> tuple[Tensor, ...]:
         results = request.infer([_as_sent(x).numpy() for x in inputs])
+        if run.weights_file is not None and not run.calls:
+            openvino_cache.release_pages(run.weights_file)
+        run.calls += 1
         return tuple(torch.from_numpy(results[i].copy()) for i in range(len(compiled.outputs)))
 
+    run.calls = 0
+    run.weights_file = mapping  # an imported graph reads its weights from this mapping: it lives as long as `run`
     return run
 
 
