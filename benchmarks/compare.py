@@ -387,6 +387,12 @@ def table(rows: list[tuple[str, Row]], peaks: dict[str, float], rss: dict[str, f
         fastest = min(same_math, key=row.median)
         cells.append(f"{row.flops / row.median(fastest) / peaks[dtype]:.0%} ({fastest})" if row.flops else "")
         lines.append("| " + " | ".join(cells) + " |")
+    fp32 = {row.name: row.median("diffusers") for dtype, row in rows if dtype == "float32"}
+    for dtype, row in rows:  # a half-precision run against diffusers' float32 one: the issue's memory comparison
+        if dtype != "float32" and row.name in fp32:
+            ours = ", ".join(f"{label} {fp32[row.name] / row.median(label):.2f}x" for label in row.times)
+            lines.append(f"| {row.name}, {dtype} against diffusers' float32 {fp32[row.name]:.3f} s | {dtype} | "
+                         f"{ours} |" + " |" * (len(head) - 3))
     if rss:
         base = rss["diffusers float32"]
         ours = ", ".join(f"{impl} {peak / 2**30:.2f} GiB = {peak / base:.2f}x" for impl, peak in rss.items()
