@@ -260,6 +260,9 @@ def unet_rows(ours: dict, theirs, sizes: list[int], dtype: torch.dtype, openvino
         row.flops = unet_flops(ours["sdtorch"].unet, (x, t, context))
         rows.append(row.measure(repeats))
         del runs
+        for pipe in ours.values():  # each OpenVINO graph holds its own weights: keep one size's at a time
+            if pipe.compiled_unet is not None and pipe.compiled_unet.openvino:
+                pipe.compile(pipe.compiled_unet.backend)
     return rows
 
 
@@ -353,13 +356,14 @@ def rss_row(file: Path, folder: Path, size: int, steps: int, bf16: bool, openvin
     impls = ["diffusers float32", *ours, *(f"{ours[-1]} --deep-cache {n}" for n in deep_cache if n > 1)]
     # OpenVINO twice: the first process converts and keeps the graph on disk, the second imports it
     impls += [f"{impl} --compile-backend openvino{run}" for impl in ours if openvino for run in COLD_WARM]
-    graphs = Path(os.environ[openvino_cache.CACHE_ENV])
+    graphs = file.parent / "openvino-graphs-rss"  # the benchmark's own, emptied: the first run is a cold one
     shutil.rmtree(graphs, ignore_errors=True)
+    env = {**os.environ, openvino_cache.CACHE_ENV: str(graphs)}
     peaks = {}
     for impl in impls:
         out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(Path(__file__).parent), impl.split(" (")[0],
                               str(file), str(folder), str(size), str(steps)], capture_output=True, text=True,
-                             check=False)
+                             check=False, env=env)
         if out.returncode:
             sys.exit(f"the {impl} memory run failed:\n{out.stderr[-3000:]}")
         peak, seconds = out.stdout.split()[-2:]
