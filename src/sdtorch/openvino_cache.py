@@ -17,6 +17,7 @@ has repacked them by then), so a kept graph holds no more memory after its first
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -125,11 +126,16 @@ def store(key: str, compiled) -> None:
 
 
 def _evict(folder: Path, keep: Path) -> None:
-    """Remove the least recently used graph files until the folder's hold at most MAX_CACHE_BYTES (never `keep`)."""
-    files = sorted(folder.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    """Remove the least recently used graph files until the folder's hold at most MAX_CACHE_BYTES (never `keep`);
+    files another process removes meanwhile are skipped."""
+    sizes = {}
+    for path in folder.glob(f"*{SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            stat = path.stat()
+            sizes[path] = (stat.st_mtime, stat.st_size)
     total = 0
-    for path in files:
-        total += path.stat().st_size
+    for path in sorted(sizes, key=lambda p: sizes[p][0], reverse=True):
+        total += sizes[path][1]
         if total > MAX_CACHE_BYTES and path != keep:
             path.unlink(missing_ok=True)
 
