@@ -54,14 +54,14 @@ def compile_module(module: nn.Module, example: tuple[Tensor, ...],
         module = _CastingCall(module, weights)
     example = tuple(_as_sent(x) for x in example)
     hints = {} if precision is None else {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
-    threads = {"INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    config = {**hints, "INFERENCE_NUM_THREADS": torch.get_num_threads()}
     key = openvino_cache.graph_key(module, example, hints) if openvino_cache.cache_dir() else None
-    compiled, mapping = (openvino_cache.load(key, {**hints, **threads}) or (None, None)) if key else (None, None)
+    compiled, mapping = (openvino_cache.load(key, config) if key else None) or (None, None)
     if compiled is None:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the UNet's input checks: constant per graph
             model = ov.convert_model(module, example_input=example)
-        compiled = ov.Core().compile_model(model, "CPU", {**hints, **threads})
+        compiled = ov.Core().compile_model(model, "CPU", config)
         del model
         if key:
             openvino_cache.store(key, compiled)
@@ -70,12 +70,12 @@ def compile_module(module: nn.Module, example: tuple[Tensor, ...],
 
     def run(*inputs: Tensor) -> tuple[Tensor, ...]:
         results = request.infer([_as_sent(x).numpy() for x in inputs])
-        if run.weights_file is not None and not run.calls:
+        if run.weights_file is not None and not run.released:  # OpenVINO has repacked the weights by now
             openvino_cache.release_pages(run.weights_file)
-        run.calls += 1
+            run.released = True
         return tuple(torch.from_numpy(results[i].copy()) for i in range(len(compiled.outputs)))
 
-    run.calls = 0
+    run.released = False
     run.weights_file = mapping  # an imported graph reads its weights from this mapping: it lives as long as `run`
     return run
 
