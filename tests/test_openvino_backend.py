@@ -1,6 +1,6 @@
 """Pipeline.compile("openvino"): OpenVINO's CPU runtime gives the plain path's images (whole UNet and step
-caching, SD1 and SDXL), rebuilds after weight changes, and leaves hooked calls and ControlNet residuals to the
-plain module."""
+caching, SD1 and SDXL; the VAE decode too), rebuilds after weight changes, and leaves hooked calls, ControlNet
+residuals and tiled decodes to the plain module."""
 
 import pytest
 import torch
@@ -8,6 +8,7 @@ from conftest import psnr, random_pipeline
 
 from sdtorch.cli import main
 from sdtorch.configs import TINY_SD1, TINY_SDXL
+from sdtorch.decoding import decode_latents
 from sdtorch.errors import InvalidInputError
 from sdtorch.openvino_runtime import native_bfloat16
 
@@ -24,6 +25,7 @@ def test_openvino_gives_the_plain_images_with_and_without_step_caching(config):
     assert psnr(pipe("a red circle", **settings)[0], plain) >= 50
     graphs = dict(pipe.compiled_unet._graphs)
     assert len(graphs) == 1  # the generation ran the converted whole UNet, not the plain module
+    assert len(pipe.compiled_decoder._graphs) == 1  # and decoded by the converted VAE decoder
     assert psnr(pipe("a red circle", deep_cache=2, **settings)[0], cached) >= 50
     assert len(pipe.compiled_unet._graphs) == 2  # and now the shallow part too, the whole graph reused
     assert set(graphs) <= set(pipe.compiled_unet._graphs)
@@ -40,7 +42,7 @@ def test_bfloat16_through_openvino_is_as_close_to_the_float32_picture_as_plain_b
     if native_bfloat16():
         pipe.compile("openvino-bf16")
         mixed = pipe("a red circle", **settings)[0]
-        assert len(pipe.compiled_unet._graphs) == 1
+        assert len(pipe.compiled_unet._graphs) == len(pipe.compiled_decoder._graphs) == 1
         assert next(pipe.unet.parameters()).dtype == torch.float32
         assert 38 <= psnr(mixed, reference) < 50
     else:
@@ -79,6 +81,24 @@ def test_openvino_rebuilds_after_weight_changes_and_runs_the_plain_module_with_h
                          mid_block_additional_residual=torch.zeros(_mid_shape(pipe.unet, x)))
         torch.testing.assert_close(compiled(x, t, context, **residuals), pipe.unet(x, t, context, **residuals))
         assert not torch.allclose(compiled(x, t, context, **residuals), changed)
+
+
+def test_the_compiled_decoder_equals_the_vae_rebuilds_after_weight_changes_and_leaves_training_and_tiles_plain():
+    pipe = random_pipeline(TINY_SD1, seed=3).compile("openvino")
+    decoder = pipe.compiled_decoder
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        first = decoder(z)
+        torch.testing.assert_close(first, pipe.vae.decode(z), rtol=1e-4, atol=1e-5)
+        graph = next(iter(decoder._graphs.values()))
+        pipe.vae.decoder.conv_out.bias.add_(0.25)
+        torch.testing.assert_close(decoder(z), first + 0.25, rtol=1e-4, atol=1e-4)
+        assert next(iter(decoder._graphs.values())) is not graph
+        images, _ = decode_latents(pipe.vae, z, tiled=True, tile=4, overlap=2, decoder=decoder)
+        torch.testing.assert_close(images, decode_latents(pipe.vae, z, tiled=True, tile=4, overlap=2)[0])
+    with torch.enable_grad():
+        assert decoder(z).requires_grad  # the plain module: a graph returns no autograd history
+    assert len(decoder._graphs) == 1
 
 
 def _skip_shapes(unet, x):

@@ -1,4 +1,5 @@
-"""The UNet compiled for inference: `Pipeline.compile()`, the CLI's `--compile` / `--compile-backend openvino`.
+"""The UNet (and with OpenVINO the VAE decoder) compiled for inference: `Pipeline.compile()`, the CLI's
+`--compile` / `--compile-backend openvino`.
 
 "inductor" (the default): `torch.compile` traces the UNet once per input shape and emits fused kernels; with
 weight freezing the weights are constants of the graph, so on a CPU the convolution and matmul weights are
@@ -9,8 +10,10 @@ pre-packed for oneDNN/MKL once instead of reordered at every call. The first cal
 and run by its CPU runtime at the UNet's dtype (openvino_runtime.py). "openvino-bf16": the same, computing in
 bfloat16 whatever the UNet's dtype, as OpenVINO itself does by default on CPUs with native bfloat16 (AVX-512 BF16,
 AMX): a float32 model keeps float32 weights, inputs and outputs, and the picture changes by bfloat16's rounding.
-Each graph may hold its own (repacked) copy of the weights, so at most MAX_OPENVINO_GRAPHS are kept (a whole UNet
-and, with step caching, its shallow part); calls with ControlNet or T2I-Adapter residuals run the plain module.
+Each graph may hold its own (repacked) copy of the weights, so at most MAX_OPENVINO_GRAPHS are kept per module (a
+whole UNet and, with step caching, its shallow part); calls with ControlNet or T2I-Adapter residuals run the plain
+module. The OpenVINO backends also decode latents (CompiledDecoder: a graph per latent size, at the same precision);
+tiled decodes run the plain VAE.
 
 Compiled weights must not change behind the graph's back, so a compiled graph is used only when nothing else
 can change the UNet's function: in inference (no grad, eval mode), with no forward hooks (LoRAs are hooks,
@@ -55,18 +58,9 @@ class CompiledUNet:
         self._graphs: OrderedDict[tuple, Callable[..., tuple[Tensor, ...]]] = OrderedDict()  # openvino's, by inputs
         self._state: tuple | None = None  # what the graphs were built for: weight versions, dtype, device
 
-    def _weights_state(self) -> tuple:
-        first = next(self.unet.parameters())
-        # weights made in inference mode carry no version counter: their in-place changes are not seen
-        versions = sum(0 if p.is_inference() else p._version for p in self.unet.parameters())
-        return versions, first.dtype, first.device
-
-    def _hooked(self) -> bool:
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self.unet.modules())
-
     def usable(self) -> bool:
         """Whether a call now would use a compiled graph (inference, no hooks)."""
-        return not (torch.is_grad_enabled() or self.unet.training or self._hooked())
+        return _inference_only(self.unet)
 
     def __call__(self, x: Tensor, t: Tensor, context: Tensor, *, text_embeds: Tensor | None = None,
                  time_ids: Tensor | None = None, **residuals: Tensor | list[Tensor] | None) -> Tensor:
@@ -85,7 +79,7 @@ class CompiledUNet:
         with_residuals = any(v is not None for v in residuals.values())
         if not self.usable() or (self.openvino and with_residuals):
             return self.unet.split_forward(x, t, context, deep, shallow, **added)
-        state = self._weights_state()
+        state = _weights_state(self.unet)
         if state != self._state:
             self._compiled = None
             self._graphs.clear()
@@ -106,18 +100,66 @@ class CompiledUNet:
         t = t.expand(x.shape[0]) if t.dim() == 0 else t  # a scalar timestep: (B,), as the UNet broadcasts it
         inputs = tuple(v for v in (x, t, context, deep, text_embeds, time_ids) if v is not None)
         key = (shallow, deep is not None, text_embeds is not None) + tuple((v.shape, v.dtype) for v in inputs)
-        run = self._graphs.get(key)
-        if run is None:
-            call = _SplitCall(self.unet, shallow, with_deep=deep is not None, sdxl=text_embeds is not None)
-            precision = torch.bfloat16 if self.backend == "openvino-bf16" else x.dtype
-            run = compile_module(call, inputs, precision=precision)
-            self._graphs[key] = run
-            while len(self._graphs) > MAX_OPENVINO_GRAPHS:
-                self._graphs.popitem(last=False)
-        else:
-            self._graphs.move_to_end(key)
-        out, new_deep = run(*inputs)
+        out, new_deep = _run_graph(self._graphs, key, inputs, _precision(self.backend, x.dtype), lambda: _SplitCall(
+            self.unet, shallow, with_deep=deep is not None, sdxl=text_embeds is not None))
         return out.to(x.device, x.dtype), new_deep.to(x.device, x.dtype)
+
+
+class CompiledDecoder:
+    """Callable like `vae.decode(z)`: an OpenVINO graph per latent shape (the openvino backends) where it is valid
+    (as CompiledUNet: inference, no hooks, weights as built), else `vae.decode` itself."""
+
+    def __init__(self, vae: nn.Module, backend: str):
+        if not backend.startswith("openvino"):
+            raise InvalidInputError(f"the VAE decoder is compiled by the openvino backends only, not {backend!r}")
+        self.vae, self.backend = vae, backend
+        self._graphs: OrderedDict[tuple, Callable[..., tuple[Tensor, ...]]] = OrderedDict()  # by latent shape, dtype
+        self._state: tuple | None = None
+
+    def __call__(self, z: Tensor) -> Tensor:
+        """z: (B, C, h, w) unscaled latents -> (B, 3, H, W) images in [-1, 1], in z's dtype and device."""
+        if not _inference_only(self.vae):
+            return self.vae.decode(z)
+        state = _weights_state(self.vae)
+        if state != self._state:
+            self._graphs.clear()
+            self._state = state
+        key = (z.shape, z.dtype)
+        (images,) = _run_graph(self._graphs, key, (z,), _precision(self.backend, z.dtype), lambda: _Decode(self.vae))
+        return images.to(z.device, z.dtype)
+
+
+def _precision(backend: str, dtype: torch.dtype) -> torch.dtype:
+    """The arithmetic an OpenVINO backend computes in for a model of this dtype."""
+    return torch.bfloat16 if backend == "openvino-bf16" else dtype
+
+
+def _run_graph(graphs: OrderedDict, key: tuple, inputs: tuple[Tensor, ...], precision: torch.dtype,
+               module: Callable[[], nn.Module]) -> tuple[Tensor, ...]:
+    """Run the OpenVINO graph kept under `key` in `graphs` on `inputs`, converting `module()` at `precision` first
+    when there is none; at most MAX_OPENVINO_GRAPHS are kept, the least recently used dropped."""
+    run = graphs.get(key)
+    if run is None:
+        run = graphs[key] = compile_module(module(), inputs, precision=precision)
+        while len(graphs) > MAX_OPENVINO_GRAPHS:
+            graphs.popitem(last=False)
+    else:
+        graphs.move_to_end(key)
+    return run(*inputs)
+
+
+def _weights_state(module: nn.Module) -> tuple:
+    """What a compiled graph of `module` was built for: its weights' version counters, dtype and device."""
+    first = next(module.parameters())
+    # weights made in inference mode carry no version counter: their in-place changes are not seen
+    versions = sum(0 if p.is_inference() else p._version for p in module.parameters())
+    return versions, first.dtype, first.device
+
+
+def _inference_only(module: nn.Module) -> bool:
+    """Whether a call of `module` now may use a compiled graph: no grad, eval mode, no forward hooks (LoRAs)."""
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+    return not (torch.is_grad_enabled() or module.training or hooked)
 
 
 class _SplitCall(nn.Module):
@@ -132,3 +174,14 @@ class _SplitCall(nn.Module):
         deep, rest = (rest[0], rest[1:]) if self.with_deep else (None, rest)
         added = dict(text_embeds=rest[0], time_ids=rest[1]) if self.sdxl else {}
         return self.unet.split_forward(x, t, context, deep, self.shallow, **added)
+
+
+class _Decode(nn.Module):
+    """`vae.decode` as a module's forward (for tracing): (B, C, h, w) latents -> (B, 3, H, W) images."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.vae.decode(z)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import PIL.Image
 import torch
@@ -114,11 +115,13 @@ def decode_latents(
     tiled: bool | None = None,
     tile: int = 64,
     overlap: int = 16,
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
     """Decode latents (already divided by the scaling factor) to images in [-1, 1], never silently black.
 
     Decodes in the VAE's dtype, in tiles when `tiled` (None: when the latent has more than 128 x 128
-    positions, i.e. a 1024 x 1024 image). A result with NaN or inf (a float16 VAE overflowing) is decoded
+    positions, i.e. a 1024 x 1024 image); untiled, by `decoder` when given (a compiled `vae.decode`,
+    compiled.CompiledDecoder). A result with NaN or inf (a float16 VAE overflowing) is decoded
     again by a float32 copy of the VAE, the caller's VAE untouched, and a warning is returned (A1111's NaN
     check and --no-half-vae). Returns (images (B, 3, H, W) in the dtype they were decoded in, warnings).
     Raises NonFiniteError when the latents or the float32 result are not finite.
@@ -130,19 +133,20 @@ def decode_latents(
         tiled = latents.shape[-2] * latents.shape[-1] > TILE_ABOVE
     param = next(vae.parameters())
 
-    def decode(model: AutoencoderKL) -> torch.Tensor:
+    def decode(model: AutoencoderKL, untiled: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         z = latents.to(param.device, next(model.parameters()).dtype)
-        return decode_tiled(model, z, tile, overlap) if tiled else model.decode(z)
+        return decode_tiled(model, z, tile, overlap) if tiled else untiled(z)
 
     name = str(param.dtype).removeprefix("torch.")
     with torch.no_grad():
-        images = decode(vae)
+        images = decode(vae, decoder or vae.decode)
         if torch.isfinite(images).all():
             return images, []
         if torch.finfo(param.dtype).bits >= 32:  # nothing wider to retry in
             raise NonFiniteError(f"the VAE produced NaN or inf in {name}: its weights are probably broken; "
                                  "try another VAE")
-        images = decode(copy.deepcopy(vae).float())  # a float32 copy; the caller's VAE keeps its dtype
+        fallback = copy.deepcopy(vae).float()  # a float32 copy; the caller's VAE keeps its dtype
+        images = decode(fallback, fallback.decode)
     if not torch.isfinite(images).all():
         raise NonFiniteError(f"the VAE produced NaN or inf in {name} and again in float32: its weights are "
                              "probably broken; try another VAE")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from .compiled import CompiledUNet
+from .compiled import CompiledDecoder, CompiledUNet
 from .configs import ModelConfig
 from .checkpoints.controlnet_files import controlnet_title
 from .control import Control, control_map, infotext_unit, residuals, step_of
@@ -106,6 +106,7 @@ class Model(Protocol):
     text_encoder: nn.Module
     unet: nn.Module
     compiled_unet: CompiledUNet | None  # runs the UNet when set (Pipeline.compile)
+    compiled_decoder: CompiledDecoder | None  # decodes untiled latents when set (Pipeline.compile)
     vae: AutoencoderKL
     config: ModelConfig
     vae_scale_factor: int
@@ -387,7 +388,7 @@ def _hires_pass(
 def _decode(pipe: Model, latents: Tensor, request: Job, warnings: list[str]) -> list[Image.Image]:
     vae = pipe.vae
     z = (latents / vae.scaling_factor).to(next(vae.parameters()).device)
-    pixels, messages = decode_latents(vae, z, tiled=request.source.tiled_decode)
+    pixels, messages = decode_latents(vae, z, tiled=request.source.tiled_decode, decoder=pipe.compiled_decoder)
     warnings += [m for m in messages if m not in warnings]
     return tensor_to_images(pixels)
 

@@ -19,7 +19,7 @@ from torch import nn
 from .adapters.embeddings import load_embedding, loaded_embeddings, unload_embedding
 from .adapters.lora import LoraAdapters
 from .checkpoints.io import file_sha256
-from .compiled import CompiledUNet
+from .compiled import CompiledDecoder, CompiledUNet
 from .configs import ModelConfig
 from .errors import InvalidInputError
 from .generation import GenerationResult, run
@@ -74,6 +74,7 @@ class Pipeline:
         self.lora_adapters = LoraAdapters()  # the LoRAs applied to the UNet and text encoder (adapters/lora.py)
         self.lora_dir: Path | None = None  # where a prompt's <lora:name:weight> tags find their files
         self.compiled_unet: CompiledUNet | None = None  # set by compile(): generation runs the UNet through it
+        self.compiled_decoder: CompiledDecoder | None = None  # set by compile("openvino*"): decodes latents
         self.quantized: str | None = None  # set by quantize(): the UNet's linear layers' quantisation
         self._refiner: tuple[str, Pipeline] | None = None  # (name, model) of the refiner requests last named
         self._controlnets: dict[str, nn.Module] = {}  # ControlNets requests named, by resolved path
@@ -241,9 +242,9 @@ class Pipeline:
 
     def compile(self, backend: str | bool | None = "inductor") -> Pipeline:
         """Run the UNet compiled when generating; returns self. backend: "inductor" (torch.compile, weights frozen;
-        also True), "openvino" (OpenVINO's CPU runtime; needs the `openvino` package), "openvino-bf16" (the same,
-        computing in bfloat16 on a float32 model too, as OpenVINO does by default where the CPU has native bfloat16:
-        the picture changes by bfloat16's rounding), or None / False (off).
+        also True), "openvino" (OpenVINO's CPU runtime, which also decodes the latents; needs the `openvino` package),
+        "openvino-bf16" (the same, computing in bfloat16 on a float32 model too, as OpenVINO does by default where the
+        CPU has native bfloat16: the picture changes by bfloat16's rounding), or None / False (off).
 
         Except for openvino-bf16, the same images as the plain path within float rounding; each new image size compiles first (minutes at
         SD sizes on a CPU). Runs with a LoRA applied use the plain UNet. See sdtorch/compiled.py.
@@ -252,6 +253,8 @@ class Pipeline:
             backend = "inductor"
         _refuse_openvino_quantized(backend, self.quantized)
         self.compiled_unet = CompiledUNet(self.unet, backend) if backend else None
+        openvino = self.compiled_unet is not None and self.compiled_unet.openvino
+        self.compiled_decoder = CompiledDecoder(self.vae, backend) if openvino else None
         return self
 
     def quantize(self, mode: str | None = "int8") -> Pipeline:
