@@ -14,8 +14,8 @@ from sdtorch.evaluation.judge import load_judge
 from sdtorch.models.vae import DiagonalGaussian
 from sdtorch.configs import TINY_SD1, ModelConfig
 from sdtorch.training.recipe import (
-    STAGES, CLIPStageConfig, DataConfig, ExportConfig, MetricsConfig, Recipe, RecipeConfig, UNetStageConfig,
-    VAEStageConfig, run_recipe, vae_judged,
+    STAGES, CLIPStageConfig, DataConfig, DecoderStageConfig, ExportConfig, MetricsConfig, Recipe, RecipeConfig,
+    UNetStageConfig, VAEStageConfig, run_recipe, vae_judged,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,20 +23,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPES_RECIPE = Path(__file__).parent.parent / "configs" / "shapes.toml"
 
 
-TOY_DECODER_STAGE = """[decoder]
-steps = 2
-batch_size = 4
-lr = 2e-4
-foreground_weight = 5.0
-
-"""
-
-
 def toy_recipe(tmp_path: Path) -> Path:
-    """configs/shapes.toml shrunk: few items, two steps per stage, tiny evaluation; with a decoder stage."""
+    """configs/shapes.toml shrunk: few items, two steps per stage, tiny evaluation."""
     text = SHAPES_RECIPE.read_text(encoding="utf-8")
-    if "[decoder]" not in text:
-        text = text.replace("[clip]\n", TOY_DECODER_STAGE + "[clip]\n", 1)
     text = re.sub(r"(?m)^items = \d+", "items = 96", text)
     text = re.sub(r"(?m)^steps = \d+", "steps = 2\ncheckpoint_every = 1", text)
     text = re.sub(r"(?m)^batch_size = \d+", "batch_size = 4", text)
@@ -67,7 +56,8 @@ def test_shipped_recipe_parses_to_typed_values():
         steps=2800, batch_size=64, lr=5e-4, warmup_steps=200, cfg_dropout=0.1, ema_decay=0.999, max_grad_norm=1.0,
         snr_gamma=5.0,
     )
-    assert config.decoder is None
+    assert config.decoder == DecoderStageConfig(steps=1000, batch_size=16, lr=1e-4, warmup_steps=50, edge_weight=0.5,
+                                                mse_weight=1.0, foreground_weight=5.0)
     assert config.export == ExportConfig(dtype="float16", cfg_scale=4.0) and config.metrics == MetricsConfig(512, 200)
     assert isinstance(config.vae.max_objects, int) and isinstance(config.vae.foreground_weight, float)
 

@@ -389,18 +389,26 @@ class Recipe:
 
         _timed(self.workdir, "model", build)
 
+    def vae_metrics(self, vae: AutoencoderKL) -> dict[str, Any]:
+        """metrics.json's VAE figures for `vae`: PSNR on renders of held-out pairs and fresh held-in ones, and the
+        judge on the held-in reconstructions."""
+        cfg = self.config
+
+        def renders(split: str) -> ShapesDataset:
+            return ShapesDataset(cfg.metrics.vae_images, seed=f"{cfg.seed}:vae-eval", split=split,
+                                 size=cfg.data.image_size)
+
+        return {
+            "vae_psnr_held_out_pairs": vae_psnr(vae, renders("held_out")),
+            "vae_psnr_fresh_held_in": vae_psnr(vae, renders("train")),
+            "vae_judged_fresh_held_in": vae_judged(vae, renders("train"), load_judge()),
+        }
+
     def stage_metrics(self) -> None:
         def build() -> dict[str, Any]:
             cfg, size = self.config, self.config.data.image_size
-            vae = self.vae()
-
-            def renders(split: str) -> ShapesDataset:
-                return ShapesDataset(cfg.metrics.vae_images, seed=f"{cfg.seed}:vae-eval", split=split, size=size)
-
             metrics = {
-                "vae_psnr_held_out_pairs": vae_psnr(vae, renders("held_out")),
-                "vae_psnr_fresh_held_in": vae_psnr(vae, renders("train")),
-                "vae_judged_fresh_held_in": vae_judged(vae, renders("train"), load_judge()),
+                **self.vae_metrics(self.vae()),
                 "clip_top1": clip_retrieval(self.trained("clip").models["clip"], self.tokenizer(), seed=cfg.seed,
                                             count=cfg.metrics.clip_captions, image_size=size),
                 "clip_captions": cfg.metrics.clip_captions,
