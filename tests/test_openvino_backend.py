@@ -94,6 +94,15 @@ def test_the_compiled_decoder_equals_the_vae_rebuilds_after_weight_changes_and_l
         pipe.vae.decoder.conv_out.bias.add_(0.25)
         torch.testing.assert_close(decoder(z), first + 0.25, rtol=1e-4, atol=1e-4)
         assert next(iter(decoder._graphs.values())) is not graph
+    # a new tensor in place of the old one (as Pipeline.load_vae assigns a VAE file's) with the same version count
+    old = pipe.vae.decoder.conv_out.bias
+    pipe.vae.decoder.conv_out.bias = torch.nn.Parameter(old.detach() + 1.0)
+    with torch.no_grad():
+        while pipe.vae.decoder.conv_out.bias._version < old._version:
+            pipe.vae.decoder.conv_out.bias.add_(0.0)
+    assert pipe.vae.decoder.conv_out.bias._version == old._version
+    with torch.inference_mode():
+        torch.testing.assert_close(decoder(z), first + 1.25, rtol=1e-4, atol=1e-4)
         images, _ = decode_latents(pipe.vae, z, tiled=True, tile=4, overlap=2, decoder=decoder)
         torch.testing.assert_close(images, decode_latents(pipe.vae, z, tiled=True, tile=4, overlap=2)[0])
     with torch.enable_grad():

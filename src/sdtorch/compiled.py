@@ -149,11 +149,12 @@ def _run_graph(graphs: OrderedDict, key: tuple, inputs: tuple[Tensor, ...], prec
 
 
 def _weights_state(module: nn.Module) -> tuple:
-    """What a compiled graph of `module` was built for: its weights' version counters, dtype and device."""
-    first = next(module.parameters())
+    """What a compiled graph of `module` was built for: its weights' memory (new tensors assigned, as
+    Pipeline.load_vae does, live elsewhere), their version counters, dtype and device."""
+    params = list(module.parameters())
     # weights made in inference mode carry no version counter: their in-place changes are not seen
-    versions = sum(0 if p.is_inference() else p._version for p in module.parameters())
-    return versions, first.dtype, first.device
+    versions = sum(0 if p.is_inference() else p._version for p in params)
+    return tuple(p.data_ptr() for p in params), versions, params[0].dtype, params[0].device
 
 
 def _inference_only(module: nn.Module) -> bool:
