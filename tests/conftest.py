@@ -1,6 +1,7 @@
 """Shared test helpers: the parity tolerance every model part is held to, fixtures, pipeline references."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -14,6 +15,13 @@ def assert_parity(ours: torch.Tensor, reference: torch.Tensor, rel: float = 1e-5
     bound = rel * max(1.0, reference.abs().max().item())
     err = (ours.float() - reference.float()).abs().max().item()
     assert err <= bound, f"max abs error {err:.3e} exceeds {bound:.3e}"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, each worker takes its share of the cores (no oversubscription)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(autouse=True)
