@@ -26,20 +26,8 @@ import torch
 import sdtorch
 from sdtorch.checkpoints.saving import save
 from sdtorch.configs import DTYPES
-from sdtorch.training.loop import TIMINGS_JSON, record_timing, save_checkpoint
+from sdtorch.training.loop import TIMINGS_JSON
 from sdtorch.training.recipe import Recipe, RecipeConfig
-
-
-def seed_vae_stage(recipe: Recipe, vae: torch.nn.Module) -> None:
-    """Record `vae`'s weights as the recipe's finished vae stage (and the stages before it as done)."""
-    if (recipe.workdir / "vae").is_dir():
-        return
-    state = recipe._vae_state()
-    state.models["vae"].load_state_dict({k: v.float() for k, v in vae.state_dict().items()})
-    state.step = recipe.config.vae.steps
-    save_checkpoint(state, recipe.workdir / "vae")
-    for stage in ("tokenizer", "vae"):
-        record_timing(recipe.workdir / TIMINGS_JSON, stage, done=True, seeded_from="the shipped model")
 
 
 def ship(pipe: sdtorch.Pipeline, vae: torch.nn.Module, folder: Path, dtype: torch.dtype) -> None:
@@ -68,7 +56,7 @@ def main() -> None:
     pipe = sdtorch.load(args.model) if args.model else sdtorch.load()
     with torch.no_grad():
         before = recipe.vae_metrics(pipe.vae.float().eval())
-    seed_vae_stage(recipe, pipe.vae)
+    recipe.adopt_vae(pipe.vae, str(args.model or "the shipped model"))
     recipe.run(until="decoder")
     vae = recipe.vae()
     with torch.no_grad():

@@ -11,7 +11,7 @@ import sdtorch
 from sdtorch.errors import InvalidInputError
 from sdtorch.data.shapes import ShapesDataset
 from sdtorch.evaluation.judge import load_judge
-from sdtorch.models.vae import DiagonalGaussian
+from sdtorch.models.vae import AutoencoderKL, DiagonalGaussian
 from sdtorch.configs import TINY_SD1, ModelConfig
 from sdtorch.training.recipe import (
     STAGES, CLIPStageConfig, DataConfig, DecoderStageConfig, ExportConfig, MetricsConfig, Recipe, RecipeConfig,
@@ -220,3 +220,20 @@ def test_vae_stage_settings_change_what_it_learns(tmp_path, setting):
     plain, again, changed = (vae_after_training(e, n) for e, n in [("", "a"), ("", "b"), (setting, "c")])
     assert all(torch.equal(plain[k], again[k]) for k in plain)  # deterministic, so a difference is the setting's
     assert not all(torch.equal(plain[k], changed[k]) for k in plain)
+
+
+def test_an_adopted_vae_is_the_vae_stage_the_decoder_stage_starts_from(tmp_path):
+    recipe = Recipe(RecipeConfig.from_file(toy_recipe(tmp_path)), tmp_path / "work")
+    torch.manual_seed(5)
+    adopted = AutoencoderKL(recipe.config.model.vae)
+    recipe.adopt_vae(adopted, "a test")
+    recipe.adopt_vae(AutoencoderKL(recipe.config.model.vae), "another")  # the vae stage exists: left as it is
+    recipe.run(until="decoder")
+    stage_vae = recipe.trained("vae").models["vae"].state_dict()
+    assert all(torch.equal(t, stage_vae[k]) for k, t in adopted.state_dict().items())
+    tuned = recipe.vae().state_dict()
+    encoder = [k for k in tuned if not k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and all(torch.equal(tuned[k], stage_vae[k]) for k in encoder)  # frozen in the decoder stage
+    assert not all(torch.equal(tuned[k], stage_vae[k]) for k in tuned if k.startswith("decoder."))
+    timings = json.loads((recipe.workdir / "timings.json").read_text())
+    assert timings["vae"]["adopted_from"] == "a test" and timings["decoder"]["done"]

@@ -46,7 +46,7 @@ from ..sampling.schedules import DiscreteSchedule
 from .bpe import save_bpe, train_bpe
 from .contrastive import CLIPConfig, CLIPModel, ImageEncoderConfig, clip_step, retrieval_top1
 from .diffusion import TextConditioner, unet_step
-from .loop import EMA, TIMINGS_JSON, TrainState, record_timing, resume, train, warmup_cosine
+from .loop import EMA, TIMINGS_JSON, TrainState, record_timing, resume, save_checkpoint, train, warmup_cosine
 from .vae import cache_latents, estimate_scaling_factor, load_latents, vae_step
 
 logger = logging.getLogger(__name__)
@@ -279,6 +279,20 @@ class Recipe:
         if not resume(state, self.workdir / name):
             raise InvalidInputError(f"{self.workdir / name}: stage {name!r} has not been trained yet")
         return state
+
+    def adopt_vae(self, vae: torch.nn.Module, source: str) -> None:
+        """Record `vae`'s weights (from `source`, written in the timings) as the finished vae stage, so that the
+        later stages build on a VAE trained elsewhere (scripts/shapes_decoder.py: the shipped model's). The
+        tokenizer stage, which no VAE stage reads, is marked done with it. A workdir whose vae stage exists
+        already is left as it is."""
+        if (self.workdir / "vae").is_dir():
+            return
+        state = self._vae_state()
+        state.models["vae"].load_state_dict({k: v.float() for k, v in vae.state_dict().items()})
+        state.step = self.config.vae.steps
+        save_checkpoint(state, self.workdir / "vae")
+        for stage in ("tokenizer", "vae"):
+            record_timing(self.workdir / TIMINGS_JSON, stage, done=True, adopted_from=source)
 
     def vae(self) -> AutoencoderKL:
         """The finished VAE: the decoder stage's when the recipe has one, else the vae stage's."""
