@@ -5,7 +5,9 @@ script:
 
   1. writes a training folder (`<workdir>/data`: `--pairs` renders of the whole world, each captioned with its
      colour only, "a red shape", and `<workdir>/conditions`: each render's canny edge map, as the A1111
-     ControlNet extension's "canny" preprocessor makes it at 64 px);
+     ControlNet extension's "canny" preprocessor makes it at 64 px; with `--mask-weight W`, `<workdir>/masks`:
+     loss masks white on the shape's square and MASK_MARGIN px around it, 1/W grey elsewhere, so the denoising
+     loss weighs the shape's latents W times the background's);
   2. trains a ControlNet from the base UNet's encoder (`sdtorch finetune --method controlnet`, through its
      API, timed) into `<workdir>/out`;
   3. evaluates `--eval-pairs` new renders (another seed, `--eval-split`): the prompt names the colour only, the edge map
@@ -35,6 +37,7 @@ import time
 from pathlib import Path
 
 import PIL.Image
+import PIL.ImageDraw
 import torch
 
 import sdtorch
@@ -47,6 +50,7 @@ from sdtorch.training.datasets import DatasetConfig
 from sdtorch.training.finetune import FineTuneConfig, finetune
 
 ATTRIBUTES = ("shape", "position", "size", "colour")
+MASK_MARGIN = 4  # px around the shape's square that its loss mask covers too (half a latent pixel)
 
 
 def edge_map(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -67,29 +71,46 @@ def pairs(count: int, seed: str, small_share: float | None = None) -> list[shape
     return [dataclasses.replace(a, size="small" if rng.random() < small_share else "large") for a in drawn]
 
 
-def write_data(workdir: Path, count: int, small_share: float | None = None) -> tuple[Path, Path]:
-    """`count` renders with colour-only captions in data/, their edge maps in conditions/ (same file names)."""
+def loss_mask(attrs: shapes.Attributes, weight: float, size: int = 64) -> PIL.Image.Image:
+    """White on the shape's square (`shapes.shape_box`) and MASK_MARGIN px around it, grey 1/weight elsewhere."""
+    cx, cy, side = shapes.shape_box(attrs)
+    half = side * size / 2 + MASK_MARGIN
+    mask = PIL.Image.new("L", (size, size), round(255 / weight))
+    PIL.ImageDraw.Draw(mask).rectangle((cx * size - half, cy * size - half, cx * size + half, cy * size + half),
+                                       fill=255)
+    return mask
+
+
+def write_data(workdir: Path, count: int, small_share: float | None = None,
+               mask_weight: float | None = None) -> tuple[Path, Path, Path | None]:
+    """`count` renders with colour-only captions in data/, their edge maps in conditions/ and with `mask_weight`
+    their loss masks in masks/ (same file names)."""
     data, conditions = workdir / "data", workdir / "conditions"
-    if data.is_dir() and len(list(data.glob("*.png"))) == count:
-        return data, conditions
-    for folder in (data, conditions):
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
+    masks = None if mask_weight is None else workdir / f"masks-{mask_weight:g}"
+    if data.is_dir() and len(list(data.glob("*.png"))) == count and (masks is None or masks.is_dir()):
+        return data, conditions, masks
+    for folder in (data, conditions, masks):
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
     for i, attrs in enumerate(pairs(count, "train", small_share)):
         image = shapes.render(attrs)
         image.save(data / f"{i:05d}.png")
         (data / f"{i:05d}.txt").write_text(prompt(attrs))
         edge_map(image).save(conditions / f"{i:05d}.png")
-    return data, conditions
+        if masks is not None:
+            loss_mask(attrs, mask_weight).save(masks / f"{i:05d}.png")
+    return data, conditions, masks
 
 
-def train(args: argparse.Namespace, data: Path, conditions: Path) -> tuple[Path, float]:
+def train(args: argparse.Namespace, data: Path, conditions: Path, masks: Path | None) -> tuple[Path, float]:
     out = args.workdir / "out"
     if not args.resume:
         shutil.rmtree(out, ignore_errors=True)
     config = FineTuneConfig(
         dataset=DatasetConfig(folder=str(data), resolution=64, conditioning_folder=str(conditions),
-                              cache_latents=True, caption_dropout=args.caption_dropout, seed=args.seed),
+                              loss_mask_folder=str(masks or ""), cache_latents=True,
+                              caption_dropout=args.caption_dropout, seed=args.seed),
         out=str(out), method="controlnet", steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         warmup_steps=args.warmup, lr_scheduler="cosine", checkpoint_every=max(args.steps // 4, 1),
         log_every=20, seed=args.seed, controlnet_model=str(args.init_from) if args.init_from else "",
@@ -145,6 +166,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4000, help="training renders")
     parser.add_argument("--small-share", type=float, default=None,
                         help="the share of small shapes among the training renders (default: the world's, half)")
+    parser.add_argument("--mask-weight", type=float, default=None,
+                        help="weigh the loss on the shape's square this many times the background's (loss masks)")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -169,11 +192,11 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     report_file = args.workdir / "report.json"
     previous = json.loads(report_file.read_text()) if report_file.is_file() else {}
-    data, conditions = write_data(args.workdir, args.pairs, args.small_share)
+    data, conditions, masks = write_data(args.workdir, args.pairs, args.small_share, args.mask_weight)
     if args.skip_train:
         controlnet, seconds = args.workdir / "out" / "controlnet", previous.get("training_seconds")
     else:
-        controlnet, seconds = train(args, data, conditions)
+        controlnet, seconds = train(args, data, conditions, masks)
         if args.resume and previous.get("training_seconds"):
             seconds += previous["training_seconds"]
     scores, shown = evaluate(args, controlnet)

@@ -39,6 +39,12 @@ same crop, so the two stay pixel-aligned in every bucket (there are no flips to 
 carry it as `conditions` (B, 3, H, W) in [0, 1], not normalised (diffusers' train_controlnet.py): pixels
 even when the training images' latents are cached.
 
+Loss masks (`loss_mask_folder`, kohya's masked loss): each training image's mask is the image of the same file
+stem in that folder, found, checked, scaled and cropped as a condition image is, read as greyscale in [0, 1]
+(white 1, black 0); batches carry them as `masks` (B, 1, H, W), and the denoising loss of each latent pixel is
+weighted by the mask's mean over the pixels it covers (finetune.py). A grey background (say 0.2) with a white
+subject weighs the subject 5x; a black one leaves the background out of the loss.
+
 Captions (kohya's order): dropped to "" with probability `caption_dropout`; otherwise, with
 `shuffle_tags`, the comma-separated tags after the first `keep_tokens` are shuffled. Each draw comes
 from `step_generator(seed, step, stream)` with a stream for the item's position in the global batch.
@@ -85,6 +91,9 @@ _BUCKET_STREAM = 1 << 20  # + bucket number, (seed, epoch): a bucket's shuffled 
 _CAPTION_STREAM = 2 << 20  # + position in the global batch, (seed, step): dropout and tag order
 _LATENT_STREAM = 3 << 20  # + position in the global batch, (seed, step): a posterior sample
 
+# per-image companion folders of a DatasetConfig -> what each file is
+_COMPANIONS = {"conditioning_folder": "condition image", "loss_mask_folder": "loss mask"}
+
 Size = tuple[int, int]  # (width, height) in pixels, as PIL has it
 
 
@@ -103,6 +112,7 @@ class DatasetConfig:
     require_captions: an image whose caption is missing or empty is an error (else its caption is "").
     cache_latents: train on latents cached with `FineTuneDataset.cache_latents` rather than pixels.
     conditioning_folder: a ControlNet's condition images, one per training image by file stem ("" : none).
+    loss_mask_folder: greyscale loss masks, one per training image by file stem ("": none; see above).
     sample_latents: with cached latents, a posterior sample for each (step, position) instead of the mean.
     seed: drives batch order, caption augmentation and latent samples.
     """
@@ -122,6 +132,7 @@ class DatasetConfig:
     cache_latents: bool = False
     sample_latents: bool = False
     conditioning_folder: str = ""
+    loss_mask_folder: str = ""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -153,8 +164,8 @@ class ImageRecord:
     """One image of the dataset, as scanned: where it is, its caption, and how it is sized.
 
     Sizes are (width, height). The image is scaled to `scaled` (covering `bucket`) and the crop of
-    the bucket's size taken at `crop` = (top, left) of the scaled image; so is its `condition`
-    image (ControlNet training), if it has one.
+    the bucket's size taken at `crop` = (top, left) of the scaled image; so are its `condition`
+    image (ControlNet training) and its loss `mask`, if it has them.
     """
 
     path: Path
@@ -165,6 +176,7 @@ class ImageRecord:
     bucket: Size
     crop: tuple[int, int]
     condition: Path | None = None
+    mask: Path | None = None
 
 
 @dataclass
@@ -174,7 +186,8 @@ class Batch:
     Sizes follow SDXL's conditioning order, (height, width); crops are (top, left).
     `images` (B, 3, H, W) in [-1, 1] or, for a dataset with cached latents, `latents` (B, C, H/f, W/f)
     times the VAE's scaling factor; the other is None. With a `conditioning_folder`, `conditions`
-    (B, 3, H, W) in [0, 1]: each item's condition image, sized and cropped as its image.
+    (B, 3, H, W) in [0, 1]: each item's condition image, sized and cropped as its image. With a
+    `loss_mask_folder`, `masks` (B, 1, H, W) in [0, 1], sized and cropped likewise.
     """
 
     indices: list[int]
@@ -185,6 +198,7 @@ class Batch:
     images: torch.Tensor | None = None
     latents: torch.Tensor | None = None
     conditions: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
 
 
 # ---- scanning --------------------------------------------------------------------------------------
@@ -317,33 +331,36 @@ def _sized(image: PIL.Image.Image, record: ImageRecord) -> PIL.Image.Image:
     return image.resize(record.scaled, resample=LANCZOS).crop((left, top, left + width, top + height))
 
 
-# ---- condition images ----------------------------------------------------------------------------
+# ---- condition images and loss masks -----------------------------------------------------------
 
 
-def condition_files(folder: Path) -> dict[str, Path]:
-    """The condition images of a `conditioning_folder` by file stem; two files of one stem are an error."""
+def companion_files(folder: Path, setting: str) -> dict[str, Path]:
+    """The images of a folder of per-image companions (`setting`: a key of _COMPANIONS) by file stem; two files of
+    one stem are an error."""
     if not folder.is_dir():
-        raise InvalidInputError(f"conditioning_folder {folder} does not exist or is not a folder")
+        raise InvalidInputError(f"{setting} {folder} does not exist or is not a folder")
     found: dict[str, Path] = {}
     for path in image_files(folder):
         if path.stem in found:
-            raise InvalidInputError(f"conditioning_folder {folder} holds two condition images for the stem "
-                                    f"{path.stem!r}: {found[path.stem].name} and {path.name}; keep one")
+            raise InvalidInputError(f"{setting} {folder} holds two {_COMPANIONS[setting]}s for the stem {path.stem!r}: "
+                                    f"{found[path.stem].name} and {path.name}; keep one")
         found[path.stem] = path
     return found
 
 
-def _condition_of(image: Path, size: Size, conditions: dict[str, Path], folder: Path) -> Path:
-    """The condition image of training image `image` (of `size`), decoded once to check it, or a clear error."""
-    path = conditions.get(image.stem)
+def _companion_of(image: Path, size: Size, files: dict[str, Path], folder: Path, setting: str) -> Path:
+    """The companion (condition image, loss mask) of training image `image` (of `size`) in `setting`'s folder,
+    decoded once to check it, or a clear error."""
+    what = _COMPANIONS[setting]
+    path = files.get(image.stem)
     if path is None:
         others = ", ".join(IMAGE_EXTENSIONS[1:])
-        raise InvalidInputError(f"training image {image} has no condition image: no {image.stem}{IMAGE_EXTENSIONS[0]} "
-                                f"(or {others}, any case) in conditioning_folder {folder}")
-    (width, height), (cond_w, cond_h) = size, load_image(path).size  # a corrupt file fails here, by name
-    if abs(cond_w * height - cond_h * width) > 0.01 * width * height:  # aspect ratios 1% apart or more
-        raise InvalidInputError(f"condition image {path} is {cond_w}x{cond_h}, its training image {image} "
-                                f"{width}x{height}: they need the same aspect ratio (the condition is scaled to "
+        raise InvalidInputError(f"training image {image} has no {what}: no {image.stem}{IMAGE_EXTENSIONS[0]} "
+                                f"(or {others}, any case) in {setting} {folder}")
+    (width, height), (other_w, other_h) = size, load_image(path).size  # a corrupt file fails here, by name
+    if abs(other_w * height - other_h * width) > 0.01 * width * height:  # aspect ratios 1% apart or more
+        raise InvalidInputError(f"{what} {path} is {other_w}x{other_h}, its training image {image} "
+                                f"{width}x{height}: they need the same aspect ratio (the {what} is scaled to "
                                 "the image's size and cropped with it)")
     return path
 
@@ -352,6 +369,12 @@ def condition_pixels(record: ImageRecord) -> torch.Tensor:
     """The record's condition image scaled and cropped as its image: (3, H, W) float32 in [0, 1]."""
     sized = _sized(load_image(record.condition), record)  # scaled to record.scaled whatever its own size
     return torch.from_numpy(np.asarray(sized, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+
+def mask_pixels(record: ImageRecord) -> torch.Tensor:
+    """The record's loss mask scaled and cropped as its image, greyscale: (1, H, W) float32 in [0, 1]."""
+    sized = _sized(load_image(record.mask), record).convert("L")
+    return torch.from_numpy(np.asarray(sized, dtype=np.float32) / 255.0)[None]  # (H, W) -> (1, H, W)
 
 
 # ---- captions -------------------------------------------------------------------------------------
@@ -414,8 +437,9 @@ class FineTuneDataset:
             )
         sizes = (bucket_sizes(config.resolution, config.min_bucket_side, config.max_bucket_side, config.bucket_step)
                  if config.buckets else [(config.resolution, config.resolution)])
-        condition_folder = Path(config.conditioning_folder) if config.conditioning_folder else None
-        conditions = condition_files(condition_folder) if condition_folder is not None else {}
+        companions = {setting: (Path(folder), companion_files(Path(folder), setting))
+                      for setting in _COMPANIONS
+                      if (folder := getattr(config, setting))}
         self.images: list[ImageRecord] = []
         for path, caption, repeats in found:
             if config.require_captions and not caption:
@@ -426,8 +450,10 @@ class FineTuneDataset:
             size = load_image(path).size  # decodes the whole file: a corrupt image fails here, by name
             bucket = choose_bucket(size, sizes)
             scaled, crop = cover(size, bucket)
-            condition = None if condition_folder is None else _condition_of(path, size, conditions, condition_folder)
-            self.images.append(ImageRecord(path, caption or "", repeats, size, scaled, bucket, crop, condition))
+            found = {setting: _companion_of(path, size, files, folder, setting)
+                     for setting, (folder, files) in companions.items()}
+            self.images.append(ImageRecord(path, caption or "", repeats, size, scaled, bucket, crop,
+                                           found.get("conditioning_folder"), found.get("loss_mask_folder")))
         self.entries: list[int] = [i for i, record in enumerate(self.images) for _ in range(record.repeats)]
         by_bucket: dict[Size, list[int]] = {}
         for entry, image in enumerate(self.entries):
@@ -501,6 +527,8 @@ class FineTuneDataset:
             batch.latents = torch.stack([self._latents(self.entries[i], step, p) for i, p in zip(indices, positions)])
         if records[0].condition is not None:  # pixels, cached latents or not
             batch.conditions = torch.stack([condition_pixels(r) for r in records])  # (b, 3, H, W) in [0, 1]
+        if records[0].mask is not None:
+            batch.masks = torch.stack([mask_pixels(r) for r in records])  # (b, 1, H, W) in [0, 1]
         return batch
 
     # ---- latents

@@ -24,8 +24,10 @@ One `FineTuneConfig` (TOML via `tomlconfig.from_table`, or CLI flags made from t
 
 Process groups, gradient all-reduce and mixed precision are accelerate's (`Accelerator`): the same command
 runs alone, under `accelerate launch --num_processes N` or under `torchrun`. The objective is loss (Ho et al.
-2020, eq. 14) on eps or v (the model's own parameterisation), with optional Min-SNR-gamma weights and
-noise offset (crosslabs 2023: noise + offset * N(0, 1) per sample and channel, as kohya's --noise_offset).
+2020, eq. 14) on eps or v (the model's own parameterisation), with optional Min-SNR-gamma weights,
+noise offset (crosslabs 2023: noise + offset * N(0, 1) per sample and channel, as kohya's --noise_offset) and
+loss masks ([dataset] loss_mask_folder, kohya's masked loss: each latent pixel's squared error weighted by its
+mask's mean over the pixels it covers).
 
 Layout of `out`:
     checkpoint/                 the loop's resumable checkpoint, log.jsonl and timings.json
@@ -92,7 +94,7 @@ _RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "log_every", "ou
                       "sample_every", "sample_condition", "gradient_checkpointing")
 # keys added after checkpoints were first written: left out of run_settings at their default, so those resume
 _LATER_KEYS = ("controlnet_model",)
-_LATER_DATASET_KEYS = ("conditioning_folder",)
+_LATER_DATASET_KEYS = ("conditioning_folder", "loss_mask_folder")
 # method controlnet's own keys (and [dataset] conditioning_folder): refused for the other methods
 _CONTROLNET_ONLY = ("controlnet_model", "sample_condition")
 # the LoRA's own keys: setting one for a run that trains no LoRA is an error, not a silent no-op
@@ -213,6 +215,8 @@ class FineTuneConfig:
         unused = (_NOT_TEXTUAL_INVERSION if self.method == "textual-inversion"
                   else () if self.trains_lora else (*_LORA_ONLY, ))
         unused = [name for name in unused if getattr(self, name) != defaults[name]]
+        if self.method == "textual-inversion" and self.dataset.loss_mask_folder:
+            unused.append("[dataset] loss_mask_folder")
         if unused and self.method == "textual-inversion":
             raise InvalidInputError(f"method textual-inversion does not use {', '.join(unused)}; leave them unset")
         if unused:
@@ -312,14 +316,15 @@ class _Denoiser(nn.Module):
 @dataclass
 class LossPart:
     """One part of a step's batch: this rank's latents (b, C, h, w) and captions' ids (b, 77), the generator of
-    the whole global batch's timesteps and noise, the part's weight in the loss, and for a ControlNet its condition
-    images (b, 3, H, W) in [0, 1]."""
+    the whole global batch's timesteps and noise, the part's weight in the loss, for a ControlNet its condition
+    images (b, 3, H, W) in [0, 1], and with loss masks the masks (b, 1, H, W) in [0, 1]."""
 
     latents: Tensor
     ids: Tensor
     generator: torch.Generator
     weight: float = 1.0
     conditions: Tensor | None = None
+    masks: Tensor | None = None
 
 
 def finetune_loss(model: nn.Module, parts: list[LossPart], schedule: DiscreteSchedule, *, rows: slice,
@@ -327,7 +332,8 @@ def finetune_loss(model: nn.Module, parts: list[LossPart], schedule: DiscreteSch
     """Weighted sum over `parts` of the denoising MSE of this rank's latents, rows `rows` of each global batch.
 
     Timesteps (B,) and noise (B, C, h, w) are drawn for each part's whole global batch from its generator and
-    this rank's rows taken, so the split across processes does not change any sample's draws.
+    this rank's rows taken, so the split across processes does not change any sample's draws. A part's masks
+    weigh each latent pixel's squared error by the mask's mean over the image pixels under it (kohya's masked loss).
     """
     inputs, targets, timesteps = [], [], []
     for part in parts:
@@ -344,7 +350,10 @@ def finetune_loss(model: nn.Module, parts: list[LossPart], schedule: DiscreteSch
         timesteps.append(t)
     loss = torch.zeros((), device=parts[0].latents.device)
     for part, prediction, target, t in zip(parts, model(inputs), targets, timesteps):
-        per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)  # (b,)
+        error = (prediction.float() - target.float()).pow(2)  # (b, C, h, w)
+        if part.masks is not None:
+            error = error * F.interpolate(part.masks.float(), size=error.shape[-2:], mode="area")  # (b, 1, h, w)
+        per_sample = error.flatten(1).mean(1)  # (b,)
         if snr_gamma is not None:
             per_sample = per_sample * min_snr_weights(schedule, t, snr_gamma, prediction_type)
         loss = loss + part.weight * per_sample.mean()
@@ -500,7 +509,8 @@ def finetune(config: FineTuneConfig) -> Path:
             latents = encode_images(vae, batch.images).mean * scaling  # (b, C, h, w)
         ids = pipe.tokenizer(batch.captions).to(accelerator.device)  # (b, 77)
         conditions = None if controlnet is None else batch.conditions.to(accelerator.device)  # (b, 3, H, W) in [0, 1]
-        return LossPart(latents, ids, step_generator(config.seed, micro_step, stream), weight, conditions)
+        masks = None if batch.masks is None else batch.masks.to(accelerator.device)  # (b, 1, H, W) in [0, 1]
+        return LossPart(latents, ids, step_generator(config.seed, micro_step, stream), weight, conditions, masks)
 
     def micro_loss(micro_step: int) -> Tensor:
         parts = [loss_part(dataset, micro_step, 0, 1.0)]
