@@ -351,12 +351,13 @@ print(peak(), time.perf_counter() - start)
 def rss_row(file: Path, folder: Path, size: int, steps: int, bf16: bool, openvino: bool,
             deep_cache: list[int]) -> dict[str, float]:
     """Peak RSS (bytes) of a fresh process per implementation that loads the float32 single file and generates
-    (sdtorch also loading it as bfloat16 where `bf16`, each with `--compile-backend openvino` where `openvino`, and
-    the last with each `deep_cache` interval)."""
+    (sdtorch also loading it as bfloat16 where `bf16`, each with `--compile-backend openvino` where `openvino`, the
+    float32 one with `openvino-bf16` where both, and the last with each `deep_cache` interval)."""
     ours = ["sdtorch float32", *(["sdtorch bfloat16"] if bf16 else [])]
     impls = ["diffusers float32", *ours, *(f"{ours[-1]} --deep-cache {n}" for n in deep_cache if n > 1)]
     # OpenVINO twice: the first process converts and keeps the graph on disk, the second imports it
     impls += [f"{impl} --compile-backend openvino{run}" for impl in ours if openvino for run in COLD_WARM]
+    impls += [f"sdtorch float32 --compile-backend openvino-bf16{run}" for run in COLD_WARM if openvino and bf16]
     graphs = file.parent / "openvino-graphs-rss"  # the benchmark's own, emptied: the first run is a cold one
     shutil.rmtree(graphs, ignore_errors=True)
     env = {**os.environ, openvino_cache.CACHE_ENV: str(graphs)}
