@@ -56,7 +56,7 @@ class CompiledUNet:
         self.backend = backend
         self._compiled: Callable[..., tuple[Tensor, Tensor]] | None = None  # inductor's
         self._graphs: OrderedDict[tuple, Callable[..., tuple[Tensor, ...]]] = OrderedDict()  # openvino's, by inputs
-        self._state: tuple | None = None  # what the graphs were built for: weight versions, dtype, device
+        self._weights = _WeightsWatch(unet)
 
     def usable(self) -> bool:
         """Whether a call now would use a compiled graph (inference, no hooks)."""
@@ -79,11 +79,9 @@ class CompiledUNet:
         with_residuals = any(v is not None for v in residuals.values())
         if not self.usable() or (self.openvino and with_residuals):
             return self.unet.split_forward(x, t, context, deep, shallow, **added)
-        state = _weights_state(self.unet)
-        if state != self._state:
+        if self._weights.changed():
             self._compiled = None
             self._graphs.clear()
-            self._state = state
         if self.openvino:
             return self._openvino(x, t, context, deep, shallow, text_embeds, time_ids)
         if self._compiled is None:
@@ -114,16 +112,14 @@ class CompiledDecoder:
             raise InvalidInputError(f"the VAE decoder is compiled by the openvino backends only, not {backend!r}")
         self.vae, self.backend = vae, backend
         self._graphs: OrderedDict[tuple, Callable[..., tuple[Tensor, ...]]] = OrderedDict()  # by latent shape, dtype
-        self._state: tuple | None = None
+        self._weights = _WeightsWatch(vae)
 
     def __call__(self, z: Tensor) -> Tensor:
         """z: (B, C, h, w) unscaled latents -> (B, 3, H, W) images in [-1, 1], in z's dtype and device."""
         if not _inference_only(self.vae):
             return self.vae.decode(z)
-        state = _weights_state(self.vae)
-        if state != self._state:
+        if self._weights.changed():
             self._graphs.clear()
-            self._state = state
         key = (z.shape, z.dtype)
         (images,) = _run_graph(self._graphs, key, (z,), _precision(self.backend, z.dtype), lambda: _Decode(self.vae))
         return images.to(z.device, z.dtype)
@@ -146,6 +142,19 @@ def _run_graph(graphs: OrderedDict, key: tuple, inputs: tuple[Tensor, ...], prec
     else:
         graphs.move_to_end(key)
     return run(*inputs)
+
+
+class _WeightsWatch:
+    """Says when a module's weights (`_weights_state`) changed since the last look: the graphs built from them are
+    stale then (the first look: nothing is built yet)."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self._state = module, None
+
+    def changed(self) -> bool:
+        state = _weights_state(self.module)
+        changed, self._state = state != self._state, state
+        return changed
 
 
 def _weights_state(module: nn.Module) -> tuple:
