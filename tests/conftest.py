@@ -2,11 +2,12 @@
 
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 def assert_parity(ours: torch.Tensor, reference: torch.Tensor, rel: float = 1e-5) -> None:
@@ -120,3 +121,26 @@ def _openvino_cache(tmp_path_factory):
         os.environ.pop(CACHE_ENV, None)
     else:
         os.environ[CACHE_ENV] = before
+
+
+# ---- fine-tuning data ---------------------------------------------------------------------------------
+
+DISC_COLOURS = ["red", "green", "blue", "white"]
+
+
+def disc_pairs(root: Path, count: int = 4) -> tuple[Path, Path]:
+    """`count` captioned 64 px discs in root/data and their outlines (the condition) in root/cond; the second
+    condition is a JPEG (any image suffix matches by stem)."""
+    data, cond = root / "data", root / "cond"
+    data.mkdir(parents=True)
+    cond.mkdir()
+    for i in range(count):
+        box = (8 + 4 * i, 8, 52, 52 - 4 * i)
+        image = Image.new("RGB", (64, 64), "black")
+        ImageDraw.Draw(image).ellipse(box, fill=DISC_COLOURS[i % 4])
+        image.save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a {DISC_COLOURS[i % 4]} disc")
+        edges = Image.new("RGB", (64, 64), "black")
+        ImageDraw.Draw(edges).ellipse(box, outline="white", width=2)
+        edges.save(cond / (f"{i}.jpg" if i == 1 else f"{i}.png"))
+    return data, cond

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_parity
-from PIL import Image, ImageDraw
+from conftest import assert_parity, disc_pairs
+from PIL import Image
 
 import sdtorch
 from sdtorch.checkpoints.controlnet_files import load_controlnet, save_controlnet
@@ -26,30 +26,9 @@ from sdtorch.training.finetune import FineTuneConfig, _Denoiser, finetune
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 
-COLOURS = ["red", "green", "blue", "white"]
-
-
-def make_pairs(root: Path, count: int = 4) -> tuple[Path, Path]:
-    """`count` captioned 64 px discs in root/data and their outlines (the condition) in root/cond; the second
-    condition is a JPEG (any image suffix matches by stem)."""
-    data, cond = root / "data", root / "cond"
-    data.mkdir(parents=True)
-    cond.mkdir()
-    for i in range(count):
-        box = (8 + 4 * i, 8, 52, 52 - 4 * i)
-        image = Image.new("RGB", (64, 64), "black")
-        ImageDraw.Draw(image).ellipse(box, fill=COLOURS[i % 4])
-        image.save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(f"a {COLOURS[i % 4]} disc")
-        edges = Image.new("RGB", (64, 64), "black")
-        ImageDraw.Draw(edges).ellipse(box, outline="white", width=2)
-        edges.save(cond / (f"{i}.jpg" if i == 1 else f"{i}.png"))
-    return data, cond
-
-
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> tuple[Path, Path]:
-    return make_pairs(tmp_path_factory.mktemp("cn"))
+    return disc_pairs(tmp_path_factory.mktemp("cn"))
 
 
 def config(pairs, out: Path, dataset: dict | None = None, **kw) -> FineTuneConfig:
@@ -243,7 +222,7 @@ def test_conditions_follow_their_images(tmp_path):
 
 
 def test_missing_condition_and_config_errors(pairs, tmp_path):
-    data, cond = make_pairs(tmp_path / "pairs", 3)
+    data, cond = disc_pairs(tmp_path / "pairs", 3)
     (cond / "2.png").unlink()
     with pytest.raises(InvalidInputError, match=r"training image .*2\.png has no condition image: no 2\.png "
                                                 r"\(or \.jpg.*\) in conditioning_folder"):

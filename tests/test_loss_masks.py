@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import disc_pairs
 from PIL import Image, ImageDraw
 
 from sdtorch.errors import InvalidInputError
@@ -19,22 +20,15 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 
-def images_with_masks(root: Path, mask_fill: int | None = None, count: int = 4) -> tuple[Path, Path]:
-    """`count` captioned 64 px discs in root/data; root/masks holds each one's mask: `mask_fill` everywhere, or
-    (None) white on the disc and black elsewhere."""
-    data, masks = root / "data", root / "masks"
-    data.mkdir(parents=True)
+def images_with_masks(root: Path, mask_fill: int | None = None) -> tuple[Path, Path]:
+    """conftest's captioned discs in root/data; root/masks holds each one's mask: `mask_fill` everywhere, or (None)
+    white on the disc and black elsewhere."""
+    data, _ = disc_pairs(root)
+    masks = root / "masks"
     masks.mkdir()
-    for i in range(count):
-        box = (8 + 4 * i, 8, 52, 52 - 4 * i)
-        image = Image.new("RGB", (64, 64), "black")
-        ImageDraw.Draw(image).ellipse(box, fill="red")
-        image.save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text("a red disc")
-        mask = Image.new("L", (64, 64), 0 if mask_fill is None else mask_fill)
-        if mask_fill is None:
-            ImageDraw.Draw(mask).ellipse(box, fill=255)
-        mask.save(masks / f"{i}.png")
+    for image in data.glob("*.png"):
+        disc = Image.open(image).convert("L").point(lambda v: 255 if v else 0)  # the discs lie on black
+        (disc if mask_fill is None else Image.new("L", disc.size, mask_fill)).save(masks / image.name)
     return data, masks
 
 
@@ -109,7 +103,7 @@ def test_runs_follow_their_masks(tmp_path, method):
 
     def run(name: str, masks: Path | None) -> list[float]:
         data = tmp_path / "white" / "data"
-        extra = dict(conditioning_folder=str(tmp_path / "white" / "masks")) if method == "controlnet" else {}
+        extra = dict(conditioning_folder=str(tmp_path / "white" / "cond")) if method == "controlnet" else {}
         dataset = DatasetConfig(folder=str(data), resolution=64, loss_mask_folder=str(masks or ""), **extra)
         finetune(FineTuneConfig(dataset=dataset, out=str(tmp_path / name), method=method, steps=2, batch_size=2,
                                 lr=1e-3, log_every=1, checkpoint_every=2, progress=False))
