@@ -62,6 +62,27 @@ def test_masks_are_sized_and_cropped_as_their_images(tmp_path):
                        method="textual-inversion", textual_inversion={"name": "<x>", "init_word": "disc"})
 
 
+def test_alpha_masks_are_the_images_transparency(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    picture = Image.new("RGBA", (64, 64), (200, 0, 0, 0))  # transparent ...
+    ImageDraw.Draw(picture).rectangle((0, 0, 31, 63), fill=(200, 0, 0, 255))  # ... but the opaque left half
+    picture.save(data / "half.png")
+    Image.new("RGB", (64, 64), "blue").save(data / "opaque.png")  # no alpha: all of it counts
+    for name in ("half", "opaque"):
+        (data / f"{name}.txt").write_text("a picture")
+    dataset = FineTuneDataset(DatasetConfig(folder=str(data), resolution=64, alpha_mask=True))
+    masks = {Path(dataset.images[dataset.entries[i]].path).stem: dataset.batch(0, 2).masks[k]
+             for k, i in enumerate(dataset.batch_indices(0, 2))}
+    assert (masks["opaque"] == 1).all()
+    assert (masks["half"][0, :, :30] > 0.97).all() and (masks["half"][0, :, 34:] < 0.03).all()
+    with pytest.raises(InvalidInputError, match="alpha_mask and loss_mask_folder both name the loss masks"):
+        DatasetConfig(folder=str(data), alpha_mask=True, loss_mask_folder=str(data))
+    with pytest.raises(InvalidInputError, match="textual-inversion does not use \\[dataset\\] alpha_mask"):
+        FineTuneConfig(dataset=DatasetConfig(folder=str(data), alpha_mask=True), out="o",
+                       method="textual-inversion", textual_inversion={"name": "<x>", "init_word": "disc"})
+
+
 class _Zeros(torch.nn.Module):
     """A model predicting 0 for every part: the loss is then the mean of the (masked) squared target."""
 

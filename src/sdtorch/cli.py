@@ -309,7 +309,7 @@ _FINETUNE_SECTION_FLAGS = {
     "dataset": {"data": "folder", "resolution": "resolution", "buckets": "buckets",
                 "caption_dropout": "caption_dropout", "shuffle_tags": "shuffle_tags", "repeats": "repeats",
                 "cache_latents": "cache_latents", "conditioning_folder": "conditioning_folder",
-                "loss_mask_folder": "loss_mask_folder"},
+                "loss_mask_folder": "loss_mask_folder", "alpha_mask": "alpha_mask"},
     "textual_inversion": {"token": "name", "init_word": "init_word", "num_vectors": "num_vectors"},
     "dreambooth": {"instance_prompt": "instance_prompt", "class_prompt": "class_prompt", "class_dir": "class_dir",
                    "num_class_images": "num_class_images", "prior_loss_weight": "prior_loss_weight",

@@ -155,6 +155,13 @@ def _with_alpha(image: PIL.Image.Image) -> PIL.Image.Image:
     return image
 
 
+def load_alpha(source: ImageSource) -> PIL.Image.Image:
+    """The image's transparency as an "L" image (255 opaque, 0 transparent; all 255 for an image without any),
+    read as `load_image` reads its colours (EXIF orientation, the first frame)."""
+    image = _with_alpha(_open(source))
+    return image.getchannel("A") if image.mode == "RGBA" else PIL.Image.new("L", image.size, 255)
+
+
 def load_image(source: ImageSource) -> PIL.Image.Image:
     """An RGB image from a path, encoded bytes or a PIL image.
 

@@ -43,7 +43,8 @@ Loss masks (`loss_mask_folder`, kohya's masked loss): each training image's mask
 stem in that folder, found, checked, scaled and cropped as a condition image is, read as greyscale in [0, 1]
 (white 1, black 0); batches carry them as `masks` (B, 1, H, W), and the denoising loss of each latent pixel is
 weighted by the mask's mean over the pixels it covers (finetune.py). A grey background (say 0.2) with a white
-subject weighs the subject 5x; a black one leaves the background out of the loss.
+subject weighs the subject 5x; a black one leaves the background out of the loss. With `alpha_mask` (kohya's
+alpha_mask) the mask is each training image's own transparency instead (opaque 1; an image without any: all 1).
 
 Captions (kohya's order): dropped to "" with probability `caption_dropout`; otherwise, with
 `shuffle_tags`, the comma-separated tags after the first `keep_tokens` are shuffled. Each draw comes
@@ -75,7 +76,7 @@ import torch
 
 from ..checkpoints.io import file_sha256, read_safetensors, write_safetensors
 from ..errors import InvalidInputError
-from ..images import LANCZOS, image_to_tensor, load_image
+from ..images import LANCZOS, image_to_tensor, load_alpha, load_image
 from ..models.vae import AutoencoderKL
 from .loop import step_generator
 from .vae import encode_images
@@ -113,6 +114,7 @@ class DatasetConfig:
     cache_latents: train on latents cached with `FineTuneDataset.cache_latents` rather than pixels.
     conditioning_folder: a ControlNet's condition images, one per training image by file stem ("" : none).
     loss_mask_folder: greyscale loss masks, one per training image by file stem ("": none; see above).
+    alpha_mask: each training image's alpha channel is its loss mask (instead of a loss_mask_folder).
     sample_latents: with cached latents, a posterior sample for each (step, position) instead of the mean.
     seed: drives batch order, caption augmentation and latent samples.
     """
@@ -133,6 +135,7 @@ class DatasetConfig:
     sample_latents: bool = False
     conditioning_folder: str = ""
     loss_mask_folder: str = ""
+    alpha_mask: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -157,6 +160,8 @@ class DatasetConfig:
         check(0.0 <= self.caption_dropout <= 1.0, f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         check(self.keep_tokens >= 0, f"keep_tokens must be >= 0, got {self.keep_tokens}")
         check(self.repeats >= 1, f"repeats must be >= 1, got {self.repeats}")
+        check(not (self.alpha_mask and self.loss_mask_folder),
+              "alpha_mask and loss_mask_folder both name the loss masks: set one of them")
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,8 @@ class ImageRecord:
 
     Sizes are (width, height). The image is scaled to `scaled` (covering `bucket`) and the crop of
     the bucket's size taken at `crop` = (top, left) of the scaled image; so are its `condition`
-    image (ControlNet training) and its loss `mask`, if it has them.
+    image (ControlNet training) and its loss `mask` (the file's greyscale, or its alpha channel where
+    `mask_alpha`), if it has them.
     """
 
     path: Path
@@ -177,6 +183,7 @@ class ImageRecord:
     crop: tuple[int, int]
     condition: Path | None = None
     mask: Path | None = None
+    mask_alpha: bool = False
 
 
 @dataclass
@@ -187,7 +194,7 @@ class Batch:
     `images` (B, 3, H, W) in [-1, 1] or, for a dataset with cached latents, `latents` (B, C, H/f, W/f)
     times the VAE's scaling factor; the other is None. With a `conditioning_folder`, `conditions`
     (B, 3, H, W) in [0, 1]: each item's condition image, sized and cropped as its image. With a
-    `loss_mask_folder`, `masks` (B, 1, H, W) in [0, 1], sized and cropped likewise.
+    `loss_mask_folder` or `alpha_mask`, `masks` (B, 1, H, W) in [0, 1], sized and cropped likewise.
     """
 
     indices: list[int]
@@ -373,7 +380,8 @@ def condition_pixels(record: ImageRecord) -> torch.Tensor:
 
 def mask_pixels(record: ImageRecord) -> torch.Tensor:
     """The record's loss mask scaled and cropped as its image, greyscale: (1, H, W) float32 in [0, 1]."""
-    sized = _sized(load_image(record.mask), record).convert("L")
+    mask = load_alpha(record.mask) if record.mask_alpha else load_image(record.mask).convert("L")
+    sized = _sized(mask, record)
     return torch.from_numpy(np.asarray(sized, dtype=np.float32) / 255.0)[None]  # (H, W) -> (1, H, W)
 
 
@@ -452,8 +460,9 @@ class FineTuneDataset:
             scaled, crop = cover(size, bucket)
             found = {setting: _companion_of(path, size, files, folder, setting)
                      for setting, (folder, files) in companions.items()}
+            mask = path if config.alpha_mask else found.get("loss_mask_folder")
             self.images.append(ImageRecord(path, caption or "", repeats, size, scaled, bucket, crop,
-                                           found.get("conditioning_folder"), found.get("loss_mask_folder")))
+                                           found.get("conditioning_folder"), mask, config.alpha_mask))
         self.entries: list[int] = [i for i, record in enumerate(self.images) for _ in range(record.repeats)]
         by_bucket: dict[Size, list[int]] = {}
         for entry, image in enumerate(self.entries):

@@ -100,7 +100,8 @@ def class_dataset(config: DreamBoothConfig, dataset: DatasetConfig, folder: Path
     """The class images of `folder`, sized and cached as the instance images are (without loss masks), each
     captioned by its own caption file when it has one (kohya's regularisation folders) and else by class_prompt."""
     settings = dataclasses.replace(dataset, folder=str(folder), repeats=1, caption_dropout=0.0, shuffle_tags=False,
-                                   require_captions=False, loss_mask_folder="", seed=dataset.seed + _CLASS_SEED_STREAM)
+                                   require_captions=False, loss_mask_folder="", alpha_mask=False,
+                                   seed=dataset.seed + _CLASS_SEED_STREAM)
     images = FineTuneDataset(settings)
     images.images = [dataclasses.replace(record, caption=record.caption or config.class_prompt)
                      for record in images.images]

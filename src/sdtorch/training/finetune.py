@@ -26,8 +26,8 @@ Process groups, gradient all-reduce and mixed precision are accelerate's (`Accel
 runs alone, under `accelerate launch --num_processes N` or under `torchrun`. The objective is loss (Ho et al.
 2020, eq. 14) on eps or v (the model's own parameterisation), with optional Min-SNR-gamma weights,
 noise offset (crosslabs 2023: noise + offset * N(0, 1) per sample and channel, as kohya's --noise_offset) and
-loss masks ([dataset] loss_mask_folder, kohya's masked loss: each latent pixel's squared error weighted by its
-mask's mean over the pixels it covers).
+loss masks ([dataset] loss_mask_folder or alpha_mask, kohya's masked loss: each latent pixel's squared error
+weighted by its mask's mean over the pixels it covers).
 
 Layout of `out`:
     checkpoint/                 the loop's resumable checkpoint, log.jsonl and timings.json
@@ -94,7 +94,7 @@ _RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "log_every", "ou
                       "sample_every", "sample_condition", "gradient_checkpointing")
 # keys added after checkpoints were first written: left out of run_settings at their default, so those resume
 _LATER_KEYS = ("controlnet_model",)
-_LATER_DATASET_KEYS = ("conditioning_folder", "loss_mask_folder")
+_LATER_DATASET_KEYS = ("conditioning_folder", "loss_mask_folder", "alpha_mask")
 # method controlnet's own keys (and [dataset] conditioning_folder): refused for the other methods
 _CONTROLNET_ONLY = ("controlnet_model", "sample_condition")
 # the LoRA's own keys: setting one for a run that trains no LoRA is an error, not a silent no-op
@@ -215,8 +215,8 @@ class FineTuneConfig:
         unused = (_NOT_TEXTUAL_INVERSION if self.method == "textual-inversion"
                   else () if self.trains_lora else (*_LORA_ONLY, ))
         unused = [name for name in unused if getattr(self, name) != defaults[name]]
-        if self.method == "textual-inversion" and self.dataset.loss_mask_folder:
-            unused.append("[dataset] loss_mask_folder")
+        if self.method == "textual-inversion":
+            unused += [f"[dataset] {key}" for key in ("loss_mask_folder", "alpha_mask") if getattr(self.dataset, key)]
         if unused and self.method == "textual-inversion":
             raise InvalidInputError(f"method textual-inversion does not use {', '.join(unused)}; leave them unset")
         if unused:
