@@ -5,7 +5,7 @@ script:
 
   1. writes a training folder (`<workdir>/data`: `--pairs` renders of the whole world, each captioned with its
      colour only, "a red shape", and `<workdir>/conditions`: each render's canny edge map, as the A1111
-     ControlNet extension's "canny" preprocessor makes it at 64 px; with `--mask-weight W`, `<workdir>/masks`:
+     ControlNet extension's "canny" preprocessor makes it at 64 px; with `--mask-weight W`, `<workdir>/masks-W`:
      loss masks white on the shape's square and MASK_MARGIN px around it, 1/W grey elsewhere, so the denoising
      loss weighs the shape's latents W times the background's);
   2. trains a ControlNet from the base UNet's encoder (`sdtorch finetune --method controlnet`, through its
@@ -84,7 +84,7 @@ def loss_mask(attrs: shapes.Attributes, weight: float, size: int = 64) -> PIL.Im
 def write_data(workdir: Path, count: int, small_share: float | None = None,
                mask_weight: float | None = None) -> tuple[Path, Path, Path | None]:
     """`count` renders with colour-only captions in data/, their edge maps in conditions/ and with `mask_weight`
-    their loss masks in masks/ (same file names)."""
+    their loss masks in masks-<mask_weight>/ (same file names)."""
     data, conditions = workdir / "data", workdir / "conditions"
     masks = None if mask_weight is None else workdir / f"masks-{mask_weight:g}"
     if data.is_dir() and len(list(data.glob("*.png"))) == count and (masks is None or masks.is_dir()):

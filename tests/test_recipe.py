@@ -237,3 +237,4 @@ def test_an_adopted_vae_is_the_vae_stage_the_decoder_stage_starts_from(tmp_path)
     assert not all(torch.equal(tuned[k], stage_vae[k]) for k in tuned if k.startswith("decoder."))
     timings = json.loads((recipe.workdir / "timings.json").read_text())
     assert timings["vae"]["adopted_from"] == "a test" and timings["decoder"]["done"]
+    assert timings["tokenizer"]["done"] and (recipe.workdir / "tokenizer").is_dir()  # trained as usual

@@ -282,17 +282,15 @@ class Recipe:
 
     def adopt_vae(self, vae: torch.nn.Module, source: str) -> None:
         """Record `vae`'s weights (from `source`, written in the timings) as the finished vae stage, so that the
-        later stages build on a VAE trained elsewhere (scripts/shapes_decoder.py: the shipped model's). The
-        tokenizer stage, which no VAE stage reads, is marked done with it. A workdir whose vae stage exists
-        already is left as it is."""
+        later stages build on a VAE trained elsewhere (scripts/shapes_decoder.py: the shipped model's). A workdir
+        whose vae stage exists already is left as it is."""
         if (self.workdir / "vae").is_dir():
             return
         state = self._vae_state()
         state.models["vae"].load_state_dict({k: v.float() for k, v in vae.state_dict().items()})
         state.step = self.config.vae.steps
         save_checkpoint(state, self.workdir / "vae")
-        for stage in ("tokenizer", "vae"):
-            record_timing(self.workdir / TIMINGS_JSON, stage, done=True, adopted_from=source)
+        record_timing(self.workdir / TIMINGS_JSON, "vae", done=True, adopted_from=source)
 
     def vae(self) -> AutoencoderKL:
         """The finished VAE: the decoder stage's when the recipe has one, else the vae stage's."""
