@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import sdtorch
+from sdtorch.checkpoints.io import atomic_write
 from sdtorch.checkpoints.saving import save
 from sdtorch.configs import DTYPES
 from sdtorch.training.loop import TIMINGS_JSON
@@ -36,8 +37,7 @@ def ship(pipe: sdtorch.Pipeline, vae: torch.nn.Module, folder: Path, dtype: torc
     with tempfile.TemporaryDirectory() as tmp:
         save(pipe.to(dtype=dtype), Path(tmp) / "model", overwrite=True)
         for file in (Path(tmp) / "model" / "vae").iterdir():
-            shutil.copyfile(file, folder / "vae" / (file.name + ".tmp"))
-            (folder / "vae" / (file.name + ".tmp")).replace(folder / "vae" / file.name)
+            atomic_write(folder / "vae" / file.name, lambda temp, file=file: shutil.copyfile(file, temp))
 
 
 def main() -> None:

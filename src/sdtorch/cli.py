@@ -381,9 +381,10 @@ def _add_compile_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="run the UNet through torch.compile (Pipeline.compile): "
                         "faster steps after a first compile of minutes per image size (see README, Speed)")
     parser.add_argument("--compile-backend", metavar="NAME", help="compile with this backend instead (implies "
-                        "--compile): inductor (torch.compile's, the default), openvino (the UNet and the VAE decoder on "
-                        "OpenVINO's CPU runtime; needs the openvino package) or openvino-bf16 (the same computing in bfloat16, as OpenVINO "
-                        "does by default on CPUs with native bfloat16; changes the picture slightly)")
+                        "--compile): inductor (torch.compile's, the default), openvino (the UNet and the VAE decoder "
+                        "on OpenVINO's CPU runtime; needs the openvino package) or openvino-bf16 (the same computing "
+                        "in bfloat16, as OpenVINO does by default on CPUs with native bfloat16; changes the picture "
+                        "slightly)")
 
 
 def _add_limit_flag(parser: argparse.ArgumentParser) -> None:
