@@ -100,9 +100,12 @@ def test_listing_endpoints(client, folders):
     embeddings = client.get(f"{API}/embeddings").body
     assert embeddings["loaded"]["glowy"]["vectors"] == 2 and embeddings["loaded"]["glowy"]["shape"] == 128
     assert "notes" in embeddings["skipped"]
-    assert client.get(f"{API}/upscalers").body[0]["name"] == "Lanczos"
-    assert client.get(f"{API}/latent-upscale-modes").body == [{"name": "Latent"}, {"name": "Latent (nearest)"}]
-    assert all(client.get(f"{API}/{path}").body == [] for path in ("sd-vae", "prompt-styles", "script-info"))
+    assert [u["name"] for u in client.get(f"{API}/upscalers").body] == ["None", "Lanczos", "Nearest"]
+    assert [m["name"] for m in client.get(f"{API}/latent-upscale-modes").body] == [
+        "Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)",
+        "Latent (nearest-exact)"]
+    assert all(client.get(f"{API}/{path}").body == [] for path in ("sd-vae", "prompt-styles", "script-info",
+                                                                   "realesrgan-models"))
     memory = client.get(f"{API}/memory").body
     assert memory["ram"]["used"] > 0 and "cuda" in memory
     for path in ("refresh-checkpoints", "refresh-loras"):
@@ -359,3 +362,55 @@ def test_basic_auth(one_thread):
         right = Client(anonymous.base, auth=("ann", "s3cret"))
         assert right.get(f"{API}/samplers").status == 200
         assert right.post(f"{API}/txt2img", FAST).status == 200
+
+
+def test_extras_upscale_single_and_batch(client):
+    source = txt2img(client, prompt="a red circle", seed=7)["images"][0]
+    parameters, source_pixels = decode_image(source).info["parameters"], np.asarray(decode_image(source))
+    answer = client.post(f"{API}/extra-single-image", {
+        "image": source, "upscaler_1": "Nearest", "upscaling_resize": 2, "gfpgan_visibility": 0,
+        "codeformer_weight": 0.5, "upscale_first": True, "some_unknown_field": 1})
+    assert answer.status == 200, answer.body
+    out = decode_image(answer.body["image"])
+    assert np.array_equal(np.asarray(out), source_pixels.repeat(2, 0).repeat(2, 1))  # Nearest 2x: 2x2 blocks
+    said = "Postprocess upscale by: 2, Postprocess upscaler: Nearest"
+    assert out.info["parameters"] == parameters and out.info["postprocessing"] == said
+    assert answer.body["html_info"] == f"<p>{said}</p>"
+    read = client.post(f"{API}/png-info", {"image": answer.body["image"]}).body
+    assert read["info"] == parameters and read["items"]["postprocessing"] == said
+
+    rgba = Image.new("RGBA", (16, 8), (255, 0, 0, 128))
+    batch = client.post(f"{API}/extra-batch-images", {
+        "imageList": [{"data": png_base64(rgba), "name": "half-red.png"},
+                      {"data": "data:image/png;base64," + source, "name": "circle.png"}],
+        "resize_mode": 1, "upscaling_resize_w": 32, "upscaling_resize_h": 32, "upscaling_crop": False,
+        "upscaler_1": "Lanczos"})
+    assert batch.status == 200, batch.body
+    first, second = (decode_image(text) for text in batch.body["images"])
+    assert first.size == (64, 32) and first.mode == "RGBA" and first.getpixel((5, 5)) == (255, 0, 0, 128)
+    assert second.size == (32, 32) and second.info["parameters"] == parameters and "parameters" not in first.info
+    assert batch.body["html_info"] == "<p>Postprocess upscale to: 32x32, Postprocess upscaler: Lanczos</p>"
+
+
+@pytest.mark.parametrize("payload, words", [
+    ({"upscaler_1": "R-ESRGAN 4x+"}, ["upscaler_1", "'Nearest'"]),
+    ({"upscaler_1": "Lanczos", "gfpgan_visibility": 1}, ["gfpgan_visibility", "face restoration"]),
+    ({"upscaler_1": "Lanczos", "upscaling_resize": 200}, ["upscaling_resize"]),
+    ({"upscaler_1": "Lanczos", "imageList": [{"data": "bm90IGFuIGltYWdl", "name": "notes.txt"}]},
+     ["imageList[1] ('notes.txt')"]),
+])
+def test_extras_refusals_name_the_problem(client, payload, words):
+    image = {"data": png_base64(Image.new("RGB", (8, 8))), "name": "black.png"}
+    answer = client.post(f"{API}/extra-batch-images", {"imageList": [image], **payload} if "imageList" not in payload
+                         else {**payload, "imageList": [image, *payload["imageList"]]})
+    assert answer.status == 422 and all(word in answer.body["detail"] for word in words), answer.body
+
+
+def test_unknown_endpoints_and_what_sdtorch_lacks(client, folders):
+    assert client.post(f"{API}/no-such-endpoint", {}).status == 404
+    assert client.get(f"{API}/txt2img").status == 405  # a known endpoint, the wrong method
+    answer = client.post(f"{API}/interrogate", {"image": png_base64(Image.new("RGB", (8, 8))), "model": "clip"})
+    assert answer.status == 404 and "interrogate" in answer.body["detail"]
+    flags = client.get(f"{API}/cmd-flags").body
+    assert flags["lora_dir"] == str(folders / "loras") and flags["api"] is True
+    assert not any("auth" in key for key in flags)

@@ -252,10 +252,14 @@ def test_hires_fix_doubles_the_size(page):
     page.fill("#hr-scale", "2")
     page.fill("#hr-steps", "3")
     page.fill("#hr-denoise", "0.5")
+    options = page.locator("#hr-upscaler option").all_inner_texts()  # the server's latent modes, then its upscalers
+    assert options[0] == "Latent" and options[-3:] == ["None", "Lanczos", "Nearest"], options
+    page.select_option("#hr-upscaler", "Nearest")
     with page.expect_request("**/sdapi/v1/txt2img") as request:
         _generate(page)
     body = request.value.post_data_json
     assert body["enable_hr"] is True and body["hr_scale"] == 2 and body["hr_second_pass_steps"] == 3
+    assert body["hr_upscaler"] == "Nearest"
     assert body["denoising_strength"] == 0.5
     card = page.locator(".result").first
     assert card.locator(".result-image").evaluate("img => img.naturalWidth") == 128

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
@@ -52,6 +51,7 @@ from .sampling.denoiser import Conditioning, Denoiser
 from .sampling.samplers import ModelSwitch, resolve, sample
 from .sampling.schedules import DiscreteSchedule
 from .step_cache import StepCache
+from .upscaling import LATENT_MODES, resize_with, upscale_latents
 
 if TYPE_CHECKING:
     from .checkpoints.vae_files import LoadedVae
@@ -367,13 +367,12 @@ def _hires_pass(
     """A1111's hires fix: upscale the first pass (in latent or pixel space) and denoise it again at the target size."""
     (width, height), f, hires = request.hires_size, pipe.vae_scale_factor, request.source.hires
     upscaler = hires.hr_upscaler
-    if upscaler == "Lanczos":
+    if upscaler in LATENT_MODES:
+        init = upscale_latents(latents, height // f, width // f, upscaler)  # (B,4,H/f,W/f)
+    else:  # a pixel upscaler: decode, enlarge, encode
         images = _decode(pipe, latents, request, warnings)
-        init = torch.cat([_encode_image(pipe, img.resize((width, height), Image.LANCZOS), 1, _sampler_generator(request))
+        init = torch.cat([_encode_image(pipe, resize_with(img, width, height, upscaler), 1, _sampler_generator(request))
                           for img in images])
-    else:
-        mode = "nearest" if upscaler == "Latent (nearest)" else "bilinear"
-        init = F.interpolate(latents, size=(height // f, width // f), mode=mode)  # (B,4,H/f,W/f)
     second = dataclasses.replace(request, width=width, height=height,
                                  steps=hires.hr_second_pass_steps or request.steps)
     noise = _noise(second, (*latents.shape[:2], height // f, width // f))

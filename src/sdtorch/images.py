@@ -155,6 +155,14 @@ def _with_alpha(image: PIL.Image.Image) -> PIL.Image.Image:
     return image
 
 
+def load_image_with_alpha(source: ImageSource) -> PIL.Image.Image:
+    """An RGBA image where the source carries any transparency, else RGB; read as `load_image` reads it (EXIF
+    orientation, deep greyscale scaled, the first frame) but with transparent pixels kept, as A1111's Extras keeps
+    them."""
+    image = _with_alpha(_open(source))
+    return image if image.mode == "RGBA" else image.convert("RGB")
+
+
 def load_alpha(source: ImageSource) -> PIL.Image.Image:
     """The image's transparency as an "L" image (255 opaque, 0 transparent; all 255 for an image without any),
     read as `load_image` reads its colours (EXIF orientation, the first frame)."""

@@ -225,12 +225,18 @@ def format_infotext(
         if not KEY_RE.fullmatch(key):
             raise InvalidInputError(f"infotext key {key!r} cannot be read back: use letters, digits, spaces, - or /")
         values[key] = value
-    written = {key: _text(value) for key, value in values.items() if value is not None and _text(value) != ""}
-    line = ", ".join(f"{key}: {_quote(written[key])}" for key in sorted(written, key=_position))
+    line = format_items({key: values[key] for key in sorted(values, key=_position)})
     prompt = request.prompt if isinstance(request.prompt, str) else "\n".join(request.prompt)
     negative = request.negative_prompt if isinstance(request.negative_prompt, str) else "\n".join(request.negative_prompt)
     negative_line = f"\n{NEGATIVE_PREFIX} {negative}" if negative else ""
     return f"{prompt}{negative_line}\n{line}".strip()
+
+
+def format_items(items: dict[str, object]) -> str:
+    """"key: value, ..." in the given order, values as A1111 prints them (quoted where the parameter regex would cut
+    them); None and empty values left out."""
+    written = {key: _text(value) for key, value in items.items() if value is not None and _text(value) != ""}
+    return ", ".join(f"{key}: {_quote(value)}" for key, value in written.items())
 
 
 def _append_line(text: str, line: str) -> str:
@@ -353,11 +359,13 @@ def save_png(image: Image.Image, path: str | os.PathLike, infotext: str) -> Path
     return path
 
 
-def png_info(infotext: str) -> PngImagePlugin.PngInfo:
-    """The PNG text chunks of an image with `infotext` (none when empty): `image.save(f, "PNG", pnginfo=...)`."""
+def png_info(infotext: str, postprocessing: str = "") -> PngImagePlugin.PngInfo:
+    """The PNG text chunks of an image with `infotext` and A1111's Extras `postprocessing` text (each left out when
+    empty): `image.save(f, "PNG", pnginfo=...)`."""
     chunks = PngImagePlugin.PngInfo()
-    if infotext:
-        chunks.add_text("parameters", infotext)
+    for name, text in (("parameters", infotext), ("postprocessing", postprocessing)):
+        if text:
+            chunks.add_text(name, text)
     return chunks
 
 

@@ -32,7 +32,11 @@ from .errors import InvalidInputError
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image]
 MAX_SEED = 2**32 - 1
-HIRES_UPSCALERS = ("Latent", "Latent (nearest)", "Lanczos")
+# A1111's upscalers without a model: the latent modes (F.interpolate's) and the pixel ones (upscaling.py)
+LATENT_UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
+                    "Latent (nearest)", "Latent (nearest-exact)")
+PIXEL_UPSCALERS = ("None", "Lanczos", "Nearest")
+HIRES_UPSCALERS = LATENT_UPSCALERS + PIXEL_UPSCALERS
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")  # A1111's 0, 1, 2
 SCHEDULES = ("Automatic", "Karras", "Exponential", "Uniform", "SGM Uniform")
 
@@ -56,6 +60,7 @@ class Limits:
     max_batch: int = 64  # images per request
     max_hr_scale: float = 4.0
     max_mask_blur: int = 64
+    max_upscaled_side: int = 8192  # the wider side of an Extras upscale's output (ExtrasUpscale)
 
     @classmethod
     def from_strings(cls, items: list[str]) -> Limits:
@@ -316,6 +321,79 @@ class IPAdapterUnit:
             raise InvalidInputError(f"{where}.image is missing: give the image prompt")
         if self.model is None:
             raise InvalidInputError(f"{where}.model is missing: give the IP-Adapter file")
+
+
+def _no_face_restoration(v: float, _: Limits) -> str | None:
+    return None if v == 0 else "must be 0: sdtorch has no face restoration models (GFPGAN, CodeFormer)"
+
+
+def up_to(high: float) -> Check:
+    return lambda v, _: None if v <= high else f"must be <= {high}"
+
+
+EXTRAS_RESIZE_MODES = (0, 1)  # A1111's Extras: 0 scale by upscaling_resize, 1 scale to upscaling_resize_w x _h
+
+
+@dataclass
+class ExtrasUpscale:
+    """A1111's Extras upscale of a finished image (/sdapi/v1/extra-single-image; upscaling.py runs it): by
+    `upscaling_resize` or to `upscaling_resize_w` x `upscaling_resize_h` with upscaler 1, blended with upscaler 2's
+    result at `extras_upscaler_2_visibility`. Upscaler 1 "None" leaves the image as it is. A1111's names and API
+    defaults; its face restoration is not there (its visibilities must stay 0)."""
+
+    resize_mode: int = setting(0, "0: scale by upscaling_resize; 1: scale to upscaling_resize_w x upscaling_resize_h",
+                               checks=(one_of(EXTRAS_RESIZE_MODES),))
+    upscaling_resize: float = setting(2.0, "the scale factor (resize_mode 0)",
+                                      checks=(finite, at_least(1.0), up_to(8.0)))
+    upscaling_resize_w: int = setting(512, "the target width (resize_mode 1)",
+                                      checks=(at_least(1), at_most("max_upscaled_side")))
+    upscaling_resize_h: int = setting(512, "the target height (resize_mode 1)",
+                                      checks=(at_least(1), at_most("max_upscaled_side")))
+    upscaling_crop: bool = setting(True, "resize_mode 1: crop the result to the target size (the aspect ratio kept)")
+    upscaler_1: str = setting("None", "the upscaler (/sdapi/v1/upscalers)", checks=(one_of(PIXEL_UPSCALERS),))
+    upscaler_2: str = setting("None", "a second upscaler blended in", checks=(one_of(PIXEL_UPSCALERS),))
+    extras_upscaler_2_visibility: float = setting(0.0, "upscaler 2's share of the blend",
+                                                  checks=(finite, at_least(0.0), at_most_one))
+    gfpgan_visibility: float = setting(0.0, "A1111's GFPGAN face restoration: not in sdtorch (0)",
+                                       checks=(_no_face_restoration,))
+    codeformer_visibility: float = setting(0.0, "A1111's CodeFormer face restoration: not in sdtorch (0)",
+                                           checks=(_no_face_restoration,))
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the result for an image of width x height (A1111's: a scaled size floored to a
+        multiple of 8; resize_mode 1 with crop: the target size)."""
+        if self.upscaler_1 == "None":
+            return width, height
+        if self.resize_mode == 1 and self.upscaling_crop:
+            return self.upscaling_resize_w, self.upscaling_resize_h
+        return scaled_size(width, height, self.scale_for(width, height))
+
+    def scale_for(self, width: int, height: int) -> float:
+        """The factor an image of width x height is scaled by (resize_mode 1: enough to cover the target)."""
+        if self.resize_mode == 1:
+            return max(self.upscaling_resize_w / width, self.upscaling_resize_h / height)
+        return self.upscaling_resize
+
+    def validate(self, limits: Limits, width: int, height: int, where: str = "") -> ExtrasUpscale:
+        """Check the fields, and that the result for a width x height image is at least 8 px and at most
+        limits.max_upscaled_side a side; InvalidInputError naming the field otherwise."""
+        _check_fields(self, limits, where)
+        if self.upscaler_1 == "None":
+            return self
+        for w, h in (self.output_size(width, height), scaled_size(width, height, self.scale_for(width, height))):
+            if min(w, h) < 8:
+                raise InvalidInputError(f"{where}upscaling: a {width}x{height} image scaled by "
+                                        f"{self.scale_for(width, height):g} is under 8 pixels a side")
+            if max(w, h) > limits.max_upscaled_side:
+                raise InvalidInputError(f"{where}upscaling: {width}x{height} becomes {w}x{h}, over the limit "
+                                        f"max_upscaled_side={limits.max_upscaled_side} "
+                                        f"({_RAISE.format('max_upscaled_side')})")
+        return self
+
+
+def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """A1111's upscale target: each side times `scale`, floored to a multiple of 8."""
+    return int(width * scale // 8 * 8), int(height * scale // 8 * 8)
 
 
 UNIT_FIELDS: dict[str, type] = {"controlnet": ControlNetUnit, "ip_adapter": IPAdapterUnit}  # request fields of units

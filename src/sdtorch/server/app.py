@@ -17,13 +17,14 @@ from fastapi import APIRouter, Body, FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from ..infotext import SCHEDULE_LABELS
-from ..request import HIRES_UPSCALERS, SCHEDULES
+from ..request import LATENT_UPSCALERS, PIXEL_UPSCALERS, SCHEDULES
 from ..sampling.samplers import SAMPLERS, SCHEDULE_NAMES
 from .auth import BasicAuth
 from .controlnet_api import controlnet_router
-from .errors import install_error_handlers
+from .errors import ApiError, install_error_handlers
 from .schemas import (
-    EmbeddingsResponse, GenerationResponse, Img2ImgRequest, LoraItem, MemoryResponse, PNGInfoRequest,
+    EmbeddingsResponse, ExtrasBatchImagesRequest, ExtrasBatchImagesResponse, ExtrasSingleImageRequest,
+    ExtrasSingleImageResponse, GenerationResponse, Img2ImgRequest, LoraItem, MemoryResponse, PNGInfoRequest,
     PNGInfoResponse, ProgressResponse, SamplerItem, SchedulerItem, ScriptsList, SDModelItem, Txt2ImgRequest,
 )
 from .service import ServerConfig, Service, memory
@@ -142,25 +143,52 @@ def create_app(config: ServerConfig) -> FastAPI:
         return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}  # the alwayson scripts it takes
 
     @api.get("/upscalers")
-    async def upscalers() -> list[dict[str, Any]]:  # the hires fix's pixel-space upscaler
-        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": None}
-                for name in HIRES_UPSCALERS if not name.startswith("Latent")]
+    async def upscalers() -> list[dict[str, Any]]:  # the pixel upscalers (hires fix, extras), A1111's model-free
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                for name in PIXEL_UPSCALERS]
 
     @api.get("/latent-upscale-modes")
     async def latent_upscale_modes() -> list[dict[str, str]]:
-        return [{"name": name} for name in HIRES_UPSCALERS if name.startswith("Latent")]
+        return [{"name": name} for name in LATENT_UPSCALERS]
+
+    @api.post("/extra-single-image", response_model=ExtrasSingleImageResponse)
+    async def extra_single_image(payload: ExtrasSingleImageRequest) -> dict[str, Any]:
+        images, html_info = await service.extras(payload, [(payload.image, "image")])
+        return {"html_info": html_info, "image": images[0]}
+
+    @api.post("/extra-batch-images", response_model=ExtrasBatchImagesResponse)
+    async def extra_batch_images(payload: ExtrasBatchImagesRequest) -> dict[str, Any]:
+        named = [(item.data, f"imageList[{i}] ({item.name!r})") for i, item in enumerate(payload.imageList)]
+        images, html_info = await service.extras(payload, named)
+        return {"html_info": html_info, "images": images}
+
+    @api.post("/interrogate")
+    async def interrogate() -> None:
+        raise ApiError(404, "Model not found: sdtorch has no interrogate models (CLIP interrogator, DeepBooru)")
+
+    @api.get("/cmd-flags")
+    async def cmd_flags() -> dict[str, Any]:
+        return service.cmd_flags()
 
     @api.get("/sd-vae")
     async def sd_vae() -> list[dict[str, str]]:  # the VAE given with --vae, which every model decodes with
         vae = config.vae
         return [] if vae is None else [{"model_name": Path(vae).name, "filename": str(Path(vae).resolve())}]
 
-    for listing in ("script-info", "prompt-styles", "hypernetworks", "face-restorers"):  # empty in sdtorch
+    for listing in ("script-info", "prompt-styles", "hypernetworks", "face-restorers", "realesrgan-models"):
         api.add_api_route(f"/{listing}", _nothing, methods=["GET"], response_model=list)
 
     @api.get("/memory", response_model=MemoryResponse)
     def memory_usage() -> dict[str, Any]:
         return memory()
+
+    known = {route.path for route in api.routes}
+
+    @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+    async def unknown(path: str) -> None:  # else the web page's mount answers a POST with 405
+        if f"{api.prefix}/{path}" in known:
+            raise ApiError(405, "Method Not Allowed")
+        raise ApiError(404, "Not Found")
 
     app.include_router(api)
     app.include_router(controlnet_router(service))  # the A1111 ControlNet extension's /controlnet/*

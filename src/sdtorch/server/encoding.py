@@ -49,7 +49,9 @@ def image_bytes(text: str, what: str) -> bytes:
 
 
 def encode_png(image: Image.Image) -> str:
-    """Raw base64 (no data: prefix) of `image` as a PNG carrying its `info["parameters"]` text."""
+    """Raw base64 (no data: prefix) of `image` as a PNG carrying its `info["parameters"]` text (and A1111's Extras
+    `info["postprocessing"]` text where it has one)."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=png_info(image.info.get("parameters", "")))
+    pnginfo = png_info(image.info.get("parameters", ""), image.info.get("postprocessing", ""))
+    image.save(buffer, format="PNG", pnginfo=pnginfo)
     return base64.b64encode(buffer.getvalue()).decode("ascii")

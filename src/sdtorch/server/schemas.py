@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from ..request import GenerationRequest, HiresFix, Inpainting, fields_of
+from ..request import ExtrasUpscale, GenerationRequest, HiresFix, Inpainting, fields_of
 
 # A1111's API defaults where they differ from GenerationRequest's; the model's own size and CFG stay the
 # defaults (512 for SD1, as A1111's; 64 and CFG 4 for the built-in model, which draws badly at A1111's 7; other
@@ -82,6 +82,40 @@ Img2ImgRequest = create_model(
     inpainting_fill=(int, Field(0, description="accepted and ignored: sdtorch inpaints from the original (A1111's 1)")),
     include_init_images=(bool, Field(False, description="echo init_images and mask in the response's parameters")),
 )
+
+
+# A1111's Extras upscale: ExtrasUpscale's fields (its names and defaults are A1111's), and what only the API has
+EXTRAS_TABLE = _table_fields(ExtrasUpscale)
+_EXTRAS_ONLY: dict[str, Any] = {
+    "codeformer_weight": (float, Field(0.0, description="accepted; no effect (no face restoration)")),
+    "upscale_first": (bool, Field(False, description="accepted; no effect (no face restoration to order it with)")),
+    "show_extras_results": (bool, Field(True, description="accepted; the results are always returned")),
+}
+ExtrasSingleImageRequest = create_model(
+    "ExtrasSingleImageRequest", __config__=_IGNORE_EXTRA, **EXTRAS_TABLE, **_EXTRAS_ONLY,
+    image=(str, Field(..., description="the image: base64 or a data: URI")),
+)
+
+
+class FileData(BaseModel):
+    data: str = Field(description="the image: base64 or a data: URI")
+    name: str = Field(description="its file name")
+
+
+ExtrasBatchImagesRequest = create_model(
+    "ExtrasBatchImagesRequest", __config__=_IGNORE_EXTRA, **EXTRAS_TABLE, **_EXTRAS_ONLY,
+    imageList=(list[FileData], Field(..., min_length=1, description="the images")),
+)
+
+
+class ExtrasSingleImageResponse(BaseModel):
+    html_info: str = Field(description='the "postprocessing" text as HTML')
+    image: str = Field(description="raw base64 PNG, carrying the source's parameters text and the postprocessing text")
+
+
+class ExtrasBatchImagesResponse(BaseModel):
+    html_info: str
+    images: list[str]
 
 
 class GenerationResponse(BaseModel):

@@ -23,6 +23,7 @@ from ..request import Limits
 from .catalog import Checkpoints, ClipVisionFiles, ControlNetModels, scan_loras
 from .controlnet_units import NO_DETECTMAP_OPTION
 from .encoding import decode_base64
+from .extras import plan_extras, run_extras
 from .host import ModelHost
 from .jobs import run_generation
 from .payloads import CLIP_SKIP_OPTION, MODEL_OPTION, plan_generation
@@ -150,6 +151,20 @@ class Service:
         return {"loaded": found, "skipped": skipped}
 
     # ---- images -----------------------------------------------------------------------------------
+
+    async def extras(self, payload: BaseModel, images: list[tuple[str, str]]) -> tuple[list[str], str]:
+        """A1111's Extras upscale of `images` ((base64, what errors call it)): checked first, then run by the queue
+        like any job. Returns (base64 PNGs, html_info)."""
+        job = await asyncio.to_thread(plan_extras, payload, images, self.config.limits)
+        return await asyncio.wrap_future(self._submit("extras", lambda _: run_extras(job)))
+
+    def cmd_flags(self) -> dict[str, Any]:
+        """A1111's /cmd-flags: the command-line settings a client may ask about, under A1111's flag names (the
+        ControlNet extension's for its folder); never the credentials."""
+        config = self.config
+        folders = {"ckpt_dir": config.models_dir, "lora_dir": config.lora_dir, "embeddings_dir": config.embeddings_dir,
+                   "controlnet_dir": config.controlnet_dir, "vae_path": config.vae}
+        return {"api": True, "nowebui": False, **{k: None if v is None else str(v) for k, v in folders.items()}}
 
     @staticmethod
     def png_info(image: str) -> dict[str, Any]:

@@ -76,9 +76,12 @@ function fillSelect(select, items, value, text, preferred) {
 }
 
 async function loadLists() {
-  const [samplers, schedulers, models, options] = await Promise.allSettled(
-    ["samplers", "schedulers", "sd-models", "options"].map((path) => api(path)));
+  const [samplers, schedulers, models, options, latentModes, upscalers] = await Promise.allSettled(
+    ["samplers", "schedulers", "sd-models", "options", "latent-upscale-modes", "upscalers"].map((path) => api(path)));
   const problems = [];
+  if (latentModes.status === "fulfilled" && upscalers.status === "fulfilled") {  // the hires fix's, as A1111's
+    fillSelect($("hr-upscaler"), [...latentModes.value, ...upscalers.value], (u) => u.name, (u) => u.name, "Latent");
+  } else problems.push("upscalers");
   if (samplers.status === "fulfilled") {
     state.samplers = samplers.value;
     fillSelect($("sampler"), state.samplers, (s) => s.name, (s) => s.name, "DPM++ 2M");
