@@ -414,3 +414,23 @@ def test_unknown_endpoints_and_what_sdtorch_lacks(client, folders):
     flags = client.get(f"{API}/cmd-flags").body
     assert flags["lora_dir"] == str(folders / "loras") and flags["api"] is True
     assert not any("auth" in key for key in flags)
+
+
+def test_unload_reload_and_refresh(client, folders):
+    assert client.post(f"{API}/unload-checkpoint").status == 200
+    assert client.get(f"{API}/embeddings").body == {"loaded": {}, "skipped": {}}  # no model in memory
+    txt2img(client, prompt="a blue square", steps=2)  # the next job loads it again
+    assert "glowy" in client.get(f"{API}/embeddings").body["loaded"]
+    assert client.post(f"{API}/unload-checkpoint").status == 200
+    assert client.post(f"{API}/reload-checkpoint").status == 200
+    assert "glowy" in client.get(f"{API}/embeddings").body["loaded"]
+    save_file({"emb_params": torch.randn(3, 128) * 0.01}, folders / "embeddings" / "shiny.safetensors")
+    try:
+        assert client.post(f"{API}/refresh-embeddings").status == 200
+        loaded = client.get(f"{API}/embeddings").body["loaded"]
+        assert loaded["shiny"]["vectors"] == 3 and loaded["glowy"]["vectors"] == 2
+    finally:
+        (folders / "embeddings" / "shiny.safetensors").unlink()
+        client.post(f"{API}/refresh-embeddings")
+    assert "shiny" not in client.get(f"{API}/embeddings").body["loaded"]
+    assert client.post(f"{API}/refresh-vae").status == 200 and client.get(f"{API}/sd-modules").body == []

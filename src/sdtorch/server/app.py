@@ -130,6 +130,22 @@ def create_app(config: ServerConfig) -> FastAPI:
     def refresh_loras() -> None:
         service.refresh_loras()
 
+    @api.post("/unload-checkpoint")
+    async def unload_checkpoint() -> None:
+        await service.unload_checkpoint()
+
+    @api.post("/reload-checkpoint")
+    async def reload_checkpoint() -> None:
+        await service.reload_checkpoint()
+
+    @api.post("/refresh-embeddings")
+    async def refresh_embeddings() -> None:
+        await service.refresh_embeddings()
+
+    @api.post("/refresh-vae")
+    async def refresh_vae() -> None:  # the VAE is the one --vae names, read when a model loads: nothing to scan
+        return None
+
     @api.get("/embeddings", response_model=EmbeddingsResponse)
     async def embeddings() -> dict[str, Any]:
         return service.embeddings()
@@ -175,7 +191,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         vae = config.vae
         return [] if vae is None else [{"model_name": Path(vae).name, "filename": str(Path(vae).resolve())}]
 
-    for listing in ("script-info", "prompt-styles", "hypernetworks", "face-restorers", "realesrgan-models"):
+    for listing in ("script-info", "prompt-styles", "hypernetworks", "face-restorers", "realesrgan-models",
+                    "sd-modules"):  # empty in sdtorch
         api.add_api_route(f"/{listing}", _nothing, methods=["GET"], response_model=list)
 
     @api.get("/memory", response_model=MemoryResponse)

@@ -60,6 +60,17 @@ class ModelHost:
         self.loaded = LoadedModel(checkpoint, pipe, LatentPreview(pipe.vae, pipe.vae_scale_factor), embeddings)
         return self.loaded
 
+    def unload(self) -> None:
+        """Drop the loaded model and free its memory (A1111's unload-checkpoint); the next job loads it again."""
+        self.loaded = None
+        gc.collect()
+
+    def reload_embeddings(self) -> None:
+        """Load the embeddings folder into the loaded model afresh (files added, changed or removed since)."""
+        if self.loaded is not None and self.embeddings_dir is not None:
+            self.loaded.pipe.unload_embedding()
+            self.loaded.embeddings = load_embeddings_dir(self.loaded.pipe, self.embeddings_dir)
+
     def keep_controlnets(self, sources: set[str]) -> None:
         """Before a job that uses the ControlNets `sources`: drop those the loaded model keeps from earlier jobs
         unless they are the same, so memory holds one job's ControlNets at most (the extension keeps a few)."""

@@ -128,6 +128,19 @@ class Service:
         kept = (MODEL_OPTION, CLIP_SKIP_OPTION, NO_DETECTMAP_OPTION)
         self.options.update({k: v for k, v in values.items() if k in kept})
 
+    async def unload_checkpoint(self) -> None:
+        """A1111's unload-checkpoint: free the model's memory after the jobs queued before; the next job reloads it."""
+        await asyncio.wrap_future(self._submit("unload", lambda _: self.host.unload()))
+
+    async def reload_checkpoint(self) -> None:
+        """A1111's reload-checkpoint: load the current model (sd_model_checkpoint) now if it is not loaded."""
+        checkpoint = self.checkpoints.find(str(self.options[MODEL_OPTION]))
+        await asyncio.wrap_future(self._submit("load", lambda _: self.host.get(checkpoint)))
+
+    async def refresh_embeddings(self) -> None:
+        """A1111's refresh-embeddings: the embeddings folder read again into the loaded model."""
+        await asyncio.wrap_future(self._submit("embeddings", lambda _: self.host.reload_embeddings()))
+
     def sd_models(self) -> list[dict[str, Any]]:
         return [checkpoint.item() for checkpoint in self.checkpoints.items]
 
