@@ -214,6 +214,7 @@ def test_sampler_index_legacy_and_unknown_sampler(client):
     ({"n_iter": 0}, "n_iter"),
     ({"resize_mode": 3}, "resize_mode"),
     ({"override_settings": {"CLIP_stop_at_last_layers": 0}}, "clip_skip"),
+    ({"script_name": "x/y/z plot", "script_args": [1, "Seed", "1,2"]}, "Script not found: 'x/y/z plot'"),
 ])
 def test_bad_values_are_422_naming_the_problem(client, payload, words):
     path = "img2img" if "resize_mode" in payload else "txt2img"

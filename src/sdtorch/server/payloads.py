@@ -5,6 +5,7 @@ iteration (`n_iter`), before anything is queued. Everything a client can get wro
     an unknown model title              400 "Model not found" (titles come from the scanned folders only)
     a value out of range, over a limit  422 naming the field and the limit (GenerationRequest.validate)
     undecodable base64, not an image    422
+    a selectable script (script_name)   422 "Script not found" (sdtorch has none)
     a bad ControlNet unit               422 naming alwayson_scripts.controlnet.args[i] and the field
                                         (controlnet_units.py; its model only from --controlnet-dir, an
                                         IP-Adapter's CLIP vision tower only from --clip-vision-dir)
@@ -102,6 +103,8 @@ def plan_generation(payload: BaseModel, kind: str, checkpoints: Checkpoints, opt
                     clip_vision: ClipVisionFiles | None = None) -> GenerationJob:
     """Check a payload and plan its job against the server's models (and ControlNets, IP-Adapters and their CLIP
     vision towers), options (with the payload's override_settings applied for this job) and limits."""
+    if payload.script_name:  # A1111 refuses a script it lacks the same way; ignoring it would lose the work asked
+        raise ApiError(422, f"Script not found: {payload.script_name!r} (sdtorch has no selectable scripts)")
     overrides = payload.override_settings
     checkpoint = checkpoints.find(str(overrides.get(MODEL_OPTION, options[MODEL_OPTION])))
     request = _request(payload, kind, overrides.get(CLIP_SKIP_OPTION, options[CLIP_SKIP_OPTION]))

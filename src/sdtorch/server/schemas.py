@@ -63,6 +63,9 @@ _COMMON: dict[str, Any] = {
         "CLIP_stop_at_last_layers (clip skip)"))),
     "override_settings_restore_afterwards": (bool, Field(True, description="false: the overrides stay set")),
     "force_task_id": (str | None, Field(None, description="this job's id in /sdapi/v1/progress's queue")),
+    "script_name": (str | None, Field(None, description=(
+        "A1111's selectable script (X/Y/Z plot, ...): sdtorch has none, so any name is refused (422)"))),
+    "script_args": (list[Any], Field(default_factory=list, description="the script's arguments (with script_name)")),
     "alwayson_scripts": (dict[str, Any], Field(default_factory=dict, description=(
         'scripts run with every generation: {"controlnet": {"args": [unit, ...]}} (the A1111 ControlNet '
         "extension's units, IP-Adapter modules included; models from /controlnet/model_list); other scripts are "
