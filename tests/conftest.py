@@ -98,7 +98,8 @@ def diffusers_pipe(folder, kind: str, sampler: str, schedule: str):
     import diffusers
 
     cls = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
-           "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]
+           "inpaint": diffusers.StableDiffusionInpaintPipeline,
+           "instruct-pix2pix": diffusers.StableDiffusionInstructPix2PixPipeline}[kind]
     pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     name, extra = SCHEDULERS[(sampler, schedule)]
     config = {**pipe.scheduler.config, "timestep_spacing": "leading", "steps_offset": 1, **extra}

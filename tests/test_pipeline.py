@@ -21,8 +21,9 @@ PROMPT, NEGATIVE = "a red circle in the top left", "blurry"
 def build_models(kind: str, folder) -> tuple[Pipeline, object]:
     """(sdtorch pipeline, diffusers folder) for the same tiny random weights."""
     config = TINY_SD1
-    if kind == "sd1-inpaint":
-        config = config.replace(unet=UNetConfig(**{**TINY_SD1.unet.__dict__, "in_channels": 9}))
+    channels = {"sd1-inpaint": 9, "sd1-instruct-pix2pix": 8}.get(kind)
+    if channels is not None:
+        config = config.replace(unet=UNetConfig(**{**TINY_SD1.unet.__dict__, "in_channels": channels}))
     sdtorch.save(random_pipeline(config, seed=11), folder, format="diffusers")
     return sdtorch.load(folder), folder
 
@@ -35,6 +36,11 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def inpainting_model(tmp_path_factory):
     return build_models("sd1-inpaint", tmp_path_factory.mktemp("sd1-inpaint") / "model")
+
+
+@pytest.fixture(scope="module")
+def pix2pix_model(tmp_path_factory):
+    return build_models("sd1-instruct-pix2pix", tmp_path_factory.mktemp("sd1-instruct-pix2pix") / "model")
 
 
 @pytest.fixture(params=["ordinary", "9-channel"])
@@ -89,6 +95,38 @@ def test_inpainting_matches_diffusers_for_both_model_kinds(both_kinds, sampler, 
                 num_inference_steps=10, guidance_scale=7.5, sampler=sampler, schedule=schedule,
                 generator=torch.Generator().manual_seed(2), mask_blur=0, mask_overlay=False)[0]
     assert psnr(ours, theirs) >= 50
+
+
+@pytest.mark.parametrize(("sampler", "schedule"), list(SCHEDULERS))
+def test_instruct_pix2pix_matches_diffusers(pix2pix_model, sampler, schedule):
+    pipe, folder = pix2pix_model
+    ref = diffusers_pipe(folder, "instruct-pix2pix", sampler, schedule)
+    image = make_image(7)
+    for cfg, image_cfg in ((7.5, 1.5), (4.0, 2.5), (7.5, 1.0)):  # three-way guidance; at image 1 the plain kind
+        theirs = ref("make it red", image=image, negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=cfg,
+                     image_guidance_scale=image_cfg, generator=torch.Generator().manual_seed(3)).images[0]
+        ours = pipe("make it red", image=image, negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=cfg,
+                    image_cfg_scale=image_cfg, strength=1.0, sampler=sampler, schedule=schedule,
+                    generator=torch.Generator().manual_seed(3))[0]
+        assert psnr(ours, theirs) >= 50, (cfg, image_cfg)
+
+
+def test_instruct_pix2pix_requests(pix2pix_model, models, tmp_path):
+    pipe, _ = pix2pix_model
+    assert pipe.config.kind == "sd1-instruct-pix2pix"
+    with pytest.raises(InvalidInputError, match="instruct-pix2pix model .* init image"):
+        pipe(PROMPT, steps=2)
+    with pytest.raises(InvalidInputError, match="no inpainting mask"):
+        pipe(PROMPT, image=make_image(), mask_image=make_mask(), steps=2)
+    full, part = (pipe("make it red", image=make_image(), steps=4, strength=s, seed=1)[0] for s in (1.0, 0.5))
+    assert psnr(full, part) < 50  # A1111's img2img: below strength 1 the edit starts from the noised image
+    fields = parse_infotext(part.info["parameters"]).request
+    assert (fields.image_cfg_scale, fields.denoising_strength) == (1.5, 0.5)  # the default image guidance, written
+    plain, _ = models
+    ordinary = plain(PROMPT, image=make_image(), steps=2, image_cfg_scale=3.0)[0]  # other models: ignored, unsaid
+    assert "Image CFG scale" not in ordinary.info["parameters"]
+    sdtorch.save(pipe, tmp_path / "edit.safetensors", format="single_file")
+    assert sdtorch.load(tmp_path / "edit.safetensors").config.kind == "sd1-instruct-pix2pix"
 
 
 # ---- seeds -------------------------------------------------------------------------------------

@@ -79,7 +79,8 @@ def _from_diffusers(cls: type[T], values: dict[str, Any], source: str) -> T:
 class UNetConfig:
     """The denoising UNet. Levels run from the highest resolution (0) to the lowest."""
 
-    in_channels: int = 4  # 9 for inpainting models: latents + mask + masked-image latents
+    in_channels: int = 4  # 9 for inpainting models: latents + mask + masked-image latents; 8 for instruct-pix2pix:
+    # latents + the source image's latents
     out_channels: int = 4
     block_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     attention_levels: tuple[bool, ...] = (True, True, True, False)  # SpatialTransformers per level
@@ -531,8 +532,14 @@ class ModelConfig:
         return self.unet.in_channels == 9
 
     @property
+    def is_instruct_pix2pix(self) -> bool:
+        """An image-editing model (Brooks et al. 2023): the UNet reads the source image's latents beside its own."""
+        return self.unet.in_channels == 8
+
+    @property
     def kind(self) -> str:
-        return self.family + ("-inpaint" if self.is_inpainting else "")
+        return self.family + ("-inpaint" if self.is_inpainting else "-instruct-pix2pix" if self.is_instruct_pix2pix
+                              else "")
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -45,7 +45,7 @@ from .infotext import format_infotext, schedule_label
 from .models.tokenizer import CLIPTokenizer
 from .models.vae import AutoencoderKL
 from .prompt_schedule import encode_conditioning, split_and
-from .request import GenerationRequest, Limits, ModelDefaults, random_seed, suggestion
+from .request import INSTRUCT_PIX2PIX_IMAGE_CFG, GenerationRequest, Limits, ModelDefaults, random_seed, suggestion
 from .sampling.common import Callback
 from .sampling.denoiser import Conditioning, Denoiser
 from .sampling.samplers import ModelSwitch, resolve, sample
@@ -74,6 +74,7 @@ class Job:
     generator: torch.Generator | None
     eta: float | None = None
     guidance_rescale: float = 0.0
+    image_guidance_scale: float | None = None  # instruct-pix2pix models only: the init image's guidance
     image: Image.Image | None = None
     strength: float = 0.75
     mask: Image.Image | None = None
@@ -318,10 +319,25 @@ def _sample(
                   switch=switch)
     if request.image is None:
         return sample(denoiser, _noise(request, shape), **common)
+    if request.image_guidance_scale is not None:
+        return _edit(pipe, denoiser, request, shape, common)
     if request.mask is None:  # img2img: the image's latents noised part-way (diffusers: encode, then noise)
         init = _encode_image(pipe, request.image, batch, generator)
         return sample(denoiser, _noise(request, shape), init_latents=init, strength=request.strength, **common)
     return _inpaint(pipe, denoiser, request, shape, common)
+
+
+def _edit(pipe: Model, denoiser: Denoiser, request: Job, shape: tuple, common: dict) -> Tensor:
+    """An instruct-pix2pix edit: the UNet reads the init image's latents (the posterior's mean, unscaled, as the
+    model was trained) beside its own; from pure noise at strength 1 (diffusers), else from the init image noised
+    part-way (A1111's img2img)."""
+    batch, generator = shape[0], common["generator"]
+    parameter = next(pipe.vae.parameters())
+    pixels = image_to_tensor(request.image).to(parameter.device, parameter.dtype)  # (1,3,H,W) in [-1,1]
+    source = pipe.vae.encode(pixels).mode().float().cpu().expand(batch, -1, -1, -1)  # (B,4,h,w)
+    init = None if request.strength >= 1.0 else _encode_image(pipe, request.image, batch, generator)
+    return sample(denoiser, _noise(request, shape), init_latents=init, strength=request.strength,
+                  extra_channels=source, image_guidance_scale=request.image_guidance_scale, **common)
 
 
 def _inpaint(pipe: Model, denoiser: Denoiser, request: Job, shape: tuple, common: dict) -> Tensor:
@@ -401,8 +417,8 @@ def resolved_request(job: Job, index: int | None = None) -> GenerationRequest:
     request = job.source.replace(
         steps=job.steps, sampler_name=job.sampler,
         scheduler=schedule_label("sgm_uniform" if job.schedule == "trailing" else job.schedule),
-        cfg_scale=job.guidance_scale, seed=job.seeds[0], width=job.width, height=job.height,
-        refiner_checkpoint=refiner_source if job.refiner is not None else None,
+        cfg_scale=job.guidance_scale, image_cfg_scale=job.image_guidance_scale, seed=job.seeds[0], width=job.width,
+        height=job.height, refiner_checkpoint=refiner_source if job.refiner is not None else None,
     )
     if index is not None:
         request = request.replace(prompt=job.written_prompts[index], negative_prompt=job.negative_prompts[index],
@@ -460,6 +476,14 @@ def plan(
     _check_clip_skip(model, request.clip_skip, "this model")
     if model.config.is_inpainting and request.mask is None:
         raise InvalidInputError("this is an inpainting model (9-channel UNet): pass an init image and a mask")
+    image_guidance = None
+    if model.config.is_instruct_pix2pix:
+        if request.init_image is None:
+            raise InvalidInputError("this is an instruct-pix2pix model (8-channel UNet): it edits an image; pass an "
+                                    "init image (img2img) and say the edit in the prompt")
+        if request.mask is not None:
+            raise InvalidInputError("an instruct-pix2pix model edits the whole image: it takes no inpainting mask")
+        image_guidance = INSTRUCT_PIX2PIX_IMAGE_CFG if request.image_cfg_scale is None else request.image_cfg_scale
     batch = request.batch_size
     written = [p for p in prompts for _ in range(batch)]
     prompts, loras, warnings = _extra_networks(written)
@@ -513,7 +537,8 @@ def plan(
         width=width, height=height, steps=steps,
         guidance_scale=defaults.cfg_scale if request.cfg_scale is None else float(request.cfg_scale),
         sampler=info.name, schedule=kind, clip_skip=request.clip_skip, generator=generator, eta=request.eta,
-        guidance_rescale=request.guidance_rescale, image=init, strength=request.denoising_strength, mask=mask,
+        guidance_rescale=request.guidance_rescale, image_guidance_scale=image_guidance, image=init,
+        strength=request.denoising_strength, mask=mask,
         region=region, hires_size=hires_size, written_prompts=written, loras=loras, warnings=warnings,
         refiner=refiner, controls=controls, image_prompts=image_prompts,
     )

@@ -32,6 +32,7 @@ from .errors import InvalidInputError
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image]
 MAX_SEED = 2**32 - 1
+INSTRUCT_PIX2PIX_IMAGE_CFG = 1.5  # an instruct-pix2pix model's image guidance when unset (diffusers', A1111's UI)
 # A1111's upscalers without a model: the latent modes (F.interpolate's) and the pixel ones (upscaling.py)
 LATENT_UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
                     "Latent (nearest)", "Latent (nearest-exact)")
@@ -450,6 +451,10 @@ class GenerationRequest:
                              checks=(at_least(1),))
     eta: float | None = setting(None, "noise of DDIM and the ancestral samplers (None: the sampler's own)",
                                 cli="--eta", key="Eta", checks=(finite, at_least(0.0)))
+    image_cfg_scale: float | None = setting(None, "instruct-pix2pix models: how closely the edit keeps to the init "
+                                            "image (None: 1.5, diffusers' and A1111's; other models ignore it)",
+                                            cli="--image-cfg", key="Image CFG scale", always=True,
+                                            aliases=("image_guidance_scale",), checks=(finite, at_least(0.0)))
     guidance_rescale: float = setting(0.0, "guidance rescale phi (Lin et al. 2023)", cli="--guidance-rescale",
                                       key="CFG Rescale phi",
                                       checks=(finite, at_least(0.0), at_most_one))

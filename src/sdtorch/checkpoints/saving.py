@@ -136,7 +136,7 @@ def _save_diffusers(pipe: Pipeline, path: Path) -> None:
 
 def _write_diffusers_tree(pipe: Pipeline, root: Path) -> None:
     config = pipe.config
-    index = _sdxl_model_index(config) if config.is_sdxl else _model_index()
+    index = _sdxl_model_index(config) if config.is_sdxl else _model_index(config)
     if pipe.defaults.changes():
         index[DEFAULTS_INDEX_KEY] = pipe.defaults.changes()
     write_json(index, root / "model_index.json")
@@ -175,9 +175,10 @@ def _padding_with(tokenizer: CLIPTokenizer, pad_token_id: int) -> CLIPTokenizer:
     return CLIPTokenizer.from_dict({**data, "pad_token": token})
 
 
-def _model_index() -> dict:
+def _model_index(config: ModelConfig) -> dict:
     return {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": "StableDiffusionInstructPix2PixPipeline" if config.is_instruct_pix2pix
+        else "StableDiffusionPipeline",
         "_diffusers_version": DIFFUSERS_VERSION,
         "feature_extractor": [None, None],
         "requires_safety_checker": False,

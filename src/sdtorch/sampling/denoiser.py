@@ -178,19 +178,30 @@ class Denoiser:
         weights: Sequence[Sequence[float]] | None = None,
         added: Tensor | None = None,
         uncond_added: Tensor | None = None,
+        image_guidance_scale: float | None = None,
     ) -> Tensor:
         """x0 estimate for x (B,C,H,W) at noise level sigma (scalar or (B,)).
 
         context (B,L,D) is the prompt's; with `uncond_context` (B,L,D) and a scale != 1, guidance is applied.
         With `weights` (image b's AND weights, per image), context (N,L,D) holds every image's prompts
         in order, N = the number of weights, and the guidance sums them (always needs `uncond_context`).
-        extra_channels (B,5,H,W), for inpainting UNets, are appended to the scaled input unchanged.
+        extra_channels (B,5|4,H,W), for inpainting and instruct-pix2pix UNets, are appended to the scaled input
+        unchanged.
         added / uncond_added (B|N, P+K): SDXL's pooled embedding and time ids of each context row.
+        image_guidance_scale (instruct-pix2pix, with `extra_channels` (B,4,H,W) the source image's latents and a
+        negative context): the image's own guidance term, see `_edited`; at 1 it is plain guidance.
         """
         if guidance_scale < 0:
             raise InvalidInputError(f"guidance scale must be >= 0, not {guidance_scale}")
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
-        if weights is not None and any(list(w) != [1.0] for w in weights):
+        composed = weights is not None and any(list(w) != [1.0] for w in weights)
+        if image_guidance_scale not in (None, 1.0) and uncond_context is not None:
+            if composed:
+                raise InvalidInputError("composable prompts (AND, or a prompt weight) do not combine with an "
+                                        "instruct-pix2pix model's image guidance; set image_cfg_scale 1")
+            return self._edited(x, sigma, context, uncond_context, guidance_scale, image_guidance_scale,
+                                guidance_rescale, extra_channels, added, uncond_added)
+        if composed:
             return self._composed(x, sigma, context, uncond_context, guidance_scale, guidance_rescale,
                                   extra_channels, weights, added, uncond_added)
         guided = uncond_context is not None and guidance_scale != 1.0
@@ -238,6 +249,26 @@ class Denoiser:
             out = _rescale(out, out_cond[first], guidance_rescale)
         return self._to_x0(x, sigma.to(x.dtype)[:, None, None, None], out)
 
+    def _edited(
+        self, x: Tensor, sigma: Tensor, context: Tensor, uncond_context: Tensor, guidance_scale: float,
+        image_guidance_scale: float, guidance_rescale: float, extra_channels: Tensor | None, added: Tensor | None,
+        uncond_added: Tensor | None,
+    ) -> Tensor:
+        """instruct-pix2pix's guidance (Brooks et al. 2023, eq. 3) over rows [no text, no image], [no text, image],
+        [text, image]: out = uncond + s_I * (image - uncond) + s_T * (cond - image)."""
+        if extra_channels is None:
+            raise InvalidInputError("image guidance needs the source image's latents (extra_channels)")
+        x_in, sigma_in = torch.cat([x, x, x]), torch.cat([sigma, sigma, sigma])  # (3B, ...)
+        contexts = torch.cat([uncond_context, uncond_context, context])
+        images = torch.cat([torch.zeros_like(extra_channels), extra_channels, extra_channels])
+        added = None if added is None else torch.cat([uncond_added, uncond_added, added])
+        self._uncond_rows = 2 * x.shape[0]
+        out_uncond, out_image, out_cond = self._predict(x_in, sigma_in, contexts, images, added).chunk(3)
+        out = out_uncond + image_guidance_scale * (out_image - out_uncond) + guidance_scale * (out_cond - out_image)
+        if guidance_rescale > 0:
+            out = _rescale(out, out_cond, guidance_rescale)
+        return self._to_x0(x, sigma.to(x.dtype)[:, None, None, None], out)
+
     def _predict(
         self, x: Tensor, sigma: Tensor, context: Tensor, extra_channels: Tensor | None, added: Tensor | None = None,
     ) -> Tensor:
@@ -245,7 +276,7 @@ class Denoiser:
         s = sigma.to(x.dtype)[:, None, None, None]  # (B,1,1,1)
         unet_in = x / (1 + s**2).sqrt()
         if extra_channels is not None:
-            unet_in = torch.cat([unet_in, extra_channels.to(unet_in.dtype)], dim=1)  # (B, 4+5, H, W)
+            unet_in = torch.cat([unet_in, extra_channels.to(unet_in.dtype)], dim=1)  # (B, 4+5|4, H, W)
         if added is not None:
             return self.unet(unet_in, self.timestep(sigma), context, added)
         return self.unet(unet_in, self.timestep(sigma), context)

@@ -199,6 +199,7 @@ def sample(
     guidance_scale: float = 1.0,
     guidance_rescale: float = 0.0,
     extra_channels: Tensor | None = None,
+    image_guidance_scale: float | None = None,
     init_latents: Tensor | None = None,
     strength: float = 1.0,
     keep_latents: Tensor | None = None,
@@ -216,7 +217,8 @@ def sample(
     (x / sqrt(1 + sigma_last^2)). As in diffusers, img2img runs the last int(steps * strength) steps.
 
     Inpainting with an ordinary model: `keep_latents` (B,4,h,w) are held outside `keep_mask` (B,1,h,w),
-    1 = repaint, re-noised with `noise` to each step's sigma.
+    1 = repaint, re-noised with `noise` to each step's sigma. An instruct-pix2pix edit: `extra_channels` are the
+    source image's latents and `image_guidance_scale` its guidance (see `Denoiser`).
 
     `context` / `uncond_context`: fixed (B,L,D) tensors, or `Conditioning`s that change with the model
     evaluation (prompt editing, counted from 0 in this run, img2img included: A1111 does the same) and
@@ -252,7 +254,8 @@ def sample(
     uncond = uncond_context
     if isinstance(uncond, Tensor):
         uncond = Conditioning.constant(uncond)
-    kwargs = dict(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, extra_channels=extra_channels)
+    kwargs = dict(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, extra_channels=extra_channels,
+                  image_guidance_scale=image_guidance_scale)
     if keep_latents is not None and keep_mask is not None:
         model = _Inpainting(denoiser, cond, uncond, kwargs, switch, sigmas, keep_latents, keep_mask.to(noise.dtype),
                             noise)
