@@ -144,6 +144,22 @@ def test_same_seed_same_image_and_batch_uses_seed_plus_i(models):
     assert psnr(batch[0], batch[1]) < 30
 
 
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M SDE", "DPM++ SDE", "DDPM"])
+def test_seeds_follow_a1111_for_stochastic_samplers(models, sampler):
+    """A1111 gives each image its own stream (its initial noise, then its sampler's noise): image i of a batch is the
+    image seed + i gives alone, and one image's stream is what one generator seeded alike gives, as diffusers draws
+    it. Before, the sampler's noise came from one stream for the whole batch, restarted at the first seed."""
+    pipe, _ = models
+    kw = dict(height=SIZE, width=SIZE, num_inference_steps=6, sampler=sampler, schedule="Automatic")
+    batch = pipe(PROMPT, seed=42, num_images_per_prompt=2, **kw)
+    alone = pipe(PROMPT, seed=43, **kw)[0]
+    assert psnr(batch[1], alone) >= 50
+    first = pipe(PROMPT, seed=42, **kw)[0]
+    assert psnr(first, pipe(PROMPT, generator=torch.Generator().manual_seed(42), **kw)[0]) >= 50
+    edits = pipe(PROMPT, image=make_image(), strength=0.7, seed=42, num_images_per_prompt=2, **kw)
+    assert psnr(edits[1], pipe(PROMPT, image=make_image(), strength=0.7, seed=43, **kw)[0]) >= 50  # img2img too
+
+
 def test_random_seed_is_reported(models):
     pipe, _ = models
     img = pipe(PROMPT, seed=-1, height=SIZE, width=SIZE, num_inference_steps=4, sampler="Euler")[0]

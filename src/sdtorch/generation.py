@@ -6,7 +6,9 @@
 
 `run(model, request)` validates a GenerationRequest, resolves it against the model (`plan` -> a Job) and
 generates. The order in which a single explicit `generator` is drawn from (VAE samples, noise, sampler noise)
-follows diffusers' pipelines, so the same generator gives diffusers' image.
+follows diffusers' pipelines, so the same generator gives diffusers' image. Seeds follow A1111: each image draws its
+initial noise and then its sampler's noise from its own stream (`SeededNoise`), so image i of a batch is the image
+seed + i gives alone.
 
 ControlNet units (`request.controlnet`) add their residuals to the model's UNet calls (control.py); the refiner
 runs without them.
@@ -46,7 +48,7 @@ from .models.tokenizer import CLIPTokenizer
 from .models.vae import AutoencoderKL
 from .prompt_schedule import encode_conditioning, split_and
 from .request import INSTRUCT_PIX2PIX_IMAGE_CFG, GenerationRequest, Limits, ModelDefaults, random_seed, suggestion
-from .sampling.common import Callback
+from .sampling.common import Callback, Noise, SeededNoise
 from .sampling.denoiser import Conditioning, Denoiser
 from .sampling.samplers import ModelSwitch, resolve, sample
 from .sampling.schedules import DiscreteSchedule
@@ -285,23 +287,32 @@ def sdxl_time_ids(config: ModelConfig, width: int, height: int, negative: bool) 
     return torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32)
 
 
-def _noise(request: Job, shape: tuple[int, ...]) -> Tensor:
-    """Initial noise on the CPU: per-image seeds (A1111: image i gets seed + i) or one diffusers-style generator."""
+def _noise(request: Job, shape: tuple[int, ...]) -> tuple[Tensor, Noise]:
+    """(initial noise (B,C,h,w) on the CPU, what the sampler's own noise continues from): the request's one
+    generator, in diffusers' order of draws, else A1111's per-image streams of the seeds (image i of a batch is the
+    image seed + i gives alone, stochastic samplers included)."""
     if request.generator is not None:
-        return torch.randn(shape, generator=request.generator, device=request.generator.device).cpu()
-    return torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator("cpu").manual_seed(s)) for s in request.seeds])
+        return torch.randn(shape, generator=request.generator, device=request.generator.device).cpu(), request.generator
+    streams = SeededNoise(request.seeds)
+    return streams.randn(shape), streams
 
 
-def _sampler_generator(request: Job) -> torch.Generator:
-    return request.generator or torch.Generator("cpu").manual_seed(request.seeds[0])
+def _vae_generator(request: Job) -> torch.Generator | None:
+    """What samples the VAE's posterior when an image is encoded: the request's generator (diffusers' order of
+    draws); None for seeded images, which take the posterior's mean (A1111 samples it from its unseeded global RNG,
+    a spread of a few thousandths; the mean keeps image i of a batch the image of seed + i)."""
+    return request.generator
 
 
-def _encode_image(pipe: Model, image: Image.Image | Tensor, batch: int, generator: torch.Generator) -> Tensor:
-    """VAE latents (batch,4,h,w) of an image (PIL, or (1,3,H,W) in [-1,1]), sampled and scaled, as diffusers does."""
+def _encode_image(pipe: Model, image: Image.Image | Tensor, batch: int, generator: torch.Generator | None) -> Tensor:
+    """VAE latents (batch,4,h,w) of an image (PIL, or (1,3,H,W) in [-1,1]), scaled; sampled from `generator` as
+    diffusers does, or the posterior's mean without one."""
     parameter = next(pipe.vae.parameters())
     pixels = image_to_tensor(image) if isinstance(image, Image.Image) else image  # (1,3,H,W) in [-1,1]
     pixels = pixels.to(parameter.device, parameter.dtype)
-    latents = pipe.vae.encode(pixels).sample(generator).float().cpu() * pipe.vae.scaling_factor
+    posterior = pipe.vae.encode(pixels)
+    latents = posterior.mode() if generator is None else posterior.sample(generator)
+    latents = latents.float().cpu() * pipe.vae.scaling_factor
     return latents.expand(batch, -1, -1, -1)
 
 
@@ -312,18 +323,18 @@ def _sample(
     """Latents (B,4,h,w) for txt2img, img2img or inpainting at the request's size; `switch`: the refiner."""
     batch, f = len(request.prompts), pipe.vae_scale_factor
     shape = (batch, pipe.config.vae.latent_channels, request.height // f, request.width // f)
-    generator = _sampler_generator(request)
     common = dict(sampler=request.sampler, schedule=request.schedule, steps=request.steps, context=cond,
                   uncond_context=uncond, guidance_scale=request.guidance_scale,
-                  guidance_rescale=request.guidance_rescale, eta=request.eta, generator=generator, callback=callback,
-                  switch=switch)
+                  guidance_rescale=request.guidance_rescale, eta=request.eta, callback=callback, switch=switch)
     if request.image is None:
-        return sample(denoiser, _noise(request, shape), **common)
+        noise, generator = _noise(request, shape)
+        return sample(denoiser, noise, generator=generator, **common)
     if request.image_guidance_scale is not None:
         return _edit(pipe, denoiser, request, shape, common)
     if request.mask is None:  # img2img: the image's latents noised part-way (diffusers: encode, then noise)
-        init = _encode_image(pipe, request.image, batch, generator)
-        return sample(denoiser, _noise(request, shape), init_latents=init, strength=request.strength, **common)
+        init = _encode_image(pipe, request.image, batch, _vae_generator(request))
+        noise, generator = _noise(request, shape)
+        return sample(denoiser, noise, generator=generator, init_latents=init, strength=request.strength, **common)
     return _inpaint(pipe, denoiser, request, shape, common)
 
 
@@ -331,34 +342,37 @@ def _edit(pipe: Model, denoiser: Denoiser, request: Job, shape: tuple, common: d
     """An instruct-pix2pix edit: the UNet reads the init image's latents (the posterior's mean, unscaled, as the
     model was trained) beside its own; from pure noise at strength 1 (diffusers), else from the init image noised
     part-way (A1111's img2img)."""
-    batch, generator = shape[0], common["generator"]
+    batch = shape[0]
     parameter = next(pipe.vae.parameters())
     pixels = image_to_tensor(request.image).to(parameter.device, parameter.dtype)  # (1,3,H,W) in [-1,1]
     source = pipe.vae.encode(pixels).mode().float().cpu().expand(batch, -1, -1, -1)  # (B,4,h,w)
-    init = None if request.strength >= 1.0 else _encode_image(pipe, request.image, batch, generator)
-    return sample(denoiser, _noise(request, shape), init_latents=init, strength=request.strength,
+    init = None if request.strength >= 1.0 else _encode_image(pipe, request.image, batch, _vae_generator(request))
+    noise, generator = _noise(request, shape)
+    return sample(denoiser, noise, generator=generator, init_latents=init, strength=request.strength,
                   extra_channels=source, image_guidance_scale=request.image_guidance_scale, **common)
 
 
 def _inpaint(pipe: Model, denoiser: Denoiser, request: Job, shape: tuple, common: dict) -> Tensor:
     """Inpainting, in diffusers' order of draws: image latents (if needed), noise, masked-image latents."""
-    batch, generator = shape[0], common["generator"]
+    batch, vae_generator = shape[0], _vae_generator(request)
     mask = mask_to_latent(request.mask, shape[2], shape[3]).expand(batch, -1, -1, -1)  # (B,1,h,w), 1 = repaint
     nine_channels = pipe.config.is_inpainting
     full_strength = request.strength >= 1.0
     image_latents = None
     if not nine_channels or not full_strength:
-        image_latents = _encode_image(pipe, request.image, batch, generator)
-    noise = _noise(request, shape)
-    start = dict(init_latents=None if full_strength else image_latents, strength=request.strength)
+        image_latents = _encode_image(pipe, request.image, batch, vae_generator)
+    noise, generator = _noise(request, shape)
+    start = dict(init_latents=None if full_strength else image_latents, strength=request.strength,
+                 generator=generator)
     if nine_channels:
-        masked = _encode_image(pipe, masked_image(request.image, request.mask), batch, generator)
+        masked = _encode_image(pipe, masked_image(request.image, request.mask), batch, vae_generator)
         extra = torch.cat([mask, masked], dim=1)  # (B,5,h,w): mask, masked-image latents
         return sample(denoiser, noise, extra_channels=extra, **start, **common)
     # diffusers encodes the masked image for ordinary models too (and does not use it): its VAE sample's draw
     # (one image's latents) comes before the sampler's, so ancestral samplers get diffusers' noise
-    vae_dtype = next(pipe.vae.parameters()).dtype
-    torch.randn((1, *shape[1:]), generator=generator, device=generator.device, dtype=vae_dtype)
+    if vae_generator is not None:
+        vae_dtype = next(pipe.vae.parameters()).dtype
+        torch.randn((1, *shape[1:]), generator=vae_generator, device=vae_generator.device, dtype=vae_dtype)
     return sample(denoiser, noise, keep_latents=image_latents, keep_mask=mask, **start, **common)
 
 
@@ -386,17 +400,17 @@ def _hires_pass(
     if upscaler in LATENT_MODES:
         init = upscale_latents(latents, height // f, width // f, upscaler)  # (B,4,H/f,W/f)
     else:  # a pixel upscaler: decode, enlarge, encode
-        images = _decode(pipe, latents, request, warnings)
-        init = torch.cat([_encode_image(pipe, resize_with(img, width, height, upscaler), 1, _sampler_generator(request))
+        images, vae_generator = _decode(pipe, latents, request, warnings), _vae_generator(request)
+        init = torch.cat([_encode_image(pipe, resize_with(img, width, height, upscaler), 1, vae_generator)
                           for img in images])
     second = dataclasses.replace(request, width=width, height=height,
                                  steps=hires.hr_second_pass_steps or request.steps)
-    noise = _noise(second, (*latents.shape[:2], height // f, width // f))
+    noise, generator = _noise(second, (*latents.shape[:2], height // f, width // f))  # A1111: streams anew
     cond, uncond = _conditioning(pipe, request, hires_steps=second.steps)  # A1111 schedules the pass anew
     return sample(denoiser, noise, sampler=request.sampler, schedule=request.schedule, steps=second.steps,
                   context=cond, uncond_context=uncond, guidance_scale=request.guidance_scale,
                   guidance_rescale=request.guidance_rescale, eta=request.eta,
-                  generator=_sampler_generator(request), callback=callback,
+                  generator=generator, callback=callback,
                   init_latents=init, strength=hires.hr_denoising_strength, switch=switch)
 
 

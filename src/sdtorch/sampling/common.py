@@ -49,8 +49,29 @@ def step_input(model: DenoiseFn, i: int, x: Tensor) -> Tensor:
     return x if hook is None else hook(i, x)
 
 
-def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+class SeededNoise:
+    """A1111's noise for seeded images (its `ImageRNG`): one CPU generator per image of the batch, seeded with that
+    image's seed. The first draw is each image's initial noise and every later draw (a sampler's noise) continues
+    the image's own stream, so image i of a batch is the image its seed gives alone, and a sampler's noise never
+    repeats the initial noise."""
+
+    def __init__(self, seeds: list[int]):
+        self.generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+    def randn(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+        """(B, ...) noise on the CPU, row b from image b's stream (B = the number of seeds)."""
+        if shape[0] != len(self.generators):
+            raise InvalidInputError(f"noise for {shape[0]} images drawn from the streams of {len(self.generators)}")
+        return torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype) for g in self.generators])
+
+
+Noise = torch.Generator | SeededNoise  # where random draws come from: one generator (diffusers) or per-image streams
+
+
+def randn_like(x: Tensor, generator: Noise | None) -> Tensor:
     """Standard normal noise shaped like x, drawn on the generator's device (CPU generators: same on any device)."""
+    if isinstance(generator, SeededNoise):
+        return generator.randn(tuple(x.shape), x.dtype).to(x.device)
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 

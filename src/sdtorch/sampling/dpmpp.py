@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from .common import Callback, DenoiseFn, ancestral_step, check_eta, randn_like, report, step_input
+from .common import Callback, DenoiseFn, Noise, ancestral_step, check_eta, randn_like, report, step_input
 from .schedules import DiscreteSchedule, SamplingSchedule, grid_at, sampling_schedule
 
 
@@ -33,7 +33,7 @@ def sample_dpmpp_2m(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Noise | None = None,
     callback: Callback | None = None,
     eta: float | None = None,
     s_noise: float = 1.0,
@@ -69,7 +69,7 @@ def sample_dpmpp_2m_sde(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Noise | None = None,
     callback: Callback | None = None,
     eta: float | None = None,
     s_noise: float = 1.0,
@@ -109,7 +109,7 @@ def sample_dpmpp_3m_sde(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Noise | None = None,
     callback: Callback | None = None,
     eta: float | None = None,
     s_noise: float = 1.0,
@@ -161,7 +161,7 @@ def sample_dpmpp_2s_ancestral(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Noise | None = None,
     callback: Callback | None = None,
     eta: float | None = None,
     s_noise: float = 1.0,
@@ -196,7 +196,7 @@ def sample_dpmpp_sde(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Noise | None = None,
     callback: Callback | None = None,
     eta: float | None = None,
     s_noise: float = 1.0,
@@ -280,7 +280,7 @@ def _first_order(x: Tensor, denoised: Tensor, sigma: float, sigma_to: float) -> 
 
 
 def _brownian_increments(
-    x: Tensor, generator: torch.Generator | None, sigma: float, sigma_mid: float, sigma_next: float
+    x: Tensor, generator: Noise | None, sigma: float, sigma_mid: float, sigma_next: float
 ) -> tuple[Tensor, Tensor]:
     """Normalised increments (W(sigma_mid) - W(sigma)) / sqrt(sigma - sigma_mid) and
     (W(sigma_next) - W(sigma)) / sqrt(sigma - sigma_next) of a Brownian motion W: two N(0, I) tensors

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from .common import Callback, DenoiseFn, ancestral_step, check_eta, randn_like, report, step_input, to_d
+from .common import Callback, DenoiseFn, Noise, ancestral_step, check_eta, randn_like, report, step_input, to_d
 
 LMS_ORDER = 4  # derivatives LMS interpolates (k-diffusion's and diffusers' default)
 
@@ -25,7 +25,7 @@ def sample_euler(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Noise | None = None,
     callback: Callback | None = None,
     eta: float | None = None,
     s_noise: float = 1.0,
@@ -49,7 +49,7 @@ def sample_euler_ancestral(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Noise | None = None,
     callback: Callback | None = None,
     eta: float | None = None,
     s_noise: float = 1.0,
@@ -76,7 +76,7 @@ def sample_heun(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Noise | None = None,
     callback: Callback | None = None,
     eta: float | None = None,
     s_noise: float = 1.0,
@@ -108,7 +108,7 @@ def sample_lms(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Noise | None = None,
     callback: Callback | None = None,
     eta: float | None = None,
     s_noise: float = 1.0,
@@ -159,7 +159,7 @@ def sample_dpm_2(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Noise | None = None,
     callback: Callback | None = None,
     eta: float | None = None,
     s_noise: float = 1.0,
@@ -186,7 +186,7 @@ def sample_dpm_2_ancestral(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Noise | None = None,
     callback: Callback | None = None,
     eta: float | None = None,
     s_noise: float = 1.0,

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..errors import InvalidInputError
 from . import dpmpp, k_samplers, timestep_samplers
-from .common import Callback
+from .common import Callback, Noise
 from .denoiser import Conditioning, Denoiser, pad_to_match
 from .schedules import DiscreteSchedule, SamplingSchedule, sampling_schedule
 
@@ -206,7 +206,7 @@ def sample(
     keep_mask: Tensor | None = None,
     eta: float | None = None,
     s_noise: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Noise | None = None,
     callback: Callback | None = None,
     switch: ModelSwitch | None = None,
 ) -> Tensor:

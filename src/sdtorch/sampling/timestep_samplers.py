@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidInputError
-from .common import Callback, DenoiseFn, ancestral_step, check_eta, randn_like, report, step_input
+from .common import Callback, DenoiseFn, Noise, ancestral_step, check_eta, randn_like, report, step_input
 from .schedules import DiscreteSchedule, SamplingSchedule, check_steps, grid_at, sampling_schedule
 
 # Adams-Bashforth weights of PLMS (PNDM eq. 12 and its lower-order warm-up), newest prediction first
@@ -47,7 +47,7 @@ def sample_ddim(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Noise | None = None,
     callback: Callback | None = None,
     eta: float | None = None,
     s_noise: float = 1.0,
@@ -75,7 +75,7 @@ def sample_ddpm(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Noise | None = None,
     callback: Callback | None = None,
     eta: float | None = None,
     s_noise: float = 1.0,
@@ -95,7 +95,7 @@ def sample_plms(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Noise | None = None,
     callback: Callback | None = None,
     eta: float | None = None,
     s_noise: float = 1.0,
@@ -138,7 +138,7 @@ def sample_unipc(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Noise | None = None,
     callback: Callback | None = None,
     eta: float | None = None,
     s_noise: float = 1.0,
@@ -178,7 +178,7 @@ def sample_lcm(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Noise | None = None,
     callback: Callback | None = None,
     eta: float | None = None,
     s_noise: float = 1.0,
@@ -290,7 +290,7 @@ def _integer_grid(
 
 def _ddim_step(
     x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, eta: float, s_noise: float,
-    generator: torch.Generator | None,
+    generator: Noise | None,
 ) -> Tensor:
     sigma_down, sigma_up = (float(s) for s in ancestral_step(sigma, sigma_next, eta))
     x = denoised + (x - denoised) * (sigma_down / float(sigma))
