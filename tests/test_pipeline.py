@@ -154,8 +154,9 @@ def test_seeds_follow_a1111_for_stochastic_samplers(models, sampler):
     batch = pipe(PROMPT, seed=42, num_images_per_prompt=2, **kw)
     alone = pipe(PROMPT, seed=43, **kw)[0]
     assert psnr(batch[1], alone) >= 50
-    first = pipe(PROMPT, seed=42, **kw)[0]
-    assert psnr(first, pipe(PROMPT, generator=torch.Generator().manual_seed(42), **kw)[0]) >= 50
+    if "SDE" not in sampler:  # (A1111 draws those samplers' noise from Brownian trees: test_dpmpp.py)
+        first = pipe(PROMPT, seed=42, **kw)[0]
+        assert psnr(first, pipe(PROMPT, generator=torch.Generator().manual_seed(42), **kw)[0]) >= 50
     edits = pipe(PROMPT, image=make_image(), strength=0.7, seed=42, num_images_per_prompt=2, **kw)
     assert psnr(edits[1], pipe(PROMPT, image=make_image(), strength=0.7, seed=43, **kw)[0]) >= 50  # img2img too
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -56,16 +58,56 @@ class SeededNoise:
     repeats the initial noise."""
 
     def __init__(self, seeds: list[int]):
+        self.seeds = list(seeds)
         self.generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        self.span: tuple[float, float] | None = None  # the sampling's smallest positive and largest sigma
+        self._trees: list | None = None
 
     def randn(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
         """(B, ...) noise on the CPU, row b from image b's stream (B = the number of seeds)."""
-        if shape[0] != len(self.generators):
-            raise InvalidInputError(f"noise for {shape[0]} images drawn from the streams of {len(self.generators)}")
+        self._check_batch(shape[0])
         return torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype) for g in self.generators])
+
+    def brownian(self, x: Tensor, sigma: float, sigma_next: float) -> Tensor:
+        """The SDE samplers' noise as A1111 draws it (k-diffusion's BrownianTreeNoiseSampler with one seed per
+        image): (W(sigma_next) - W(sigma)) / sqrt(|sigma_next - sigma|) of a Brownian motion W per image, a
+        torchsde Brownian tree over `span` seeded with the image's seed (so the noise does not depend on the
+        steps: a seed keeps its look at another step count). x: (B, ...) -> noise like x."""
+        import torchsde
+
+        self._check_batch(x.shape[0])
+        if self.span is None:
+            raise InvalidInputError("Brownian noise needs the sampling's sigma span (sample() sets it)")
+        low, high = sorted((_float32(sigma), _float32(sigma_next)))
+        if self._trees is None:
+            w0 = torch.zeros(x.shape[1:], dtype=torch.float32)
+            self._trees = [torchsde.BrownianTree(_float32(self.span[0]), w0, _float32(self.span[1]), entropy=seed)
+                           for seed in self.seeds]
+        sign = 1.0 if sigma_next > sigma else -1.0
+        with warnings.catch_warnings():  # torchsde rounds the span's ends, then clamps queries a rounding past them
+            warnings.filterwarnings("ignore", "Should have", UserWarning)
+            w = torch.stack([tree(low, high) for tree in self._trees]) * sign  # W(sigma_next) - W(sigma)
+        return (w / math.sqrt(high - low)).to(x.device, x.dtype)
+
+    def _check_batch(self, batch: int) -> None:
+        if batch != len(self.generators):
+            raise InvalidInputError(f"noise for {batch} images drawn from the streams of {len(self.generators)}")
+
+
+def _float32(value: float) -> float:
+    """A sigma as A1111's float32 sigma tensors hold it (the Brownian tree's query times)."""
+    return float(torch.tensor(value, dtype=torch.float32))
 
 
 Noise = torch.Generator | SeededNoise  # where random draws come from: one generator (diffusers) or per-image streams
+
+
+def sde_noise(x: Tensor, generator: Noise | None, sigma: float, sigma_next: float) -> Tensor:
+    """The normalised noise of an SDE step from sigma to sigma_next: A1111's Brownian-tree noise for seeded images,
+    else one plain draw (what diffusers' SDE solvers draw from a generator)."""
+    if isinstance(generator, SeededNoise):
+        return generator.brownian(x, sigma, sigma_next)
+    return randn_like(x, generator)
 
 
 def randn_like(x: Tensor, generator: Noise | None) -> Tensor:

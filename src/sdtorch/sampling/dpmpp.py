@@ -10,7 +10,8 @@ space): x_t = r x_s + (1 - r) D with r = sigma_t / sigma_s = e^-h. The higher or
 finite differences of earlier (multistep, "M") or intermediate (singlestep, "S") evaluations.
 The SDE variants (the paper's SDE-DPM-Solver++, with k-diffusion's eta between ODE and SDE) shrink
 x by e^-(1+eta)h instead of e^-h and add fresh noise of std sigma_t sqrt(1 - e^-2 eta h), eta = 1
-being the reverse SDE and eta = 0 the ODE again.
+being the reverse SDE and eta = 0 the ODE again. Their noise: for seeded images, A1111's (k-diffusion's Brownian
+trees, one per image seed: `SeededNoise.brownian`); from one generator, plain draws (diffusers').
 
 Every step that lands on sigma = 0 returns the denoised estimate (the step is first order there),
 as in k-diffusion and diffusers with `final_sigmas_type="zero"`. Scalar step arithmetic is in
@@ -24,7 +25,9 @@ import math
 import torch
 from torch import Tensor
 
-from .common import Callback, DenoiseFn, Noise, ancestral_step, check_eta, randn_like, report, step_input
+from .common import (
+    Callback, DenoiseFn, Noise, SeededNoise, ancestral_step, check_eta, randn_like, report, sde_noise, step_input,
+)
 from .schedules import DiscreteSchedule, SamplingSchedule, grid_at, sampling_schedule
 
 
@@ -79,8 +82,8 @@ def sample_dpmpp_2m_sde(
     eta (default 1) scales the injected noise; eta = 0 is exactly DPM++ 2M. Noise is one
     `randn_like(x, generator)` per step that does not end at 0, in step order: at eta = 1 this is the
     stream diffusers' `DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")` draws from the same
-    generator (its last draw, on the step to 0, is multiplied by zero). k-diffusion draws from a Brownian
-    tree instead: the same distribution, a different realisation.
+    generator (its last draw, on the step to 0, is multiplied by zero). Seeded images draw A1111's Brownian-tree
+    noise instead (`sde_noise`): the same distribution, A1111's realisation.
     """
     eta = check_eta(eta, default=1.0)
     sig = sigmas.tolist()
@@ -99,7 +102,8 @@ def sample_dpmpp_2m_sde(
                 d = d + _slope(sig, i, denoised, old_denoised) / 2
             x = math.exp(-(1 + eta) * h) * x - math.expm1(-(1 + eta) * h) * d
             if eta > 0:
-                x = x + randn_like(x, generator) * (sig[i + 1] * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise)
+                noise = sde_noise(x, generator, sig[i], sig[i + 1])
+                x = x + noise * (sig[i + 1] * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise)
         old_denoised = denoised
     return x
 
@@ -151,7 +155,8 @@ def sample_dpmpp_3m_sde(
                 d_1, lam_1 = history[0]
                 x = x + phi_2 * (denoised - d_1) * (h / (lam - lam_1))
             if eta > 0:
-                x = x + randn_like(x, generator) * (sig[i + 1] * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise)
+                noise = sde_noise(x, generator, sig[i], sig[i + 1])
+                x = x + noise * (sig[i + 1] * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise)
         history = [(denoised, -math.log(sig[i])), *history[:1]]
     return x
 
@@ -207,10 +212,10 @@ def sample_dpmpp_sde(
     DPM-Solver++(2S).
 
     The two noise draws of a step are increments of one Brownian motion W indexed by sigma, over
-    [sigma_mid, sigma] and [sigma_next, sigma] (normalised): correlated as k-diffusion's Brownian tree
-    (torchsde) makes them, but drawn as plain Gaussians from `generator` (`_brownian_increments`). The
-    distribution is the same; the realisation is not, and unlike a Brownian tree it is not shared
-    between runs with different step counts (a seed does not give a similar image at 20 and 30 steps).
+    [sigma_mid, sigma] and [sigma_next, sigma] (normalised): for seeded images, queries of A1111's per-image
+    Brownian trees (torchsde, as k-diffusion); from one generator, plain Gaussians correlated the same way
+    (`_brownian_increments`): the same distribution, another realisation, not shared between runs with
+    different step counts.
     """
     eta = check_eta(eta, default=1.0)
     sig = sigmas.tolist()
@@ -285,6 +290,8 @@ def _brownian_increments(
     """Normalised increments (W(sigma_mid) - W(sigma)) / sqrt(sigma - sigma_mid) and
     (W(sigma_next) - W(sigma)) / sqrt(sigma - sigma_next) of a Brownian motion W: two N(0, I) tensors
     with correlation sqrt((sigma - sigma_mid) / (sigma - sigma_next)), built from two independent draws."""
+    if isinstance(generator, SeededNoise):  # A1111's Brownian trees answer both
+        return generator.brownian(x, sigma, sigma_mid), generator.brownian(x, sigma, sigma_next)
     first, rest = sigma - sigma_mid, sigma_mid - sigma_next
     z_first = randn_like(x, generator)  # the increment over [sigma_mid, sigma], normalised
     z_rest = randn_like(x, generator)  # over [sigma_next, sigma_mid], independent of it

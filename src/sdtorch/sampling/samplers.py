@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..errors import InvalidInputError
 from . import dpmpp, k_samplers, timestep_samplers
-from .common import Callback, Noise
+from .common import Callback, Noise, SeededNoise
 from .denoiser import Conditioning, Denoiser, pad_to_match
 from .schedules import DiscreteSchedule, SamplingSchedule, sampling_schedule
 
@@ -240,6 +240,9 @@ def sample(
     if start >= steps:
         raise InvalidInputError(f"strength {strength} with {steps} steps runs no step; raise either")
     sigmas = grid.sigmas[start:]
+    if isinstance(generator, SeededNoise):  # A1111's Brownian trees span the whole sampling's sigmas, img2img too
+        positive = grid.sigmas[grid.sigmas > 0]
+        generator.span = (float(positive.min()), float(positive.max()))
     denoisers = [denoiser] if switch is None else [denoiser, switch.denoiser]
     if switch is not None:
         _check_switch(denoiser, switch.denoiser)
