@@ -45,7 +45,7 @@ from .images import (
 )
 from .infotext import format_infotext, schedule_label
 from .models.tokenizer import CLIPTokenizer
-from .models.vae import AutoencoderKL
+from .models.vae import AutoencoderKL, DiagonalGaussian
 from .prompt_schedule import encode_conditioning, split_and
 from .request import INSTRUCT_PIX2PIX_IMAGE_CFG, GenerationRequest, Limits, ModelDefaults, random_seed, suggestion
 from .sampling.common import Callback, Noise, SeededNoise
@@ -304,16 +304,19 @@ def _vae_generator(request: Job) -> torch.Generator | None:
     return request.generator
 
 
-def _encode_image(pipe: Model, image: Image.Image | Tensor, batch: int, generator: torch.Generator | None) -> Tensor:
-    """VAE latents (batch,4,h,w) of an image (PIL, or (1,3,H,W) in [-1,1]), scaled; sampled from `generator` as
-    diffusers does, or the posterior's mean without one."""
+def _posterior(pipe: Model, image: Image.Image | Tensor) -> DiagonalGaussian:
+    """The VAE's posterior q(z|x) of an image (PIL, or (1,3,H,W) in [-1,1]), on the VAE's device and dtype."""
     parameter = next(pipe.vae.parameters())
     pixels = image_to_tensor(image) if isinstance(image, Image.Image) else image  # (1,3,H,W) in [-1,1]
-    pixels = pixels.to(parameter.device, parameter.dtype)
-    posterior = pipe.vae.encode(pixels)
+    return pipe.vae.encode(pixels.to(parameter.device, parameter.dtype))
+
+
+def _encode_image(pipe: Model, image: Image.Image | Tensor, batch: int, generator: torch.Generator | None) -> Tensor:
+    """VAE latents (batch,4,h,w) of an image, scaled; sampled from `generator` as diffusers does, or the posterior's
+    mean without one."""
+    posterior = _posterior(pipe, image)
     latents = posterior.mode() if generator is None else posterior.sample(generator)
-    latents = latents.float().cpu() * pipe.vae.scaling_factor
-    return latents.expand(batch, -1, -1, -1)
+    return (latents.float().cpu() * pipe.vae.scaling_factor).expand(batch, -1, -1, -1)
 
 
 def _sample(
@@ -343,9 +346,7 @@ def _edit(pipe: Model, denoiser: Denoiser, request: Job, shape: tuple, common: d
     model was trained) beside its own; from pure noise at strength 1 (diffusers), else from the init image noised
     part-way (A1111's img2img)."""
     batch = shape[0]
-    parameter = next(pipe.vae.parameters())
-    pixels = image_to_tensor(request.image).to(parameter.device, parameter.dtype)  # (1,3,H,W) in [-1,1]
-    source = pipe.vae.encode(pixels).mode().float().cpu().expand(batch, -1, -1, -1)  # (B,4,h,w)
+    source = _posterior(pipe, request.image).mode().float().cpu().expand(batch, -1, -1, -1)  # (B,4,h,w)
     init = None if request.strength >= 1.0 else _encode_image(pipe, request.image, batch, _vae_generator(request))
     noise, generator = _noise(request, shape)
     return sample(denoiser, noise, generator=generator, init_latents=init, strength=request.strength,
