@@ -435,3 +435,13 @@ def test_unload_reload_and_refresh(client, folders):
         client.post(f"{API}/refresh-embeddings")
     assert "shiny" not in client.get(f"{API}/embeddings").body["loaded"]
     assert client.post(f"{API}/refresh-vae").status == 200 and client.get(f"{API}/sd-modules").body == []
+
+
+def test_variation_seed_over_the_api(client):
+    body = txt2img(client, prompt="a red circle", seed=3, subseed=7, subseed_strength=0.4, batch_size=2,
+                   seed_resize_from_w=-1, seed_resize_from_h=-1)
+    info = json.loads(body["info"])
+    assert (info["subseed"], info["all_subseeds"], info["subseed_strength"]) == (7, [7, 8], 0.4)
+    assert "Variation seed: 8, Variation seed strength: 0.4" in info["infotexts"][1]
+    again = txt2img(client, prompt="a red circle", seed=4, subseed=8, subseed_strength=0.4)
+    assert again["images"][0] == body["images"][1]  # image i is its seed and variation seed alone

@@ -77,6 +77,9 @@ class Job:
     eta: float | None = None
     guidance_rescale: float = 0.0
     image_guidance_scale: float | None = None  # instruct-pix2pix models only: the init image's guidance
+    subseeds: list[int] = dataclasses.field(default_factory=list)  # per image, with a variation seed strength
+    subseed_strength: float = 0.0
+    seed_resize_from: tuple[int, int] | None = None  # (width, height) A1111's seed resize draws the noise for
     image: Image.Image | None = None
     strength: float = 0.75
     mask: Image.Image | None = None
@@ -293,8 +296,12 @@ def _noise(request: Job, shape: tuple[int, ...]) -> tuple[Tensor, Noise]:
     image seed + i gives alone, stochastic samplers included)."""
     if request.generator is not None:
         return torch.randn(shape, generator=request.generator, device=request.generator.device).cpu(), request.generator
-    streams = SeededNoise(request.seeds)
-    return streams.randn(shape), streams
+    streams, drawn_as = SeededNoise(request.seeds), None
+    if request.seed_resize_from is not None:  # A1111's seed resize, in latent pixels
+        f = request.width // shape[-1]
+        drawn_as = (request.seed_resize_from[1] // f, request.seed_resize_from[0] // f)
+        drawn_as = None if drawn_as == tuple(shape[-2:]) else drawn_as
+    return streams.initial(shape, request.subseeds or None, request.subseed_strength, drawn_as), streams
 
 
 def _vae_generator(request: Job) -> torch.Generator | None:
@@ -434,10 +441,12 @@ def resolved_request(job: Job, index: int | None = None) -> GenerationRequest:
         scheduler=schedule_label("sgm_uniform" if job.schedule == "trailing" else job.schedule),
         cfg_scale=job.guidance_scale, image_cfg_scale=job.image_guidance_scale, seed=job.seeds[0], width=job.width,
         height=job.height, refiner_checkpoint=refiner_source if job.refiner is not None else None,
+        subseed=job.subseeds[0] if job.subseeds else -1,
     )
     if index is not None:
         request = request.replace(prompt=job.written_prompts[index], negative_prompt=job.negative_prompts[index],
-                                  seed=job.seeds[index], batch_size=1)
+                                  seed=job.seeds[index], batch_size=1,
+                                  subseed=job.subseeds[index] if job.subseeds else -1)
     return request
 
 
@@ -544,6 +553,7 @@ def plan(
         request.check_size(*hires_size, limits)
     controls = _controls(model, request, width, height, seed)
     image_prompts = _image_prompts(model, request)
+    subseeds, resize_from = _variation(request, generator, len(prompts))
     refiner = _refiner(model, request, refiner)  # last: loading one is the slow part
     if refiner is not None:
         _check_clip_skip(refiner, request.clip_skip, "the refiner")
@@ -552,11 +562,30 @@ def plan(
         width=width, height=height, steps=steps,
         guidance_scale=defaults.cfg_scale if request.cfg_scale is None else float(request.cfg_scale),
         sampler=info.name, schedule=kind, clip_skip=request.clip_skip, generator=generator, eta=request.eta,
-        guidance_rescale=request.guidance_rescale, image_guidance_scale=image_guidance, image=init,
+        guidance_rescale=request.guidance_rescale, image_guidance_scale=image_guidance, subseeds=subseeds,
+        subseed_strength=request.subseed_strength, seed_resize_from=resize_from, image=init,
         strength=request.denoising_strength, mask=mask,
         region=region, hires_size=hires_size, written_prompts=written, loras=loras, warnings=warnings,
         refiner=refiner, controls=controls, image_prompts=image_prompts,
     )
+
+
+def _variation(request: GenerationRequest, generator: torch.Generator | None,
+               images: int) -> tuple[list[int], tuple[int, int] | None]:
+    """(each image's variation seed, the seed resize's (width, height)) of a request: A1111's variation seed (image i
+    uses subseed + i; -1: a random one) where subseed_strength > 0, its seed resize where both sides are > 0. Both
+    shape the seeds' noise: refused with an explicit generator."""
+    subseeds = []
+    if request.subseed_strength > 0:
+        subseed = random_seed(images) if request.subseed == -1 else request.subseed
+        subseeds = [subseed + i for i in range(images)]
+    resize_from = None
+    if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0:
+        resize_from = (request.seed_resize_from_w, request.seed_resize_from_h)
+    if generator is not None and (subseeds or resize_from):
+        raise InvalidInputError("a variation seed (subseed_strength) and seed resize work on seeds; drop the explicit "
+                                "generator or them")
+    return subseeds, resize_from
 
 
 def _image_prompts(model: Model, request: GenerationRequest) -> list[ImagePrompt]:

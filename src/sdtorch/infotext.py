@@ -77,7 +77,8 @@ def _keyed_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
 
 _REQUEST_KEYS = {f.metadata["key"] for cls in (GenerationRequest, HiresFix, Inpainting) for f, _ in _keyed_fields(cls)}
 HIRES_RESIZE = "Hires resize"  # the hires fix's target size, "WxH", as A1111 writes it
-_KEYS = _REQUEST_KEYS | {"Size", HIRES_RESIZE, "Model hash", "Model", "Version"}  # keys `extra` may not use
+SEED_RESIZE = "Seed resize from"  # A1111's seed resize, "WxH"
+_KEYS = _REQUEST_KEYS | {"Size", HIRES_RESIZE, SEED_RESIZE, "Model hash", "Model", "Version"}  # not for `extra`
 
 
 # The A1111 ControlNet extension's keys "ControlNet 0", "ControlNet 1"...: one a unit, its value "Module: canny,
@@ -200,6 +201,8 @@ def format_infotext(
     values: dict[str, object] = {}
     if request.width is not None and request.height is not None:
         values["Size"] = f"{request.width}x{request.height}"
+    if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0:
+        values[SEED_RESIZE] = f"{request.seed_resize_from_w}x{request.seed_resize_from_h}"
     for owner, obj in _applies(request).items():
         for f, _ in _keyed_fields(type(obj)):
             value, key = getattr(obj, f.name), f.metadata["key"]
@@ -207,6 +210,8 @@ def format_infotext(
                 continue  # img2img's strength, or the hires fix's in txt2img
             if key == "Masked area padding" and not request.inpaint.inpaint_full_res:
                 continue
+            if key in ("Variation seed", "Variation seed strength") and not request.subseed_strength:
+                continue  # A1111 writes the variation seed only when it is used
             if key == "Refiner switch at":  # A1111 writes it, default or not, with the refiner that ran
                 if request.refiner_checkpoint is not None:
                     values[key] = value
@@ -324,6 +329,8 @@ def parse_infotext(text: str) -> Infotext:
         fields["width"], fields["height"] = _size(values.pop("Size"), "Size")
     if HIRES_RESIZE in values:
         found["hires"]["hr_resize_x"], found["hires"]["hr_resize_y"] = _size(values.pop(HIRES_RESIZE), HIRES_RESIZE)
+    if SEED_RESIZE in values:
+        fields["seed_resize_from_w"], fields["seed_resize_from_h"] = _size(values.pop(SEED_RESIZE), SEED_RESIZE)
     if "scheduler" in fields:
         fields["scheduler"] = schedule_label(fields["scheduler"])
     elif "sampler_name" in fields:

@@ -441,6 +441,16 @@ class GenerationRequest:
                                       checks=(finite, at_least(0.0)))
     seed: int = setting(-1, "-1: random; image i of a batch uses seed + i", cli="--seed", key="Seed", always=True,
                         checks=(_seed_range,))
+    subseed: int = setting(-1, "A1111's variation seed (image i uses subseed + i; -1: random)", cli="--subseed",
+                           key="Variation seed", checks=(_seed_range,))
+    subseed_strength: float = setting(0.0, "how far each image's initial noise turns toward its variation seed's "
+                                      "(0: not at all, 1: all the way)", cli="--subseed-strength",
+                                      key="Variation seed strength", checks=(finite, at_least(0.0), at_most_one))
+    seed_resize_from_w: int = setting(-1, "A1111's seed resize: draw the initial noise as for this width and "
+                                      "centre it (-1 or 0: off)", cli="--seed-resize-from-w",
+                                      checks=(at_least(-1), at_most("max_width")))
+    seed_resize_from_h: int = setting(-1, "the same for the height", cli="--seed-resize-from-h",
+                                      checks=(at_least(-1), at_most("max_height")))
     width: int | None = setting(None, "multiple of 8 (None: the model's native size, or the init image's)",
                                 cli="--width", checks=(at_least(8), multiple_of_8, at_most("max_width")))
     height: int | None = setting(None, "multiple of 8 (None: the model's native size, or the init image's)",
@@ -547,8 +557,10 @@ class GenerationRequest:
         if images > limits.max_batch:
             raise InvalidInputError(f"{images} images ({len(prompts)} prompts x batch {self.batch_size}) are over "
                                     f"the limit max_batch={limits.max_batch}")
-        if self.seed != -1 and self.seed + images - 1 > MAX_SEED:
-            raise InvalidInputError(f"seed {self.seed} + {images} images passes the largest seed {MAX_SEED}")
+        for name in ("seed", "subseed"):
+            seed = getattr(self, name)
+            if seed != -1 and seed + images - 1 > MAX_SEED:
+                raise InvalidInputError(f"{name} {seed} + {images} images passes the largest seed {MAX_SEED}")
         if self.mask is not None and self.init_image is None:
             raise InvalidInputError("a mask needs an init image to inpaint (image / --init-image)")
         if self.init_image is not None and self.hires is not None:

@@ -68,6 +68,25 @@ class SeededNoise:
         self._check_batch(shape[0])
         return torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype) for g in self.generators])
 
+    def initial(self, shape: tuple[int, ...], subseeds: list[int] | None = None, subseed_strength: float = 0.0,
+                drawn_as: tuple[int, int] | None = None) -> Tensor:
+        """Each image's initial noise (B, C, h, w) as A1111 draws it (`ImageRNG.first`): its stream's first draw;
+        with a variation seed, turned by `subseed_strength` toward that seed's noise along the great circle
+        (`slerp`); with `drawn_as` (h', w'), A1111's seed resize: drawn at that size from fresh generators of the
+        seed and the variation seed, centred in (or cropped from the middle of) the seed's noise at the real size,
+        the image's stream left unread, as A1111 leaves it."""
+        self._check_batch(shape[0])
+        drawn = shape[1:] if drawn_as is None else (shape[1], *drawn_as)
+        images = []
+        for i, (seed, generator) in enumerate(zip(self.seeds, self.generators)):
+            noise = torch.randn(drawn, generator=generator if drawn_as is None else _seeded(seed))
+            if subseeds is not None and subseed_strength != 0:
+                noise = slerp(subseed_strength, noise, torch.randn(drawn, generator=_seeded(subseeds[i])))
+            if drawn_as is not None:
+                noise = _centred(noise, torch.randn(shape[1:], generator=_seeded(seed)))
+            images.append(noise)
+        return torch.stack(images)
+
     def brownian(self, x: Tensor, sigma: float, sigma_next: float) -> Tensor:
         """The SDE samplers' noise as A1111 draws it (k-diffusion's BrownianTreeNoiseSampler with one seed per
         image): (W(sigma_next) - W(sigma)) / sqrt(|sigma_next - sigma|) of a Brownian motion W per image, a
@@ -92,6 +111,38 @@ class SeededNoise:
     def _check_batch(self, batch: int) -> None:
         if batch != len(self.generators):
             raise InvalidInputError(f"noise for {batch} images drawn from the streams of {len(self.generators)}")
+
+
+def slerp(t: float, low: Tensor, high: Tensor) -> Tensor:
+    """A1111's spherical interpolation of two noise tensors (C, H, W), from `low` (t = 0) to `high` (t = 1): the
+    angle between them is measured along dim 1 (per channel and column, as A1111 normalises); nearly parallel ones
+    are mixed linearly, with A1111's weights (t on `low`)."""
+    low_unit = low / torch.norm(low, dim=1, keepdim=True)
+    high_unit = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_unit * high_unit).sum(1)  # (C, W)
+    if dot.mean() > 0.9995:
+        return low * t + high * (1 - t)
+    omega = torch.acos(dot)
+    return (torch.sin((1 - t) * omega) / torch.sin(omega)).unsqueeze(1) * low + \
+        (torch.sin(t * omega) / torch.sin(omega)).unsqueeze(1) * high
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def _centred(drawn: Tensor, canvas: Tensor) -> Tensor:
+    """`drawn` (C, h', w') placed at the middle of `canvas` (C, h, w), or its middle cut out where it is larger, with
+    A1111's offsets: floor((h - h') / 2), and a larger side's cut 2 * that offset shorter (one row or column of the
+    canvas stays where the difference is odd)."""
+    canvas = canvas.clone()
+    (_, h, w), (_, h_drawn, w_drawn) = canvas.shape, drawn.shape
+    dy, dx = (h - h_drawn) // 2, (w - w_drawn) // 2
+    rows = h_drawn if dy >= 0 else h_drawn + 2 * dy
+    cols = w_drawn if dx >= 0 else w_drawn + 2 * dx
+    top, left, src_top, src_left = max(dy, 0), max(dx, 0), max(-dy, 0), max(-dx, 0)
+    canvas[:, top:top + rows, left:left + cols] = drawn[:, src_top:src_top + rows, src_left:src_left + cols]
+    return canvas
 
 
 def _float32(value: float) -> float:
