@@ -445,3 +445,17 @@ def test_variation_seed_over_the_api(client):
     assert "Variation seed: 8, Variation seed strength: 0.4" in info["infotexts"][1]
     again = txt2img(client, prompt="a red circle", seed=4, subseed=8, subseed_strength=0.4)
     assert again["images"][0] == body["images"][1]  # image i is its seed and variation seed alone
+
+
+def test_ensd_as_an_option(client):
+    kw = dict(prompt="a green star", seed=9, sampler_name="Euler a")
+    plain = txt2img(client, **kw)["images"][0]
+    with_delta = txt2img(client, override_settings={"eta_noise_seed_delta": 31337}, **kw)
+    assert with_delta["images"][0] != plain and "ENSD: 31337" in json.loads(with_delta["info"])["infotexts"][0]
+    assert client.post(f"{API}/options", {"eta_noise_seed_delta": -5}).status == 422
+    assert client.post(f"{API}/options", {"eta_noise_seed_delta": 31337}).status == 200
+    try:
+        assert txt2img(client, **kw)["images"][0] == with_delta["images"][0]
+    finally:
+        client.post(f"{API}/options", {"eta_noise_seed_delta": 0})
+    assert client.get(f"{API}/options").body["eta_noise_seed_delta"] == 0

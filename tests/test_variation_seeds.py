@@ -75,3 +75,20 @@ def test_generation_with_variation_seeds(pipe, tmp_path):
         pipe(generator=torch.Generator().manual_seed(1), subseed_strength=0.5, **kw)
     with pytest.raises(InvalidInputError, match="subseed_strength"):
         pipe(seed=1, subseed_strength=1.5, **kw)
+
+
+def test_ensd_restarts_the_sampler_noise_at_seed_plus_delta(pipe):
+    """A1111's ENSD (eta_noise_seed_delta): after the initial noise, each image's sampler noise is drawn from
+    seed + delta; so the initial noise stays the seed's, and a deterministic sampler does not change at all."""
+    noise = SeededNoise([3, 4], seed_delta=31337)
+    first = noise.initial((2, 4, 5, 5))
+    assert torch.equal(first[1], first_draw(4, (4, 5, 5)))
+    assert torch.equal(noise.randn((2, 4, 5, 5))[1], first_draw(4 + 31337, (4, 5, 5)))
+    kw = dict(prompt="a blue square", steps=6, seed=5)
+    ancestral = pipe(sampler_name="Euler a", eta_noise_seed_delta=31337, **kw)[0]
+    assert psnr(ancestral, pipe(sampler_name="Euler a", **kw)[0]) < 50
+    assert "ENSD: 31337" in ancestral.info["parameters"]
+    assert np.array_equal(np.asarray(pipe(request=parse_infotext(ancestral.info["parameters"]).request)[0]),
+                          np.asarray(ancestral))
+    euler = [pipe(sampler_name="Euler", eta_noise_seed_delta=delta, **kw)[0] for delta in (0, 31337)]
+    assert np.array_equal(np.asarray(euler[0]), np.asarray(euler[1]))

@@ -296,7 +296,7 @@ def _noise(request: Job, shape: tuple[int, ...]) -> tuple[Tensor, Noise]:
     image seed + i gives alone, stochastic samplers included)."""
     if request.generator is not None:
         return torch.randn(shape, generator=request.generator, device=request.generator.device).cpu(), request.generator
-    streams, drawn_as = SeededNoise(request.seeds), None
+    streams, drawn_as = SeededNoise(request.seeds, request.source.eta_noise_seed_delta), None
     if request.seed_resize_from is not None:  # A1111's seed resize, in latent pixels
         f = request.width // shape[-1]
         drawn_as = (request.seed_resize_from[1] // f, request.seed_resize_from[0] // f)

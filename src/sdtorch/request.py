@@ -441,6 +441,9 @@ class GenerationRequest:
                                       checks=(finite, at_least(0.0)))
     seed: int = setting(-1, "-1: random; image i of a batch uses seed + i", cli="--seed", key="Seed", always=True,
                         checks=(_seed_range,))
+    eta_noise_seed_delta: int = setting(0, "A1111's ENSD: after each image's initial noise, its sampler's noise "
+                                        "comes from seed + this (0: the seed's own stream goes on)", cli="--ensd",
+                                        key="ENSD", checks=(at_least(0),))
     subseed: int = setting(-1, "A1111's variation seed (image i uses subseed + i; -1: random)", cli="--subseed",
                            key="Variation seed", checks=(_seed_range,))
     subseed_strength: float = setting(0.0, "how far each image's initial noise turns toward its variation seed's "

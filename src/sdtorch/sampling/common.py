@@ -57,8 +57,8 @@ class SeededNoise:
     the image's own stream, so image i of a batch is the image its seed gives alone, and a sampler's noise never
     repeats the initial noise."""
 
-    def __init__(self, seeds: list[int]):
-        self.seeds = list(seeds)
+    def __init__(self, seeds: list[int], seed_delta: int = 0):
+        self.seeds, self.seed_delta = list(seeds), seed_delta  # seed_delta: A1111's ENSD (see `initial`)
         self.generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         self.span: tuple[float, float] | None = None  # the sampling's smallest positive and largest sigma
         self._trees: list | None = None
@@ -74,7 +74,8 @@ class SeededNoise:
         with a variation seed, turned by `subseed_strength` toward that seed's noise along the great circle
         (`slerp`); with `drawn_as` (h', w'), A1111's seed resize: drawn at that size from fresh generators of the
         seed and the variation seed, centred in (or cropped from the middle of) the seed's noise at the real size,
-        the image's stream left unread, as A1111 leaves it."""
+        the image's stream left unread, as A1111 leaves it. With a `seed_delta` (A1111's ENSD) the streams then
+        start again from seed + delta."""
         self._check_batch(shape[0])
         drawn = shape[1:] if drawn_as is None else (shape[1], *drawn_as)
         images = []
@@ -85,6 +86,8 @@ class SeededNoise:
             if drawn_as is not None:
                 noise = _centred(noise, torch.randn(shape[1:], generator=_seeded(seed)))
             images.append(noise)
+        if self.seed_delta:
+            self.generators = [_seeded(seed + self.seed_delta) for seed in self.seeds]
         return torch.stack(images)
 
     def brownian(self, x: Tensor, sigma: float, sigma_next: float) -> Tensor:

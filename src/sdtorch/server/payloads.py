@@ -27,7 +27,10 @@ from .encoding import image_bytes
 from .errors import ApiError
 from .schemas import HIRES_FIELDS, IMG2IMG_TABLE, TXT2IMG_TABLE
 
-MODEL_OPTION, CLIP_SKIP_OPTION = "sd_model_checkpoint", "CLIP_stop_at_last_layers"
+MODEL_OPTION = "sd_model_checkpoint"
+# A1111's settings that are request fields here: option -> GenerationRequest field (set for every later request by
+# POST /options, or for one by override_settings)
+REQUEST_OPTIONS = {"CLIP_stop_at_last_layers": "clip_skip", "eta_noise_seed_delta": "eta_noise_seed_delta"}
 
 
 @dataclass
@@ -65,13 +68,14 @@ def _resize_mode(value: int | str) -> str:
                             "or 2 (resize and fill)")
 
 
-def _request(payload: BaseModel, kind: str, clip_skip: Any) -> GenerationRequest:
-    """The payload's generation settings as a GenerationRequest (not yet validated)."""
+def _request(payload: BaseModel, kind: str, options: dict[str, Any]) -> GenerationRequest:
+    """The payload's generation settings as a GenerationRequest (not yet validated); `options`: the settings in
+    force for it (REQUEST_OPTIONS among them)."""
     table = TXT2IMG_TABLE if kind == "txt2img" else IMG2IMG_TABLE
     values = {name: getattr(payload, name) for name in table}
     values["sampler_name"] = payload.sampler_name or payload.sampler_index  # A1111: the legacy field as fallback
     check_sampler(values["sampler_name"])
-    values["clip_skip"] = clip_skip
+    values |= {field: options[option] for option, field in REQUEST_OPTIONS.items()}
     if kind == "txt2img":
         strength = values.pop("denoising_strength")  # txt2img's is the hires fix's
         if payload.enable_hr:
@@ -107,7 +111,7 @@ def plan_generation(payload: BaseModel, kind: str, checkpoints: Checkpoints, opt
         raise ApiError(422, f"Script not found: {payload.script_name!r} (sdtorch has no selectable scripts)")
     overrides = payload.override_settings
     checkpoint = checkpoints.find(str(overrides.get(MODEL_OPTION, options[MODEL_OPTION])))
-    request = _request(payload, kind, overrides.get(CLIP_SKIP_OPTION, options[CLIP_SKIP_OPTION]))
+    request = _request(payload, kind, {**options, **overrides})
     control = controlnet_units(payload.alwayson_scripts, controlnets or ControlNetModels(None), request, limits,
                                clip_vision)
     request = request.replace(controlnet=control.units, ip_adapter=control.ip_adapter)

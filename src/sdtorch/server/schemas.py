@@ -23,9 +23,10 @@ A1111_DEFAULTS: dict[str, Any] = {
     "steps": 50, "sampler_name": None, "inpaint_full_res": True, "resize_mode": 0,
 }
 # Fields of the table the API spells its own way, or does not take: images come as base64 `init_images` /
-# `mask`, hires and inpainting settings flat, clip skip from the options (CLIP_stop_at_last_layers), ControlNet
+# `mask`, hires and inpainting settings flat, clip skip and ENSD from the options (payloads.REQUEST_OPTIONS), ControlNet
 # units in alwayson_scripts (controlnet_units.py), IP-Adapter units there too (the extension's IP-Adapter modules)
-_NOT_IN_API = {"init_image", "mask", "hires", "inpaint", "clip_skip", "controlnet", "ip_adapter"}
+_NOT_IN_API = {"init_image", "mask", "hires", "inpaint", "clip_skip", "eta_noise_seed_delta", "controlnet",
+               "ip_adapter"}
 # Table fields whose API type or meaning reads differently: (type, help)
 _API_SPELLING: dict[str, tuple[Any, str]] = {
     "sampler_name": (str | None, 'A1111 name, e.g. "Euler a", "DPM++ 2M" (None: sampler_index)'),

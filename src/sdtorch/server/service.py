@@ -4,6 +4,7 @@ the job queue, the options (A1111's settings that the API reads and writes)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import os
 from collections.abc import Callable
@@ -19,14 +20,14 @@ from pydantic import BaseModel
 
 from ..errors import InvalidInputError
 from ..infotext import infotext_items, read_infotext
-from ..request import Limits
+from ..request import GenerationRequest, Limits
 from .catalog import Checkpoints, ClipVisionFiles, ControlNetModels, scan_loras
 from .controlnet_units import NO_DETECTMAP_OPTION
 from .encoding import decode_base64
 from .extras import plan_extras, run_extras
 from .host import ModelHost
 from .jobs import run_generation
-from .payloads import CLIP_SKIP_OPTION, MODEL_OPTION, plan_generation
+from .payloads import MODEL_OPTION, REQUEST_OPTIONS, plan_generation
 from .queue import Progress, TaskQueue
 
 
@@ -63,7 +64,8 @@ class Service:
                               refiner_lookup=lambda name: self.checkpoints.find(name).source)
         self.queue = TaskQueue()
         self.options: dict[str, Any] = {
-            MODEL_OPTION: self.checkpoints.default.title, CLIP_SKIP_OPTION: 1, NO_DETECTMAP_OPTION: False,
+            MODEL_OPTION: self.checkpoints.default.title, NO_DETECTMAP_OPTION: False,
+            **{option: _field_default(name) for option, name in REQUEST_OPTIONS.items()},
             "samples_format": "png",
             "outdir_txt2img_samples": str(config.outdir / "txt2img-images"),
             "outdir_img2img_samples": str(config.outdir / "img2img-images"),
@@ -111,11 +113,15 @@ class Service:
 
     async def set_options(self, values: dict[str, Any]) -> None:
         """A1111's POST options: sd_model_checkpoint loads that model (after the jobs queued before it);
-        CLIP_stop_at_last_layers sets the clip skip of requests that do not override it; control_net_no_detectmap
-        true leaves the ControlNet extension's detected maps out of the responses. Other keys are ignored."""
-        clip_skip = values.get(CLIP_SKIP_OPTION, 1)
-        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
-            raise InvalidInputError(f"{CLIP_SKIP_OPTION} must be a whole number >= 1, not {clip_skip!r}")
+        CLIP_stop_at_last_layers (clip skip) and eta_noise_seed_delta (ENSD) set those fields of requests that do
+        not override them (REQUEST_OPTIONS, checked by the request's rules); control_net_no_detectmap true leaves
+        the ControlNet extension's detected maps out of the responses. Other keys are ignored."""
+        for option, name in REQUEST_OPTIONS.items():
+            if option in values:
+                try:
+                    GenerationRequest(**{name: values[option]}).validate(self.config.limits)
+                except InvalidInputError as error:
+                    raise InvalidInputError(f"{option}: {error}") from None
         if not isinstance(values.get(NO_DETECTMAP_OPTION, False), bool):
             raise InvalidInputError(f"{NO_DETECTMAP_OPTION} must be true or false, not {values[NO_DETECTMAP_OPTION]!r}")
         if MODEL_OPTION in values:
@@ -125,7 +131,7 @@ class Service:
         self._set_options(values)
 
     def _set_options(self, values: dict[str, Any]) -> None:
-        kept = (MODEL_OPTION, CLIP_SKIP_OPTION, NO_DETECTMAP_OPTION)
+        kept = (MODEL_OPTION, NO_DETECTMAP_OPTION, *REQUEST_OPTIONS)
         self.options.update({k: v for k, v in values.items() if k in kept})
 
     async def unload_checkpoint(self) -> None:
@@ -190,6 +196,11 @@ class Service:
         except (UnidentifiedImageError, OSError):
             raise InvalidInputError("image is not an image file Pillow recognises") from None
         return {"info": text, "items": items, "parameters": infotext_items(text) if text else {}}
+
+
+def _field_default(name: str) -> Any:
+    """A GenerationRequest field's default (what an A1111 setting that is one starts as)."""
+    return next(f.default for f in dataclasses.fields(GenerationRequest) if f.name == name)
 
 
 def memory() -> dict[str, Any]:
