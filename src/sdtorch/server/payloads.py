@@ -90,6 +90,29 @@ def _request(payload: BaseModel, kind: str, options: dict[str, Any]) -> Generati
     return GenerationRequest.from_kwargs(**values)
 
 
+_SAME = (None, "", "Use same sampler", "Use same scheduler", "Use same checkpoint")  # A1111's "as the first pass"
+
+
+def _unsupported(payload: BaseModel, request: GenerationRequest) -> list[str]:
+    """Warnings for the A1111 features a payload asks for that sdtorch does not have; the job runs without them."""
+    asked = []
+    if payload.restore_faces:
+        asked.append("restore_faces: sdtorch has no face restoration models; the images are not restored")
+    if payload.tiling:
+        asked.append("tiling: sdtorch does not draw seamless tiles; the images are ordinary")
+    if request.hires is not None:
+        first_pass = {"hr_sampler_name": request.sampler_name, "hr_scheduler": request.scheduler,
+                      "hr_prompt": request.prompt, "hr_negative_prompt": request.negative_prompt}
+        for name, same in first_pass.items():
+            value = getattr(payload, name)
+            if value not in _SAME and value != same:
+                asked.append(f"{name} {value!r}: the hires pass runs with the first pass's {name[3:]}")
+        if payload.hr_checkpoint_name not in _SAME:
+            asked.append(f"hr_checkpoint_name {payload.hr_checkpoint_name!r}: the hires pass runs on the first "
+                         "pass's model")
+    return asked
+
+
 def _iterations(request: GenerationRequest, n_iter: int, limits: Limits) -> list[GenerationRequest]:
     """One validated request per iteration, seeds running on over the whole job (-1: one random seed for all)."""
     request.validate(limits)
@@ -127,4 +150,4 @@ def plan_generation(payload: BaseModel, kind: str, checkpoints: Checkpoints, opt
     return GenerationJob(kind, checkpoint, _iterations(request, payload.n_iter, limits), payload.send_images,
                          payload.save_images, parameters, lasting,
                          detected_maps=[] if no_maps else control.detected_maps,
-                         warnings=control.warnings)
+                         warnings=[*control.warnings, *_unsupported(payload, request)])
