@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -53,6 +53,7 @@ from .sampling.denoiser import Conditioning, Denoiser
 from .sampling.samplers import ModelSwitch, resolve, sample
 from .sampling.schedules import DiscreteSchedule
 from .step_cache import StepCache
+from .tiling import wrapped_edges
 from .upscaling import LATENT_MODES, resize_with, upscale_latents
 
 if TYPE_CHECKING:
@@ -181,7 +182,9 @@ def _generate(
     embeddings = pipe.text_encoder.textual_inversion  # records the embeddings the prompts use
     if embeddings is not None:
         embeddings.used.clear()
-    with torch.inference_mode():
+    models = (pipe, request.refiner) if request.refiner is not None else (pipe,)
+    edges = wrapped_edges(*(part for m in models for part in (m.unet, m.vae))) if request.source.tiling else nullcontext()
+    with torch.inference_mode(), edges:
         cond, uncond = _conditioning(pipe, request)
         # the refiner runs in the hires fix's second pass only (A1111's default, "Hires fix refiner pass")
         switch = _refiner_switch(request) if request.hires_size is None else None
@@ -212,7 +215,8 @@ def _denoiser(
     unet_dtype = next(pipe.unet.parameters()).dtype
     device = next(pipe.unet.parameters()).device
 
-    forward = pipe.unet if image_prompts else (pipe.compiled_unet or pipe.unet)
+    plain = image_prompts or request.source.tiling  # adapters installed, or convolutions wrapping: not as compiled
+    forward = pipe.unet if plain else (pipe.compiled_unet or pipe.unet)
     if request.source.deep_cache > 1:
         forward = StepCache(forward.split_forward, request.source.deep_cache)
 
@@ -425,7 +429,10 @@ def _hires_pass(
 def _decode(pipe: Model, latents: Tensor, request: Job, warnings: list[str]) -> list[Image.Image]:
     vae = pipe.vae
     z = (latents / vae.scaling_factor).to(next(vae.parameters()).device)
-    pixels, messages = decode_latents(vae, z, tiled=request.source.tiled_decode, decoder=pipe.compiled_decoder)
+    if request.source.tiling:  # the whole latent at once, by the VAE whose convolutions wrap
+        pixels, messages = decode_latents(vae, z, tiled=False)
+    else:
+        pixels, messages = decode_latents(vae, z, tiled=request.source.tiled_decode, decoder=pipe.compiled_decoder)
     warnings += [m for m in messages if m not in warnings]
     return tensor_to_images(pixels)
 

@@ -418,6 +418,7 @@ def from_fields(cls: type, value: Any, where: str, noun: str = "field") -> Any:
 BOOLEAN_LABELS = {
     "Mask mode": ("Inpaint masked", "Inpaint not masked"),
     "Inpaint area": ("Whole picture", "Only masked"),
+    "Tiling": ("False", "True"),
 }
 
 
@@ -489,6 +490,8 @@ class GenerationRequest:
                                        "runs", cli="--refiner-switch-at", key="Refiner switch at",
                                        checks=(finite, above(0.0), below(1.0)))
     tiled_decode: bool | None = setting(None, "decode the VAE in tiles (None: above 1024 px)")
+    tiling: bool = setting(False, "seamless tiles: the UNet's and the VAE's convolutions wrap around the picture's "
+                           "edges (A1111's Tiling)", cli="--tiling", key="Tiling")
     hires: HiresFix | None = setting(None, "the hires fix (None: off)")
     inpaint: Inpainting = field(default_factory=Inpainting, metadata=dict(help="inpainting settings"))
     controlnet: list[ControlNetUnit] = field(default_factory=list, metadata=dict(
@@ -566,6 +569,9 @@ class GenerationRequest:
                 raise InvalidInputError(f"{name} {seed} + {images} images passes the largest seed {MAX_SEED}")
         if self.mask is not None and self.init_image is None:
             raise InvalidInputError("a mask needs an init image to inpaint (image / --init-image)")
+        if self.tiling and self.tiled_decode:
+            raise InvalidInputError("tiled_decode cannot wrap around the edges: with tiling the VAE decodes the whole "
+                                    "latent (leave tiled_decode unset)")
         if self.init_image is not None and self.hires is not None:
             raise InvalidInputError("the hires fix is for txt2img; for a larger img2img, give the larger width and height")
         if self.steps is not None:  # else checked once the model's default is known

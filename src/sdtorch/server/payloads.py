@@ -98,8 +98,6 @@ def _unsupported(payload: BaseModel, request: GenerationRequest) -> list[str]:
     asked = []
     if payload.restore_faces:
         asked.append("restore_faces: sdtorch has no face restoration models; the images are not restored")
-    if payload.tiling:
-        asked.append("tiling: sdtorch does not draw seamless tiles; the images are ordinary")
     if request.hires is not None:
         first_pass = {"hr_sampler_name": request.sampler_name, "hr_scheduler": request.scheduler,
                       "hr_prompt": request.prompt, "hr_negative_prompt": request.negative_prompt}
