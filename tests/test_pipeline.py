@@ -252,3 +252,27 @@ def test_cli_generate_from_and_info(models, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
     assert main(["generate", "x", "--model", str(folder), "--width", "30", "--out", str(tmp_path)]) == 2
     assert "sdtorch: error: width 30 must be a multiple of 8" in capsys.readouterr().err
+
+
+def test_hires_pass_with_its_own_sampler_and_prompts(models):
+    pipe, _ = models
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda *_: calls.append(1))
+    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, steps=4, seed=3, sampler="Euler",
+              enable_hr=True, hr_scale=1.5, hr_second_pass_steps=4, hr_denoising_strength=1.0)
+    try:
+        same = pipe(**kw)[0]
+        first_count, calls[:] = len(calls), []
+        heun = pipe(**kw, hr_sampler_name="Heun", hr_scheduler="Karras")[0]
+    finally:
+        hook.remove()
+    assert (first_count, len(calls)) == (4 + 4, 4 + 7)  # Heun: two evaluations a step but the last
+    fields = parse_infotext(heun.info["parameters"]).request
+    assert (fields.hires.hr_sampler_name, fields.hires.hr_scheduler) == ("Heun", "Karras")
+    assert psnr(pipe(request=fields)[0], heun) == float("inf")  # the PNG says how to draw it again
+    prompted = pipe(**kw, hr_prompt="a blue square <lora:ink:1>", hr_negative_prompt="red")
+    assert psnr(prompted[0], same) < 50
+    assert any("hires pass's prompt" in w for w in prompted.warnings)  # its LoRA tag is not applied
+    text = prompted[0].info["parameters"]
+    assert 'Hires prompt: "a blue square <lora:ink:1>"' in text and "Hires negative prompt: red" in text
+    assert parse_infotext(text).request.hires.hr_prompt == "a blue square <lora:ink:1>"

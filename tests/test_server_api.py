@@ -463,11 +463,11 @@ def test_ensd_as_an_option(client):
 
 def test_features_sdtorch_lacks_run_without_them_and_say_so(client):
     body = txt2img(client, prompt="a red star", restore_faces=True, tiling=False, enable_hr=True, hr_scale=1.5,
-                   hr_second_pass_steps=2, hr_sampler_name="DPM++ 2M", hr_prompt="",
-                   hr_checkpoint_name="Use same checkpoint")
+                   hr_second_pass_steps=2, hr_sampler_name="Use same sampler", hr_scheduler="Use same scheduler",
+                   hr_checkpoint_name="other.safetensors")
     warnings = json.loads(body["info"])["warnings"]
     assert any(w.startswith("restore_faces") for w in warnings)
-    assert any(w.startswith("hr_sampler_name") for w in warnings)
-    assert not any(w.startswith(("tiling", "hr_prompt", "hr_checkpoint_name")) for w in warnings)
-    quiet = txt2img(client, prompt="a red star", restore_faces=False, hr_sampler_name="Euler")  # the fix is off
+    assert any(w.startswith("hr_checkpoint_name") for w in warnings)
+    assert "Hires sampler" not in json.loads(body["info"])["infotexts"][0]  # "Use same sampler": none of its own
+    quiet = txt2img(client, prompt="a red star", restore_faces=False, hr_checkpoint_name="x")  # the fix is off
     assert json.loads(quiet["info"])["warnings"] == []

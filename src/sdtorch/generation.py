@@ -86,6 +86,10 @@ class Job:
     mask: Image.Image | None = None
     region: tuple[int, int, int, int] | None = None  # "only masked": the part of the image generated
     hires_size: tuple[int, int] | None = None  # (width, height) of the hires fix's second pass
+    hires_sampler: str | None = None  # the second pass's sampler and schedule kind (None: the first pass's)
+    hires_schedule: str | None = None
+    hires_prompts: list[str] = dataclasses.field(default_factory=list)  # its prompts, if its own (tags stripped)
+    hires_negative_prompts: list[str] = dataclasses.field(default_factory=list)
     written_prompts: list[str] = dataclasses.field(default_factory=list)  # as given, <lora:...> tags included
     refiner: Model | None = None  # takes over the sampling at source.refiner_switch_at (A1111's refiner)
     loras: dict[str, float] = dataclasses.field(default_factory=dict)  # the prompts' <lora:name:weight> tags
@@ -267,12 +271,15 @@ def _conditioning(
     editing over the sampler's model evaluations, and AND. The negative side is left out where guidance
     does not use it (CFG scale 1 without AND weights)."""
     info, _ = resolve(request.sampler)
-    composed = any(len(parts) > 1 or parts[0][1] != 1.0 for parts in map(split_and, request.prompts))
-    negatives = request.negative_prompts if request.guidance_scale != 1.0 or composed else None
+    prompts, negatives = request.prompts, request.negative_prompts
+    if hires_steps is not None:  # the hires pass: its own sampler's model evaluations, its own prompts if given
+        hires_steps = resolve(request.hires_sampler or request.sampler)[0].prompt_steps(hires_steps)
+        prompts, negatives = request.hires_prompts or prompts, request.hires_negative_prompts or negatives
+    composed = any(len(parts) > 1 or parts[0][1] != 1.0 for parts in map(split_and, prompts))
+    negatives = negatives if request.guidance_scale != 1.0 or composed else None
     cond, uncond = encode_conditioning(
-        pipe.tokenizer, pipe.text_encoder, request.prompts, negatives, info.prompt_steps(request.steps),
-        hires_steps=None if hires_steps is None else info.prompt_steps(hires_steps), clip_skip=request.clip_skip,
-        zero_empty_negatives=pipe.config.is_sdxl)
+        pipe.tokenizer, pipe.text_encoder, prompts, negatives, info.prompt_steps(request.steps),
+        hires_steps=hires_steps, clip_skip=request.clip_skip, zero_empty_negatives=pipe.config.is_sdxl)
     if not pipe.config.is_sdxl:
         return cond, uncond
     width, height = (request.width, request.height) if hires_steps is None else request.hires_size
@@ -419,7 +426,8 @@ def _hires_pass(
                                  steps=hires.hr_second_pass_steps or request.steps)
     noise, generator = _noise(second, (*latents.shape[:2], height // f, width // f))  # A1111: streams anew
     cond, uncond = _conditioning(pipe, request, hires_steps=second.steps)  # A1111 schedules the pass anew
-    return sample(denoiser, noise, sampler=request.sampler, schedule=request.schedule, steps=second.steps,
+    sampler, schedule = request.hires_sampler or request.sampler, request.hires_schedule or request.schedule
+    return sample(denoiser, noise, sampler=sampler, schedule=schedule, steps=second.steps,
                   context=cond, uncond_context=uncond, guidance_scale=request.guidance_scale,
                   guidance_rescale=request.guidance_rescale, eta=request.eta,
                   generator=generator, callback=callback,
@@ -552,8 +560,9 @@ def plan(
             mask = load_mask(request.mask, width, height, resize_mode=request.resize_mode, **mask_options)
     if init is not None and region is None:
         init = resize_image(init, width, height, request.resize_mode)
-    hires_size = None
+    hires_size, hires_sampling = None, {}
     if request.hires is not None:
+        hires_sampling = _hires_sampling(request, info.name, defaults, len(prompts), loras, warnings)
         hires_size = request.hires.target_size(width, height)
         if min(hires_size) < 8:
             raise InvalidInputError(f"the hires fix's target {hires_size[0]}x{hires_size[1]} is too small")
@@ -572,9 +581,30 @@ def plan(
         guidance_rescale=request.guidance_rescale, image_guidance_scale=image_guidance, subseeds=subseeds,
         subseed_strength=request.subseed_strength, seed_resize_from=resize_from, image=init,
         strength=request.denoising_strength, mask=mask,
-        region=region, hires_size=hires_size, written_prompts=written, loras=loras, warnings=warnings,
+        region=region, hires_size=hires_size, **hires_sampling, written_prompts=written, loras=loras,
+        warnings=warnings,
         refiner=refiner, controls=controls, image_prompts=image_prompts,
     )
+
+
+def _hires_sampling(request: GenerationRequest, sampler: str, defaults: ModelDefaults, images: int,
+                    loras: dict[str, float], warnings: list[str]) -> dict[str, object]:
+    """The hires pass's own sampler, schedule and prompts as Job fields (none where it takes the first pass's): A1111's
+    hr_sampler_name / hr_scheduler (the first pass's schedule setting for another sampler) and hr_prompt /
+    hr_negative_prompt (for every image). LoRA tags there are stripped: the pass keeps the first pass's LoRAs."""
+    hires, found = request.hires, {}
+    if hires.hr_sampler_name or hires.hr_scheduler:
+        schedule = hires.hr_scheduler or request.scheduler or defaults.scheduler
+        info, kind = resolve(hires.hr_sampler_name or sampler, schedule)
+        found.update(hires_sampler=info.name, hires_schedule=kind)
+    if hires.hr_prompt:
+        stripped, tags, _ = _extra_networks([hires.hr_prompt] * images)
+        if tags and tags != loras:
+            warnings.append("LoRA tags in the hires pass's prompt are not applied: it keeps the first pass's LoRAs")
+        found["hires_prompts"] = stripped
+    if hires.hr_negative_prompt:  # negatives are read whole, as A1111 reads them
+        found["hires_negative_prompts"] = [hires.hr_negative_prompt] * images
+    return found
 
 
 def _variation(request: GenerationRequest, generator: torch.Generator | None,

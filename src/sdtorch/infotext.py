@@ -78,6 +78,7 @@ def _keyed_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
 _REQUEST_KEYS = {f.metadata["key"] for cls in (GenerationRequest, HiresFix, Inpainting) for f, _ in _keyed_fields(cls)}
 HIRES_RESIZE = "Hires resize"  # the hires fix's target size, "WxH", as A1111 writes it
 SEED_RESIZE = "Seed resize from"  # A1111's seed resize, "WxH"
+SCHEDULE_KEYS = ("Schedule type", "Hires schedule type")  # written as A1111's labels
 _KEYS = _REQUEST_KEYS | {"Size", HIRES_RESIZE, SEED_RESIZE, "Model hash", "Model", "Version"}  # not for `extra`
 
 
@@ -221,7 +222,7 @@ def format_infotext(
                 continue
             if value is None or (value == f.default and not f.metadata["always"]):
                 continue
-            values[key] = schedule_label(value) if key == "Schedule type" else _value(f, value)
+            values[key] = schedule_label(value) if key in SCHEDULE_KEYS else _value(f, value)
     values |= {f"ControlNet {i}": format_controlnet_unit(unit) for i, unit in enumerate(request.controlnet)}
     values |= {"Model hash": model_hash, "Model": model_name, "Version": version}
     for key, value in (extra or {}).items():

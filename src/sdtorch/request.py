@@ -179,6 +179,14 @@ class HiresFix:
                                checks=(at_least(0), multiple_of_8, at_most("max_height")))
     hr_denoising_strength: float = setting(0.7, "second-pass denoising strength", cli="--hires-denoise",
                                            key="Denoising strength", always=True, checks=(finite, above(0.0), at_most_one))
+    hr_sampler_name: str | None = setting(None, "the second pass's sampler (None: the first pass's)",
+                                          cli="--hires-sampler", key="Hires sampler", checks=(_known_sampler,))
+    hr_scheduler: str | None = setting(None, "the second pass's schedule (None: the first pass's setting)",
+                                       cli="--hires-schedule", key="Hires schedule type", checks=(_known_schedule,))
+    hr_prompt: str = setting("", "the second pass's prompt ('': the first pass's)", cli="--hires-prompt",
+                             key="Hires prompt")
+    hr_negative_prompt: str = setting("", "the second pass's negative prompt ('': the first pass's)",
+                                      cli="--hires-negative", key="Hires negative prompt")
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) of the second pass for a first pass of width x height."""

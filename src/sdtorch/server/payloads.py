@@ -31,6 +31,7 @@ MODEL_OPTION = "sd_model_checkpoint"
 # A1111's settings that are request fields here: option -> GenerationRequest field (set for every later request by
 # POST /options, or for one by override_settings)
 REQUEST_OPTIONS = {"CLIP_stop_at_last_layers": "clip_skip", "eta_noise_seed_delta": "eta_noise_seed_delta"}
+_SAME = (None, "", "Use same sampler", "Use same scheduler", "Use same checkpoint")  # A1111's "as the first pass"
 
 
 @dataclass
@@ -80,6 +81,8 @@ def _request(payload: BaseModel, kind: str, options: dict[str, Any]) -> Generati
         strength = values.pop("denoising_strength")  # txt2img's is the hires fix's
         if payload.enable_hr:
             values.update(enable_hr=True, hr_denoising_strength=strength)
+            for name in ("hr_sampler_name", "hr_scheduler"):  # A1111's "Use same sampler": the first pass's
+                values[name] = None if values[name] in _SAME else values[name]
         else:  # A1111 clients send the hires settings with the fix off
             values = {name: value for name, value in values.items() if name not in HIRES_FIELDS}
     else:
@@ -90,24 +93,14 @@ def _request(payload: BaseModel, kind: str, options: dict[str, Any]) -> Generati
     return GenerationRequest.from_kwargs(**values)
 
 
-_SAME = (None, "", "Use same sampler", "Use same scheduler", "Use same checkpoint")  # A1111's "as the first pass"
-
-
 def _unsupported(payload: BaseModel, request: GenerationRequest) -> list[str]:
     """Warnings for the A1111 features a payload asks for that sdtorch does not have; the job runs without them."""
     asked = []
     if payload.restore_faces:
         asked.append("restore_faces: sdtorch has no face restoration models; the images are not restored")
-    if request.hires is not None:
-        first_pass = {"hr_sampler_name": request.sampler_name, "hr_scheduler": request.scheduler,
-                      "hr_prompt": request.prompt, "hr_negative_prompt": request.negative_prompt}
-        for name, same in first_pass.items():
-            value = getattr(payload, name)
-            if value not in _SAME and value != same:
-                asked.append(f"{name} {value!r}: the hires pass runs with the first pass's {name[3:]}")
-        if payload.hr_checkpoint_name not in _SAME:
-            asked.append(f"hr_checkpoint_name {payload.hr_checkpoint_name!r}: the hires pass runs on the first "
-                         "pass's model")
+    if request.hires is not None and payload.hr_checkpoint_name not in _SAME:
+        asked.append(f"hr_checkpoint_name {payload.hr_checkpoint_name!r}: the hires pass runs on the first pass's "
+                     "model")
     return asked
 
 

@@ -69,11 +69,6 @@ _COMMON: dict[str, Any] = {
     "script_args": (list[Any], Field(default_factory=list, description="the script's arguments (with script_name)")),
     # A1111 features sdtorch lacks: accepted, and a warning in info's warnings when asked for (payloads.py)
     "restore_faces": (bool | None, Field(None, description="face restoration: not in sdtorch (a warning if true)")),
-    "hr_sampler_name": (str | None, Field(None, description="a hires pass sampler of its own: not in sdtorch (the "
-                                                              "first pass's is used; a warning if another is named)")),
-    "hr_scheduler": (str | None, Field(None, description="likewise its schedule")),
-    "hr_prompt": (str, Field("", description="a hires pass prompt of its own: not in sdtorch (a warning if given)")),
-    "hr_negative_prompt": (str, Field("", description="likewise its negative prompt")),
     "hr_checkpoint_name": (str | None, Field(None, description="a hires pass model: not in sdtorch (a warning)")),
     "alwayson_scripts": (dict[str, Any], Field(default_factory=dict, description=(
         'scripts run with every generation: {"controlnet": {"args": [unit, ...]}} (the A1111 ControlNet '
