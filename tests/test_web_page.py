@@ -255,16 +255,19 @@ def test_hires_fix_doubles_the_size(page):
     options = page.locator("#hr-upscaler option").all_inner_texts()  # the server's latent modes, then its upscalers
     assert options[0] == "Latent" and options[-3:] == ["None", "Lanczos", "Nearest"], options
     page.select_option("#hr-upscaler", "Nearest")
+    page.select_option("#hr-sampler", "Euler")
+    page.check("#tiling")
     with page.expect_request("**/sdapi/v1/txt2img") as request:
         _generate(page)
     body = request.value.post_data_json
     assert body["enable_hr"] is True and body["hr_scale"] == 2 and body["hr_second_pass_steps"] == 3
-    assert body["hr_upscaler"] == "Nearest"
+    assert (body["hr_upscaler"], body["hr_sampler_name"], body["tiling"]) == ("Nearest", "Euler", True)
     assert body["denoising_strength"] == 0.5
     card = page.locator(".result").first
     assert card.locator(".result-image").evaluate("img => img.naturalWidth") == 128
     params = card.locator(".result-params").inner_text()
     assert "Hires upscale: 2" in params and "Size: 64x64" in params, params
+    assert "Hires sampler: Euler" in params and "Tiling: True" in params, params
 
 
 def test_model_picker_lists_models_and_switches_by_title(page, server):
@@ -425,7 +428,7 @@ def test_a_dropped_png_fills_the_form(page, tmp_path):
     text = ('a small red star in the top left\n"a second line", with commas\n'
             "Negative prompt: blurry, green\n"
             "Steps: 7, Sampler: Euler a, Schedule type: Karras, CFG scale: 3.5, Seed: 4242, Size: 64x48, "
-            'Model hash: 0123456789, Model: shapes, Lora hashes: "a: 1, b: 2", Version: sdtorch')
+            'Model hash: 0123456789, Model: shapes, Lora hashes: "a: 1, b: 2", Tiling: True, Version: sdtorch')
     dropped = _png_with_parameters(tmp_path / "dropped.png", text)
     _drop_file(page, "#prompt", dropped)  # anywhere but the img2img box: read its parameters
     page.wait_for_function("document.getElementById('png-info-text').textContent.length > 0")
@@ -437,6 +440,7 @@ def test_a_dropped_png_fills_the_form(page, tmp_path):
     assert page.input_value("#cfg-scale") == "3.5"
     assert page.input_value("#seed") == "4242"
     assert (page.input_value("#width"), page.input_value("#height")) == ("64", "48")
+    assert page.is_checked("#tiling")
     assert page.get_attribute("body", "data-mode") == "txt2img"  # the drop did not become an init image
 
     # an upload, in the old A1111 spelling (the schedule inside the sampler's name), no negative prompt
@@ -447,4 +451,5 @@ def test_a_dropped_png_fills_the_form(page, tmp_path):
     assert page.input_value("#negative-prompt") == ""
     assert page.input_value("#sampler") == "DPM++ 2M" and page.input_value("#scheduler").lower() == "karras"
     assert (page.input_value("#steps"), page.input_value("#cfg-scale"), page.input_value("#seed")) == ("12", "6", "9")
+    assert not page.is_checked("#tiling")
     assert page.locator("#error").is_hidden(), page.inner_text("#error")

@@ -85,6 +85,8 @@ async function loadLists() {
   if (samplers.status === "fulfilled") {
     state.samplers = samplers.value;
     fillSelect($("sampler"), state.samplers, (s) => s.name, (s) => s.name, "DPM++ 2M");
+    fillSelect($("hr-sampler"), [{name: ""}, ...state.samplers], (s) => s.name, (s) => s.name || "Use same sampler",
+               "");
   } else problems.push("samplers: " + samplers.reason.message);
   if (schedulers.status === "fulfilled") {
     state.schedulers = schedulers.value;
@@ -144,6 +146,7 @@ function buildRequest() {
     n_iter: 1,
     width: integer("width"),               // left out when blank: the model's own size (or the image's)
     height: integer("height"),
+    tiling: $("tiling").checked,
     send_images: true,
     save_images: false,
   };
@@ -172,6 +175,7 @@ function buildRequest() {
       hr_upscaler: $("hr-upscaler").value,
       hr_second_pass_steps: integer("hr-steps") ?? 0,
       denoising_strength: number("hr-denoise") ?? 0.7,
+      hr_sampler_name: $("hr-sampler").value || undefined,   // blank: the first pass's
     });
   }
   return ["txt2img", body];
@@ -424,12 +428,15 @@ function applyParameters(p) {
       const value = findOption($("hr-upscaler"), p["Hires upscaler"], () => null);
       if (value !== null) $("hr-upscaler").value = value;
     }
+    const hiresSampler = p["Hires sampler"] ? findOption($("hr-sampler"), p["Hires sampler"], () => null) : "";
+    if (hiresSampler !== null) $("hr-sampler").value = hiresSampler; else unknown.push(`sampler ${p["Hires sampler"]}`);
     $("hires-section").open = true;
   } else if (p["Denoising strength"] !== undefined) {
     $("denoising-strength").value = p["Denoising strength"];
     $("denoising-value").textContent = $("denoising-strength").value;
   }
   set("mask-blur", "Mask blur");
+  $("tiling").checked = p["Tiling"] === "True";
   if (unknown.length) showError("Not available here: " + unknown.join(", "));
 }
 
