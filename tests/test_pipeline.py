@@ -276,3 +276,18 @@ def test_hires_pass_with_its_own_sampler_and_prompts(models):
     text = prompted[0].info["parameters"]
     assert 'Hires prompt: "a blue square <lora:ink:1>"' in text and "Hires negative prompt: red" in text
     assert parse_infotext(text).request.hires.hr_prompt == "a blue square <lora:ink:1>"
+
+
+def test_automatic_is_the_samplers_own_schedule_as_in_a1111(models):
+    """A1111's "Automatic" runs DPM++ 2M on its Karras schedule (the sampler's own), as no schedule does; the
+    model's discrete timesteps are "Discrete", written so and read back so."""
+    pipe, _ = models
+    kw = dict(prompt=PROMPT, height=SIZE, width=SIZE, steps=6, seed=4, sampler_name="DPM++ 2M")
+    automatic, karras, unset = (pipe(scheduler=s, **kw)[0] for s in ("Automatic", "Karras", None))
+    assert np.array_equal(np.asarray(automatic), np.asarray(karras))
+    assert np.array_equal(np.asarray(unset), np.asarray(karras))
+    assert "Schedule type: Karras" in automatic.info["parameters"]
+    discrete = pipe(scheduler="Discrete", **kw)[0]
+    assert psnr(discrete, karras) < 50 and "Schedule type: Discrete" in discrete.info["parameters"]
+    again = pipe(request=parse_infotext(discrete.info["parameters"]).request)[0]
+    assert np.array_equal(np.asarray(again), np.asarray(discrete))

@@ -7,7 +7,7 @@ from sdtorch.configs import TINY_SD1
 from sdtorch.errors import InvalidInputError
 from sdtorch.models.unet import UNet
 from sdtorch.sampling.denoiser import Denoiser
-from sdtorch.sampling.samplers import SAMPLERS, resolve, sample, sampler_names
+from sdtorch.sampling.samplers import SAMPLERS, resolve, resolve_request, sample, sampler_names
 from sdtorch.sampling.schedules import DiscreteSchedule
 
 A1111_NAMES = ["DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE", "DPM++ 2S a", "Euler a", "Euler", "LMS", "Heun",
@@ -46,7 +46,16 @@ def test_names_aliases_and_legacy_combined_form(name, expected, schedule):
 def test_explicit_schedule_wins_and_comfy_names():
     assert resolve("Euler", "Karras")[1] == "karras"
     assert resolve("euler", "sgm_uniform")[1] == "trailing"
-    assert resolve("DPM++ 2M", "Automatic")[1] == "automatic"
+    assert resolve("DPM++ 2M", "Automatic")[1] == "automatic"  # literal kinds, as the sampling driver takes them
+
+
+def test_a_requests_automatic_is_the_samplers_own_schedule():
+    """In a request, A1111's "Automatic" is the sampler's own schedule; "Discrete" names the model's timesteps."""
+    assert resolve_request("DPM++ 2M", "Automatic")[1] == "karras"
+    assert resolve_request("DPM++ 2M SDE", "auto")[1] == "exponential"
+    assert resolve_request("Euler", "Automatic")[1] == "automatic" and resolve_request("DPM++ 2M")[1] == "karras"
+    assert resolve_request("DPM++ 2M", "Discrete")[1] == "automatic"
+    assert resolve_request("Euler", "Karras")[1] == "karras"
 
 
 def test_unknown_names_list_the_valid_ones():

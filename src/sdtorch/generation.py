@@ -50,7 +50,7 @@ from .prompt_schedule import encode_conditioning, split_and
 from .request import INSTRUCT_PIX2PIX_IMAGE_CFG, GenerationRequest, Limits, ModelDefaults, random_seed, suggestion
 from .sampling.common import Callback, Noise, SeededNoise
 from .sampling.denoiser import Conditioning, Denoiser
-from .sampling.samplers import ModelSwitch, resolve, sample
+from .sampling.samplers import DISCRETE_LABEL, ModelSwitch, resolve, resolve_request, sample
 from .sampling.schedules import DiscreteSchedule
 from .step_cache import StepCache
 from .tiling import wrapped_edges
@@ -445,6 +445,14 @@ def _decode(pipe: Model, latents: Tensor, request: Job, warnings: list[str]) -> 
     return tensor_to_images(pixels)
 
 
+def _schedule_written(sampler: str, kind: str) -> str:
+    """The label a resolved schedule kind is written with: A1111's, but "Discrete" for the automatic kind where the
+    sampler's own schedule is another ("Automatic" would read back as that one)."""
+    if kind == "automatic" and resolve(sampler)[1] != "automatic":
+        return DISCRETE_LABEL
+    return schedule_label("sgm_uniform" if kind == "trailing" else kind)
+
+
 def resolved_request(job: Job, index: int | None = None) -> GenerationRequest:
     """The request with the model's defaults filled in; for one image (its prompt and seed) when `index` is given.
     A refiner given as a model is named by the file it was loaded from (None when it has none)."""
@@ -453,7 +461,7 @@ def resolved_request(job: Job, index: int | None = None) -> GenerationRequest:
         refiner_source = job.refiner.report.source if getattr(job.refiner, "report", None) else None
     request = job.source.replace(
         steps=job.steps, sampler_name=job.sampler,
-        scheduler=schedule_label("sgm_uniform" if job.schedule == "trailing" else job.schedule),
+        scheduler=_schedule_written(job.sampler, job.schedule),
         cfg_scale=job.guidance_scale, image_cfg_scale=job.image_guidance_scale, seed=job.seeds[0], width=job.width,
         height=job.height, refiner_checkpoint=refiner_source if job.refiner is not None else None,
         subseed=job.subseeds[0] if job.subseeds else -1,
@@ -511,7 +519,8 @@ def plan(
     steps = defaults.steps if request.steps is None else request.steps
     if request.steps is None:
         request.check_steps(steps)
-    info, kind = resolve(request.sampler_name or defaults.sampler_name, request.scheduler or defaults.scheduler)
+    info, kind = resolve_request(request.sampler_name or defaults.sampler_name,
+                                 request.scheduler or defaults.scheduler)
     _check_clip_skip(model, request.clip_skip, "this model")
     if model.config.is_inpainting and request.mask is None:
         raise InvalidInputError("this is an inpainting model (9-channel UNet): pass an init image and a mask")
@@ -595,7 +604,7 @@ def _hires_sampling(request: GenerationRequest, sampler: str, defaults: ModelDef
     hires, found = request.hires, {}
     if hires.hr_sampler_name or hires.hr_scheduler:
         schedule = hires.hr_scheduler or request.scheduler or defaults.scheduler
-        info, kind = resolve(hires.hr_sampler_name or sampler, schedule)
+        info, kind = resolve_request(hires.hr_sampler_name or sampler, schedule)
         found.update(hires_sampler=info.name, hires_schedule=kind)
     if hires.hr_prompt:
         stripped, tags, _ = _extra_networks([hires.hr_prompt] * images)

@@ -68,12 +68,18 @@ SAMPLERS: tuple[SamplerInfo, ...] = (
     SamplerInfo("LCM", timestep_samplers.sample_lcm, ("lcm",),
                 build_schedule=timestep_samplers.lcm_schedule, variance_preserving=True),
 )
-SCHEDULE_NAMES = {  # A1111 label / ComfyUI name -> sdtorch schedule kind
-    "automatic": "automatic", "auto": "automatic", "normal": "automatic",
+SCHEDULE_NAMES = {  # A1111 label / ComfyUI name -> sdtorch schedule kind ("automatic": see SAMPLER_DEFAULT)
+    "automatic": "automatic", "auto": "automatic", "normal": "automatic", "discrete": "automatic",
     "karras": "karras", "exponential": "exponential",
     "uniform": "uniform", "sgm uniform": "trailing", "sgm_uniform": "trailing", "simple": "trailing",
     "trailing": "trailing",  # every kind is also a name: a resolved kind resolves to itself
 }
+
+
+# In a request, A1111's "Automatic" means the sampler's own schedule (DPM++ 2M: Karras; `resolve_request`);
+# "Discrete" names the automatic kind (diffusers' grid of the model's timesteps) for any sampler
+SAMPLER_DEFAULT = ("automatic", "auto")
+DISCRETE_LABEL = "Discrete"
 
 
 def _key(name: str) -> str:
@@ -88,7 +94,9 @@ def sampler_names() -> list[str]:
 
 
 def resolve(sampler: str, schedule: str | None = None) -> tuple[SamplerInfo, str]:
-    """(sampler, schedule kind) for a user's names; accepts "DPM++ 2M Karras" with the schedule appended."""
+    """(sampler, schedule kind) for names; accepts "DPM++ 2M Karras" with the schedule appended. No schedule: the
+    sampler's own; a schedule is taken literally ("automatic": the model's timesteps). A request's names go through
+    `resolve_request`, where "Automatic" is A1111's."""
     key = _key(sampler)
     info = _BY_NAME.get(key)
     if info is None:  # legacy combined form: cut a known schedule name off the end
@@ -103,9 +111,17 @@ def resolve(sampler: str, schedule: str | None = None) -> tuple[SamplerInfo, str
         return info, info.default_schedule
     kind = SCHEDULE_NAMES.get(_key(schedule))
     if kind is None:
-        valid = ", ".join(["Automatic", "Karras", "Exponential", "Uniform", "SGM Uniform"])
+        valid = ", ".join(["Automatic", "Karras", "Exponential", "Uniform", "SGM Uniform", DISCRETE_LABEL])
         raise InvalidInputError(f"unknown schedule {schedule!r}; valid names: {valid}")
     return info, kind
+
+
+def resolve_request(sampler: str, schedule: str | None = None) -> tuple[SamplerInfo, str]:
+    """`resolve` for the names a generation request gives: A1111's "Automatic" means the sampler's own schedule
+    (A1111's: Karras for DPM++ 2M, exponential for DPM++ 2M SDE, the model's timesteps for Euler), as no schedule
+    does; "Discrete" asks for the model's timesteps with any sampler."""
+    own = schedule is None or _key(schedule) in SAMPLER_DEFAULT
+    return resolve(sampler, None if own else schedule)
 
 
 @dataclass
