@@ -317,8 +317,8 @@ def _noise(request: Job, shape: tuple[int, ...]) -> tuple[Tensor, Noise]:
 
 def _vae_generator(request: Job) -> torch.Generator | None:
     """What samples the VAE's posterior when an image is encoded: the request's generator (diffusers' order of
-    draws); None for seeded images, which take the posterior's mean (A1111 samples it from its unseeded global RNG,
-    a spread of a few thousandths; the mean keeps image i of a batch the image of seed + i)."""
+    draws); None for seeded images, which take the posterior's mean (A1111 samples it from its global RNG, apart
+    from the images' seeds; the mean keeps image i of a batch the image of seed + i)."""
     return request.generator
 
 
