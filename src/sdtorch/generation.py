@@ -187,7 +187,8 @@ def _generate(
     if embeddings is not None:
         embeddings.used.clear()
     models = (pipe, request.refiner) if request.refiner is not None else (pipe,)
-    edges = wrapped_edges(*(part for m in models for part in (m.unet, m.vae))) if request.source.tiling else nullcontext()
+    tiled = request.source.tiling
+    edges = wrapped_edges(*(part for m in models for part in (m.unet, m.vae))) if tiled else nullcontext()
     with torch.inference_mode(), edges:
         cond, uncond = _conditioning(pipe, request)
         # the refiner runs in the hires fix's second pass only (A1111's default, "Hires fix refiner pass")
@@ -332,7 +333,11 @@ def _posterior(pipe: Model, image: Image.Image | Tensor) -> DiagonalGaussian:
 def _encode_image(pipe: Model, image: Image.Image | Tensor, batch: int, generator: torch.Generator | None) -> Tensor:
     """VAE latents (batch,4,h,w) of an image, scaled; sampled from `generator` as diffusers does, or the posterior's
     mean without one."""
-    posterior = _posterior(pipe, image)
+    return _scaled_latents(pipe, _posterior(pipe, image), batch, generator)
+
+
+def _scaled_latents(pipe: Model, posterior: DiagonalGaussian, batch: int, generator: torch.Generator | None) -> Tensor:
+    """(batch,4,h,w) latents of a posterior, scaled: sampled from `generator`, or its mean without one."""
     latents = posterior.mode() if generator is None else posterior.sample(generator)
     return (latents.float().cpu() * pipe.vae.scaling_factor).expand(batch, -1, -1, -1)
 
@@ -363,9 +368,9 @@ def _edit(pipe: Model, denoiser: Denoiser, request: Job, shape: tuple, common: d
     """An instruct-pix2pix edit: the UNet reads the init image's latents (the posterior's mean, unscaled, as the
     model was trained) beside its own; from pure noise at strength 1 (diffusers), else from the init image noised
     part-way (A1111's img2img)."""
-    batch = shape[0]
-    source = _posterior(pipe, request.image).mode().float().cpu().expand(batch, -1, -1, -1)  # (B,4,h,w)
-    init = None if request.strength >= 1.0 else _encode_image(pipe, request.image, batch, _vae_generator(request))
+    batch, posterior = shape[0], _posterior(pipe, request.image)  # one encode serves both uses
+    source = posterior.mode().float().cpu().expand(batch, -1, -1, -1)  # (B,4,h,w)
+    init = None if request.strength >= 1.0 else _scaled_latents(pipe, posterior, batch, _vae_generator(request))
     noise, generator = _noise(request, shape)
     return sample(denoiser, noise, generator=generator, init_latents=init, strength=request.strength,
                   extra_channels=source, image_guidance_scale=request.image_guidance_scale, **common)

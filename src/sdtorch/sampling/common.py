@@ -59,7 +59,7 @@ class SeededNoise:
 
     def __init__(self, seeds: list[int], seed_delta: int = 0):
         self.seeds, self.seed_delta = list(seeds), seed_delta  # seed_delta: A1111's ENSD (see `initial`)
-        self.generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        self.generators = [_seeded(seed) for seed in seeds]
         self.span: tuple[float, float] | None = None  # the sampling's smallest positive and largest sigma
         self._trees: list | None = None
 
@@ -126,8 +126,9 @@ def slerp(t: float, low: Tensor, high: Tensor) -> Tensor:
     if dot.mean() > 0.9995:
         return low * t + high * (1 - t)
     omega = torch.acos(dot)
-    return (torch.sin((1 - t) * omega) / torch.sin(omega)).unsqueeze(1) * low + \
-        (torch.sin(t * omega) / torch.sin(omega)).unsqueeze(1) * high
+    sin_omega = torch.sin(omega)
+    low_weight, high_weight = torch.sin((1 - t) * omega) / sin_omega, torch.sin(t * omega) / sin_omega  # (C, W)
+    return low_weight.unsqueeze(1) * low + high_weight.unsqueeze(1) * high
 
 
 def _seeded(seed: int) -> torch.Generator:

@@ -4,7 +4,6 @@ the job queue, the options (A1111's settings that the API reads and writes)."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import io
 import os
 from collections.abc import Callable
@@ -65,7 +64,7 @@ class Service:
         self.queue = TaskQueue()
         self.options: dict[str, Any] = {
             MODEL_OPTION: self.checkpoints.default.title, NO_DETECTMAP_OPTION: False,
-            **{option: _field_default(name) for option, name in REQUEST_OPTIONS.items()},
+            **{option: getattr(GenerationRequest(), name) for option, name in REQUEST_OPTIONS.items()},
             "samples_format": "png",
             "outdir_txt2img_samples": str(config.outdir / "txt2img-images"),
             "outdir_img2img_samples": str(config.outdir / "img2img-images"),
@@ -196,11 +195,6 @@ class Service:
         except (UnidentifiedImageError, OSError):
             raise InvalidInputError("image is not an image file Pillow recognises") from None
         return {"info": text, "items": items, "parameters": infotext_items(text) if text else {}}
-
-
-def _field_default(name: str) -> Any:
-    """A GenerationRequest field's default (what an A1111 setting that is one starts as)."""
-    return next(f.default for f in dataclasses.fields(GenerationRequest) if f.name == name)
 
 
 def memory() -> dict[str, Any]:
