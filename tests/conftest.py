@@ -75,6 +75,19 @@ def random_pipeline(config, seed: int):
     return Pipeline(CLIPTokenizer.default(pad_token=pad), text, unet, vae, config)
 
 
+def resident_pages(tensor: torch.Tensor) -> int:
+    """How many of a CPU tensor's whole pages are in this process's memory (/proc/self/pagemap's present bit)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = tensor.data_ptr()
+    first, end = -(-start // page), (start + tensor.numel() * tensor.element_size()) // page
+    if end <= first:
+        return 0
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first * 8)
+        entries = np.frombuffer(pagemap.read((end - first) * 8), dtype=np.uint64)
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum())
+
+
 # ---- pipelines against diffusers ---------------------------------------------------------------------
 
 # sdtorch (sampler, schedule) -> diffusers scheduler class and the config that reproduces it

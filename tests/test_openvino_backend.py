@@ -4,8 +4,9 @@ residuals and tiled decodes to the plain module."""
 
 import pytest
 import torch
-from conftest import psnr, random_pipeline
+from conftest import psnr, random_pipeline, resident_pages
 
+import sdtorch
 from sdtorch.cli import main
 from sdtorch.configs import TINY_SD1, TINY_SDXL
 from sdtorch.decoding import decode_latents
@@ -55,6 +56,26 @@ def test_bfloat16_through_openvino_is_as_close_to_the_float32_picture_as_plain_b
     assert len(pipe.compiled_unet._graphs) == 1
     assert psnr(plain, reference) >= 38
     assert psnr(converted, reference) >= 38
+
+
+def test_openvino_lets_go_of_the_file_backed_weights_it_has_copied(tmp_path):
+    """A float32 single file loads as views of the file: once the graphs have run, the UNet's and the VAE
+    decoder's pages leave the process (the graphs hold their own copies), and the plain path reads them back."""
+    file = sdtorch.save(random_pipeline(TINY_SD1, seed=3), tmp_path / "tiny.safetensors", format="single_file")
+    pipe = sdtorch.load(file)
+    settings = dict(width=32, height=32, steps=2, cfg_scale=7.0, seed=5)
+    plain = pipe("a red circle", **settings)[0]
+
+    def resident(module):
+        return sum(resident_pages(p) for p in module.parameters())
+
+    unet, decoder = resident(pipe.unet), resident(pipe.vae.decoder)
+    assert unet > 100 and decoder > 100  # read by the plain generation
+    pipe.compile("openvino")
+    assert psnr(pipe("a red circle", **settings)[0], plain) >= 50
+    assert resident(pipe.unet) < unet / 10 and resident(pipe.vae.decoder) < decoder / 10  # tensors' edge pages stay
+    pipe.compile(None)
+    assert psnr(pipe("a red circle", **settings)[0], plain) == float("inf")
 
 
 def test_openvino_rebuilds_after_weight_changes_and_runs_the_plain_module_with_hooks_or_residuals():

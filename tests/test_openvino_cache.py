@@ -52,7 +52,7 @@ def test_a_later_build_imports_the_kept_graph_and_gives_the_same_outputs(unet, c
     with torch.no_grad():
         expected = unet(x, t, context)
     first = compile_module(unet, (x, t, context))
-    assert len(kept(cache)) == 1 and first.weights_file is None  # built, then kept
+    assert len(kept(cache)) == 1 and first.weights_file is not None  # built, kept, and read back from the file
     refuse_converting(monkeypatch)
     second = compile_module(unet, (x, t, context))
     assert second.weights_file is not None  # imported, reading its weights from the kept file
@@ -61,6 +61,37 @@ def test_a_later_build_imports_the_kept_graph_and_gives_the_same_outputs(unet, c
     assert all(torch.equal(out, first(x, t, context)[0]) for out in outputs)
     assert_parity(outputs[1], expected)
     assert len(kept(cache)) == 1
+
+
+def test_a_lower_precision_graph_of_float32_weights_is_built_from_weights_cast_to_it(unet, cache):
+    """float32 weights computed in bfloat16 are traced cast to it: the kept graph's weights take half the bytes,
+    and the output stays within bfloat16's rounding of the float32 module's."""
+    x, t, context = inputs()
+    with torch.no_grad():
+        expected = unet(x, t, context)
+    compile_module(unet, (x, t, context))
+    (full,) = kept(cache)
+    outputs = compile_module(unet, (x, t, context), precision=torch.bfloat16)(x, t, context)[0]
+    (half,) = set(kept(cache)) - {full}
+    weights = sum(p.numel() * p.element_size() for p in unet.parameters())
+    assert full.stat().st_size - half.stat().st_size >= 0.45 * weights
+    error = ((outputs - expected).abs().max() / expected.abs().max()).item()
+    assert 1e-4 < error < 0.05  # bfloat16 arithmetic: rounded, not lost
+
+
+def test_a_graph_not_kept_on_disk_holds_what_it_was_made_from(unet, monkeypatch):
+    """Without the cache, the graph reads constants from the tensors it was traced from: a cast copy must live as
+    long as the graph (freed, the graph read freed memory)."""
+    monkeypatch.setenv(openvino_cache.CACHE_ENV, "off")
+    x, t, context = inputs()
+    run = compile_module(unet, (x, t, context), precision=torch.bfloat16)
+    assert run.weights_file is None and run.traced is not None
+    gc.collect()
+    outputs = [run(x, t, context)[0] for _ in range(2)]
+    assert torch.equal(outputs[0], outputs[1])
+    with torch.no_grad():
+        expected = unet(x, t, context)
+    assert ((outputs[0] - expected).abs().max() / expected.abs().max()).item() < 0.05
 
 
 def test_what_decides_the_graph_names_another_file(unet):

@@ -11,8 +11,9 @@ and run by its CPU runtime at the UNet's dtype (openvino_runtime.py). "openvino-
 bfloat16 whatever the UNet's dtype, as OpenVINO itself does by default on CPUs with native bfloat16 (AVX-512 BF16,
 AMX): a float32 model keeps float32 weights, inputs and outputs, and the picture changes by bfloat16's rounding.
 Each graph may hold its own (repacked) copy of the weights, so at most MAX_OPENVINO_GRAPHS are kept per module (a
-whole UNet and, with step caching, its shallow part); calls with ControlNet or T2I-Adapter residuals run the plain
-module. The OpenVINO backends also decode latents (CompiledDecoder: a graph per latent size, at the same precision);
+whole UNet and, with step caching, its shallow part), and once one has run, the module's weights that are views of
+the checkpoint file are let go of from memory (resident.py: read back if the plain module runs); calls with
+ControlNet or T2I-Adapter residuals run the plain module. The OpenVINO backends also decode latents (CompiledDecoder: a graph per latent size, at the same precision);
 tiled decodes run the plain VAE.
 
 Compiled weights must not change behind the graph's back, so a compiled graph is used only when nothing else

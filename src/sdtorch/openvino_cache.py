@@ -12,7 +12,8 @@ SDTORCH_OPENVINO_CACHE=off keeps nothing. Each graph is one file about the size 
 precision (1.6 GiB for an SD 1.5 UNet in bfloat16); beyond MAX_CACHE_BYTES the least recently used go. Writes are
 atomic (temp file + rename); a file that cannot be imported is removed and the graph built again. An imported graph
 reads its weights from the file mapped copy-on-write, and its pages are dropped after the first inference (OpenVINO
-has repacked them by then), so a kept graph holds no more memory after its first step than a freshly built one.
+has repacked them by then); a graph just built is read back from its file the same way, so it no longer needs the
+tensors it was traced from.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .resident import release_file_pages
 
 CACHE_ENV = "SDTORCH_OPENVINO_CACHE"
 OFF_VALUES = ("off", "0", "none", "")
@@ -63,6 +66,7 @@ def graph_key(module: nn.Module, example: tuple[Tensor, ...], hints: dict[str, A
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         digest.update(repr((name, tuple(tensor.shape), tensor.dtype)).encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        release_file_pages([tensor])  # reading the weights for a key must not leave them all resident
     return digest.hexdigest()[:40]
 
 

@@ -9,6 +9,7 @@ for later processes (openvino_cache.py).
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import warnings
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from . import openvino_cache
 from .errors import InvalidInputError
+from .resident import release_file_pages
 
 PRECISION_HINTS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
@@ -43,52 +45,75 @@ def compile_module(module: nn.Module, example: tuple[Tensor, ...],
     Returns run(*inputs) -> outputs: inputs of the example's shapes (any float dtype: sent as float32; integer inputs
     keep their dtype), outputs float32 tensors.
     A module whose weights are not float32 is traced as they are, its float inputs cast to their dtype inside the
-    graph (no float32 copy of the weights is made)."""
+    graph (no float32 copy of the weights is made); float32 weights computed at a lower precision are traced cast
+    to it (the graph, and the copy kept on disk, half the size; OpenVINO would round them so itself).
+    Once the graph has run, the module's file-backed weight pages are let go of (resident.py): the graph has its
+    own copy, and a plain call of the module reads them back."""
     require_openvino()
     import openvino as ov
 
     if precision is not None and precision not in PRECISION_HINTS:
         raise InvalidInputError(f"OpenVINO computes in {', '.join(map(str, PRECISION_HINTS))}, not {precision}")
-    weights = next(module.parameters(), torch.empty(0)).dtype
-    if weights != torch.float32:
-        module = _CastingCall(module, weights)
+    weights = [*module.parameters(), *module.buffers()]
+    dtype = next(module.parameters(), torch.empty(0)).dtype
+    if dtype != torch.float32:
+        module = _CastingCall(module, dtype)
     example = tuple(_as_sent(x) for x in example)
     hints = {} if precision is None else {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
     config = {**hints, "INFERENCE_NUM_THREADS": torch.get_num_threads()}
     key = openvino_cache.graph_key(module, example, hints) if openvino_cache.cache_dir() else None
     compiled, mapping = (openvino_cache.load(key, config) if key else None) or (None, None)
     if compiled is None:
+        if dtype == torch.float32 and precision in (torch.bfloat16, torch.float16):
+            module = _CastingCall(_cast_copy(module, precision), precision)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the UNet's input checks: constant per graph
-            model = ov.convert_model(module, example_input=example)
+            model = ov.convert_model(module, example_input=example)  # its constants are the module's tensors
         compiled = ov.Core().compile_model(model, "CPU", config)
         del model
         if key:
             openvino_cache.store(key, compiled)
-    del module
+            compiled, mapping = openvino_cache.load(key, config) or (compiled, None)  # reading the kept file instead
     request = compiled.create_infer_request()
 
     def run(*inputs: Tensor) -> tuple[Tensor, ...]:
         results = request.infer([_as_sent(x).numpy() for x in inputs])
-        if run.weights_file is not None and not run.released:  # OpenVINO has repacked the weights by now
-            openvino_cache.release_pages(run.weights_file)
-            run.released = True
+        if run.weights is not None:  # OpenVINO has repacked the weights by now
+            if run.weights_file is not None:
+                openvino_cache.release_pages(run.weights_file)
+            release_file_pages(run.weights)
+            run.weights = None
         return tuple(torch.from_numpy(results[i].copy()) for i in range(len(compiled.outputs)))
 
-    run.released = False
-    run.weights_file = mapping  # an imported graph reads its weights from this mapping: it lives as long as `run`
+    run.weights = weights  # the module's, let go of after the first run
+    # The graph may read its constants where it was made from: the kept file's mapping, else the traced module's
+    # tensors (a cast copy lives only here); either lives as long as `run`.
+    run.weights_file = mapping
+    run.traced = module if mapping is None else None
     return run
 
 
+def _cast_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of `module` with its floating weights cast to `dtype` (made one tensor at a time, the float32 ones let
+    go of as read; no float32 copy)."""
+    memo: dict[int, object] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        cast = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()
+        memo[id(tensor)] = nn.Parameter(cast, requires_grad=False) if isinstance(tensor, nn.Parameter) else cast
+        release_file_pages([tensor])
+    return copy.deepcopy(module, memo)  # tensors found in the memo are taken as they are
+
+
 class _CastingCall(nn.Module):
-    """module(*inputs) with its float inputs cast to `dtype` (its weights') and its outputs to float32."""
+    """module(*inputs) with its float inputs cast to `dtype` (its weights') and its outputs to float32. 1-D inputs
+    (timesteps) stay float32, as the pipeline passes them: the models embed them in float32 themselves."""
 
     def __init__(self, module: nn.Module, dtype: torch.dtype):
         super().__init__()
         self.module, self.dtype = module, dtype
 
     def forward(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
-        out = self.module(*(x.to(self.dtype) if x.is_floating_point() else x for x in inputs))
+        out = self.module(*(x.to(self.dtype) if x.is_floating_point() and x.dim() > 1 else x for x in inputs))
         return out.float() if isinstance(out, Tensor) else tuple(o.float() for o in out)
 
 
