@@ -78,6 +78,27 @@ def test_openvino_lets_go_of_the_file_backed_weights_it_has_copied(tmp_path):
     assert psnr(pipe("a red circle", **settings)[0], plain) == float("inf")
 
 
+def test_a_bfloat16_graph_takes_the_timesteps_unrounded():
+    """The UNet graph takes the time embedding made as the plain UNet makes it (its sinusoid in float32):
+    computing in bfloat16 itself, it would see 957.3 as 956."""
+    pipe = random_pipeline(TINY_SD1, seed=3).to(dtype=torch.bfloat16).compile("openvino")
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, 128, generator=g)
+    x, context = x.bfloat16(), context.bfloat16()
+    exact, rounded = torch.tensor([957.3, 13.7]), torch.tensor([956.0, 13.6875])  # the latter: bfloat16's
+    with torch.inference_mode():
+        graph = pipe.compiled_unet(x, exact, context).float()
+        assert len(pipe.compiled_unet._graphs) == 1
+        plain = pipe.unet(x, exact, context).float()
+        at_rounded = pipe.compiled_unet(x, rounded, context).float()
+
+    def error(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    assert error(at_rounded, graph) > 0.01  # the timesteps' digits reach the output
+    assert error(graph, plain) < error(at_rounded, plain)
+
+
 def test_openvino_rebuilds_after_weight_changes_and_runs_the_plain_module_with_hooks_or_residuals():
     pipe = random_pipeline(TINY_SD1, seed=3).compile("openvino")
     compiled = pipe.compiled_unet

@@ -106,8 +106,8 @@ def test_what_decides_the_graph_names_another_file(unet):
         openvino_cache.graph_key(changed, (x, t, context), {}),
         openvino_cache.graph_key(unet, inputs(24), {}),
         openvino_cache.graph_key(unet, (x, t, context), {"INFERENCE_PRECISION_HINT": "bf16"}),
-        openvino_cache.graph_key(_SplitCall(unet, 1, with_deep=False, sdxl=False), (x, t, context), {}),
-        openvino_cache.graph_key(_SplitCall(unet, 2, with_deep=False, sdxl=False), (x, t, context), {}),
+        openvino_cache.graph_key(_SplitCall(unet, 1, with_deep=False), (x, t, context), {}),
+        openvino_cache.graph_key(_SplitCall(unet, 2, with_deep=False), (x, t, context), {}),
     ]
     assert len({key, *others}) == 1 + len(others)
 

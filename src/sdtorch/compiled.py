@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import InvalidInputError
-from .models.unet import SHALLOW_STAGES
+from .models.unet import SHALLOW_STAGES, broadcast_timesteps, check_addition
 from .openvino_runtime import compile_module, native_bfloat16, require_openvino
 
 BACKENDS = ("inductor", "openvino", "openvino-bf16")
@@ -95,12 +95,16 @@ class CompiledUNet:
 
     def _openvino(self, x: Tensor, t: Tensor, context: Tensor, deep: Tensor | None, shallow: int,
                   text_embeds: Tensor | None, time_ids: Tensor | None) -> tuple[Tensor, Tensor]:
-        """split_forward by the OpenVINO graph for these inputs (converted at the first such call)."""
-        t = t.expand(x.shape[0]) if t.dim() == 0 else t  # a scalar timestep: (B,), as the UNet broadcasts it
-        inputs = tuple(v for v in (x, t, context, deep, text_embeds, time_ids) if v is not None)
-        key = (shallow, deep is not None, text_embeds is not None) + tuple((v.shape, v.dtype) for v in inputs)
-        out, new_deep = _run_graph(self._graphs, key, inputs, _precision(self.backend, x.dtype), lambda: _SplitCall(
-            self.unet, shallow, with_deep=deep is not None, sdxl=text_embeds is not None))
+        """split_forward by the OpenVINO graph for these inputs (converted at the first such call). The time (and
+        SDXL addition) embedding is computed here as the plain UNet does it: a graph computing in bfloat16 would
+        round the timesteps themselves (957.3 to 956) before their sinusoid."""
+        t = broadcast_timesteps(t, x)  # () -> (B,)
+        check_addition(self.unet.config, x.shape[0], text_embeds, time_ids)
+        emb = self.unet.embed(t, text_embeds, time_ids)  # (B,) -> (B, time_embed_dim)
+        inputs = tuple(v for v in (x, emb, context, deep) if v is not None)
+        key = (shallow, deep is not None) + tuple((v.shape, v.dtype) for v in inputs)
+        out, new_deep = _run_graph(self._graphs, key, inputs, _precision(self.backend, x.dtype),
+                                   lambda: _SplitCall(self.unet, shallow, with_deep=deep is not None))
         return out.to(x.device, x.dtype), new_deep.to(x.device, x.dtype)
 
 
@@ -175,16 +179,16 @@ def _inference_only(module: nn.Module) -> bool:
 
 class _SplitCall(nn.Module):
     """`UNet.split_forward` with its optional inputs fixed, taking tensors only (for tracing):
-    (x, t, context[, deep][, text_embeds, time_ids]) -> (output, deep features)."""
+    (x, emb, context[, deep]) -> (output, deep features), emb the UNet's `embed` of the timesteps (and SDXL's
+    added conditioning)."""
 
-    def __init__(self, unet: nn.Module, shallow: int, with_deep: bool, sdxl: bool):
+    def __init__(self, unet: nn.Module, shallow: int, with_deep: bool):
         super().__init__()
-        self.unet, self.shallow, self.with_deep, self.sdxl = unet, shallow, with_deep, sdxl
+        self.unet, self.shallow, self.with_deep = unet, shallow, with_deep
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor, *rest: Tensor) -> tuple[Tensor, Tensor]:
-        deep, rest = (rest[0], rest[1:]) if self.with_deep else (None, rest)
-        added = dict(text_embeds=rest[0], time_ids=rest[1]) if self.sdxl else {}
-        return self.unet.split_forward(x, t, context, deep, self.shallow, **added)
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor, *deep: Tensor) -> tuple[Tensor, Tensor]:
+        t = torch.zeros(x.shape[0])  # checked for its shape only: emb carries the timesteps
+        return self.unet.split_forward(x, t, context, deep[0] if self.with_deep else None, self.shallow, emb=emb)
 
 
 class _Decode(nn.Module):

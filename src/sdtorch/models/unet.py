@@ -431,6 +431,7 @@ class UNet(nn.Module):
         down_block_additional_residuals: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
         mid_block_additional_residual: torch.Tensor | None = None,
         down_intrablock_additional_residuals: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
+        emb: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The UNet as step caching (DeepCache, Ma et al. 2023) splits it: a shallow part, conv_in and the first
         `shallow` stages of the first down level with the last `shallow + 1` stages of the last up level (which
@@ -447,10 +448,14 @@ class UNet(nn.Module):
         down_intrablock_additional_residuals: a T2I-Adapter's features, as in `forward`; with `deep`, the shallow
         part adds the first level's feature only where it falls inside it (a first level with attention, all of
         whose stages are shallow); the deep features carry the rest.
+        emb: `embed(t, text_embeds, time_ids)` computed beforehand, (B, time_embed_dim); the time and addition
+        embeddings are then not computed here (a compiled graph takes it, its timesteps' sinusoid made in float32).
         """
         t = broadcast_timesteps(t, x)  # () -> (B,)
         check_inputs(self.config, x, t, context)
-        check_addition(self.config, x.shape[0], text_embeds, time_ids)
+        if emb is None:
+            check_addition(self.config, x.shape[0], text_embeds, time_ids)
+            emb = self.embed(t, text_embeds, time_ids)  # (B,) -> (B, time_embed_dim)
         down_residuals, mid_residual = down_block_additional_residuals, mid_block_additional_residual
         if (down_residuals is None) != (mid_residual is None):
             raise InvalidInputError("ControlNet residuals come in pairs: pass both down_block_additional_residuals "
@@ -461,7 +466,6 @@ class UNet(nn.Module):
             raise InvalidInputError(f"shallow must be 0 .. {len(last.resnets) - 1}, got {shallow}")
         split = len(last.resnets) - shallow - 1  # the last up level's first shallow stage
 
-        emb = self.embed(t, text_embeds, time_ids)  # (B,) -> (B, time_embed_dim)
         h = self.conv_in(x)  # (B,Cin,H,W) -> (B,C0,H,W)
         skips = [h]
         if deep is None:
