@@ -105,15 +105,14 @@ def _cast_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 class _CastingCall(nn.Module):
-    """module(*inputs) with its float inputs cast to `dtype` (its weights') and its outputs to float32. 1-D inputs
-    (timesteps) stay float32, as the pipeline passes them: the models embed them in float32 themselves."""
+    """module(*inputs) with its float inputs cast to `dtype` (its weights') and its outputs to float32."""
 
     def __init__(self, module: nn.Module, dtype: torch.dtype):
         super().__init__()
         self.module, self.dtype = module, dtype
 
     def forward(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
-        out = self.module(*(x.to(self.dtype) if x.is_floating_point() and x.dim() > 1 else x for x in inputs))
+        out = self.module(*(x.to(self.dtype) if x.is_floating_point() else x for x in inputs))
         return out.float() if isinstance(out, Tensor) else tuple(o.float() for o in out)
 
 
