@@ -4,11 +4,14 @@ failed write or the cache turned off lose nothing."""
 
 import copy
 import gc
+import mmap
+import os
+import time
 import warnings
 
 import pytest
 import torch
-from conftest import assert_parity
+from conftest import assert_parity, resident_pages
 
 from sdtorch import openvino_cache
 from sdtorch.compiled import _SplitCall
@@ -92,6 +95,26 @@ def test_a_graph_not_kept_on_disk_holds_what_it_was_made_from(unet, monkeypatch)
     with torch.no_grad():
         expected = unet(x, t, context)
     assert ((outputs[0] - expected).abs().max() / expected.abs().max()).item() < 0.05
+
+
+def test_a_graph_files_pages_are_let_go_of_while_the_first_inference_runs_and_after_each(tmp_path):
+    page = os.sysconf("SC_PAGE_SIZE")
+    content = os.urandom(64 * page)
+    (tmp_path / "graph").write_bytes(content)
+    with (tmp_path / "graph").open("rb") as file:
+        mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    view = torch.frombuffer(mapping, dtype=torch.uint8)
+    with openvino_cache.pages_let_go(mapping, during=True, every=0.01):  # as in the first inference
+        view.sum()  # OpenVINO reading the weights to repack them
+        deadline = time.monotonic() + 60  # a generous bound on a loaded machine: the thread looks every 10 ms
+        while resident_pages(view) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert resident_pages(view) == 0  # let go of while the block still runs
+    with openvino_cache.pages_let_go(mapping, during=False):  # a later inference
+        view.sum()
+        assert resident_pages(view) == 64
+    assert resident_pages(view) == 0
+    assert bytes(mapping) == content  # read back from the file
 
 
 def test_what_decides_the_graph_names_another_file(unet):

@@ -4,10 +4,12 @@ unchanged; pages the process wrote and anonymous memory are never let go of (no 
 import os
 
 import torch
-from conftest import resident_pages
+from conftest import psnr, random_pipeline, resident_pages
 from safetensors.torch import save_file
 
+import sdtorch
 from sdtorch.checkpoints.io import read_safetensors
+from sdtorch.configs import TINY_SD1
 from sdtorch.resident import release_file_pages
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -49,3 +51,16 @@ def test_written_pages_and_anonymous_memory_are_kept(tmp_path):
     assert release_file_pages([anonymous]) == 0
     assert resident_pages(anonymous) >= anonymous.numel() * 4 // PAGE - 1
     assert torch.equal(anonymous, values["a"])
+
+
+def test_a_generation_lets_go_of_the_text_encoders_file_pages(tmp_path):
+    """Prompts are encoded once per generation: the text encoder's weights, views of the checkpoint file, leave
+    memory after it and read back unchanged for the next."""
+    file = sdtorch.save(random_pipeline(TINY_SD1, seed=3), tmp_path / "tiny.safetensors", format="single_file")
+    pipe = sdtorch.load(file)
+    settings = dict(width=32, height=32, steps=2, cfg_scale=7.0, seed=5)
+    first = pipe("a red circle", **settings)[0]
+    pages = sum(p.numel() * p.element_size() for p in pipe.text_encoder.parameters()) // PAGE
+    assert sum(resident_pages(p) for p in pipe.text_encoder.parameters()) < pages / 10  # tensors' edge pages stay
+    assert sum(resident_pages(p) for p in pipe.unet.parameters()) > 100  # the UNet's, used at every step, are not
+    assert psnr(pipe("a red circle", **settings)[0], first) == float("inf")

@@ -48,6 +48,7 @@ from .models.tokenizer import CLIPTokenizer
 from .models.vae import AutoencoderKL, DiagonalGaussian
 from .prompt_schedule import encode_conditioning, split_and
 from .request import INSTRUCT_PIX2PIX_IMAGE_CFG, GenerationRequest, Limits, ModelDefaults, random_seed, suggestion
+from .resident import release_file_pages
 from .sampling.common import Callback, Noise, SeededNoise
 from .sampling.denoiser import Conditioning, Denoiser
 from .sampling.samplers import DISCRETE_LABEL, ModelSwitch, resolve, resolve_request, sample
@@ -281,6 +282,8 @@ def _conditioning(
     cond, uncond = encode_conditioning(
         pipe.tokenizer, pipe.text_encoder, prompts, negatives, info.prompt_steps(request.steps),
         hires_steps=hires_steps, clip_skip=request.clip_skip, zero_empty_negatives=pipe.config.is_sdxl)
+    # done until the next prompt: its weights that are views of the checkpoint file leave memory (resident.py)
+    release_file_pages([*pipe.text_encoder.parameters(), *pipe.text_encoder.buffers()])
     if not pipe.config.is_sdxl:
         return cond, uncond
     width, height = (request.width, request.height) if hires_steps is None else request.hires_size

@@ -9,6 +9,7 @@ for later processes (openvino_cache.py).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import warnings
@@ -77,10 +78,11 @@ def compile_module(module: nn.Module, example: tuple[Tensor, ...],
     request = compiled.create_infer_request()
 
     def run(*inputs: Tensor) -> tuple[Tensor, ...]:
-        results = request.infer([_as_sent(x).numpy() for x in inputs])
-        if run.weights is not None:  # OpenVINO has repacked the weights by now
-            if run.weights_file is not None:
-                openvino_cache.release_pages(run.weights_file)
+        sent = [_as_sent(x).numpy() for x in inputs]
+        mapped, first = run.weights_file, run.weights is not None  # the first run: OpenVINO repacks the weights
+        with openvino_cache.pages_let_go(mapped, during=first) if mapped is not None else contextlib.nullcontext():
+            results = request.infer(sent)
+        if first:
             release_file_pages(run.weights)
             run.weights = None
         return tuple(torch.from_numpy(results[i].copy()) for i in range(len(compiled.outputs)))
