@@ -298,6 +298,31 @@ def test_mean_restoration(tok, encoder):
     assert_parity(pair[1], encoder(tok(["dog"]))[0].detach())
 
 
+class ZeroMean(torch.nn.Module):
+    """An encoder whose every output has a mean of exactly 0, as a final LayerNorm without bias gives but for
+    rounding: (x, -x) in steps of 1/16, so every partial sum is exact."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, ids, clip_skip=1):
+        out = torch.round(self.encoder(ids, clip_skip=clip_skip) * 16) / 16
+        return torch.cat([out, -out], dim=-1)
+
+
+def test_an_output_with_a_mean_of_zero_stays_finite(tok, encoder):
+    zero_mean = ZeroMean(encoder)
+    with torch.no_grad():
+        plain = zero_mean(tok(["a red circle"]))[0]
+        assert plain.mean().item() == 0 and plain.abs().max() > 0
+        unweighted, weighted = encode_prompts(tok, zero_mean, ["a red circle", "a (red:1.5) circle"])
+    assert torch.equal(unweighted, plain)  # was 0 / 0: NaN
+    weights = torch.ones(77, 1)
+    weights[2] = 1.5
+    assert torch.equal(weighted, plain * weights)  # no mean to restore: the weighting alone
+
+
 def test_batch_padded_with_empty_chunk(tok, tok_sd2, encoder):
     for tokenizer in (tok, tok_sd2):
         with torch.no_grad():

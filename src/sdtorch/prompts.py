@@ -294,7 +294,10 @@ def _weighted(z: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> to
     count = torch.zeros(sets, dtype=z.dtype, device=z.device).index_add_(0, index, torch.ones_like(original_mean))
     before = torch.zeros_like(count).index_add_(0, index, original_mean) / count  # (sets,) mean of each set
     after = torch.zeros_like(count).index_add_(0, index, weighted_mean) / count
-    return z * (before / after)[index][:, None, None]
+    # unweighted sets (after == before) keep their values, as do sets whose mean after weighting is 0: an output
+    # whose final LayerNorm has no bias has a mean of 0 but for rounding (0 / 0 would make it NaN)
+    factor = torch.where((after == before) | (after == 0), torch.ones_like(after), before / after)  # (sets,)
+    return z * factor[index][:, None, None]
 
 
 def _embeddings_of(text_encoder: nn.Module) -> EmbeddingDatabase | None:
