@@ -378,7 +378,8 @@ def _add_quantize_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_compile_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--compile", action="store_true", help="run the UNet through torch.compile (Pipeline.compile): "
+    parser.add_argument("--compile", action="store_true", help="run the UNet and the VAE decoder through torch.compile "
+                        "(Pipeline.compile): "
                         "faster steps after a first compile of minutes per image size (see README, Speed)")
     parser.add_argument("--compile-backend", metavar="NAME", help="compile with this backend instead (implies "
                         "--compile): inductor (torch.compile's, the default), openvino (the UNet and the VAE decoder "

@@ -1,10 +1,10 @@
-"""The UNet (and with OpenVINO the VAE decoder) compiled for inference: `Pipeline.compile()`, the CLI's
-`--compile` / `--compile-backend openvino`.
+"""The UNet and the VAE decoder compiled for inference: `Pipeline.compile()`, the CLI's `--compile` /
+`--compile-backend openvino`.
 
-"inductor" (the default): `torch.compile` traces the UNet once per input shape and emits fused kernels; with
-weight freezing the weights are constants of the graph, so on a CPU the convolution and matmul weights are
-pre-packed for oneDNN/MKL once instead of reordered at every call. The first call at a new image size compiles
-(minutes at SD sizes on a small CPU; inductor's on-disk cache makes later processes faster).
+"inductor" (the default): `torch.compile` traces the UNet and the decoder once per input shape and emits fused
+kernels; with weight freezing the weights are constants of the graph, so on a CPU the convolution and matmul weights
+are pre-packed for oneDNN/MKL once instead of reordered at every call. The first call at a new image size compiles
+(a minute or more at SD sizes on a small CPU; inductor's on-disk cache makes later processes faster).
 
 "openvino" (CPU only, the optional `openvino` package): the UNet converted to an OpenVINO graph per input shape
 and run by its CPU runtime at the UNet's dtype (openvino_runtime.py). "openvino-bf16": the same, computing in
@@ -13,8 +13,8 @@ AMX): a float32 model keeps float32 weights, inputs and outputs, and the picture
 Each graph may hold its own (repacked) copy of the weights, so at most MAX_OPENVINO_GRAPHS are kept per module (a
 whole UNet and, with step caching, its shallow part), and once one has run, the module's weights that are views of
 the checkpoint file are let go of from memory (resident.py: read back if the plain module runs); calls with
-ControlNet or T2I-Adapter residuals run the plain module. The OpenVINO backends also decode latents (CompiledDecoder: a graph per latent size, at the same precision);
-tiled decodes run the plain VAE.
+ControlNet or T2I-Adapter residuals run the plain module. The VAE decoder likewise (CompiledDecoder: a graph per
+latent size, at the same precision); tiled decodes run the plain VAE.
 
 Compiled weights must not change behind the graph's back, so a compiled graph is used only when nothing else
 can change the UNet's function: in inference (no grad, eval mode), with no forward hooks (LoRAs are hooks,
@@ -25,6 +25,7 @@ created under `torch.inference_mode()` have no version counters: change them in 
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -88,9 +89,7 @@ class CompiledUNet:
         if self._compiled is None:
             torch._dynamo.reset()  # drop graphs holding the old frozen weights
             self._compiled = torch.compile(self.unet.split_forward, dynamic=False)
-        import torch._inductor.config as inductor_config  # here: importing inductor takes seconds
-
-        with inductor_config.patch(freezing=True):  # read when a call compiles (compile()'s options= is not)
+        with _frozen_weights():
             return self._compiled(x, t, context, deep, shallow, **added)
 
     def _openvino(self, x: Tensor, t: Tensor, context: Tensor, deep: Tensor | None, shallow: int,
@@ -109,13 +108,15 @@ class CompiledUNet:
 
 
 class CompiledDecoder:
-    """Callable like `vae.decode(z)`: an OpenVINO graph per latent shape (the openvino backends) where it is valid
-    (as CompiledUNet: inference, no hooks, weights as built), else `vae.decode` itself."""
+    """Callable like `vae.decode(z)`: compiled where it is valid (as CompiledUNet: inference, no hooks, weights as
+    built), else `vae.decode` itself. inductor: `torch.compile` with the weights frozen, a graph per latent shape;
+    the openvino backends: an OpenVINO graph per latent shape."""
 
     def __init__(self, vae: nn.Module, backend: str):
-        if not backend.startswith("openvino"):
-            raise InvalidInputError(f"the VAE decoder is compiled by the openvino backends only, not {backend!r}")
+        if backend not in BACKENDS:
+            raise InvalidInputError(f"unknown compile backend {backend!r}; one of: {', '.join(BACKENDS)}")
         self.vae, self.backend = vae, backend
+        self._compiled: Callable[[Tensor], Tensor] | None = None  # inductor's
         self._graphs: OrderedDict[tuple, Callable[..., tuple[Tensor, ...]]] = OrderedDict()  # by latent shape, dtype
         self._weights = _WeightsWatch(vae)
 
@@ -123,11 +124,27 @@ class CompiledDecoder:
         """z: (B, C, h, w) unscaled latents -> (B, 3, H, W) images in [-1, 1], in z's dtype and device."""
         if not _inference_only(self.vae):
             return self.vae.decode(z)
-        if self._weights.changed():
+        if self._weights.changed() and (self._compiled is not None or self._graphs):
             self._graphs.clear()
+            if self._compiled is not None:
+                torch._dynamo.reset()  # drop graphs holding the old frozen weights (the UNet's recompile as needed)
+                self._compiled = None
+        if self.backend == "inductor":
+            if self._compiled is None:
+                self._compiled = torch.compile(self.vae.decode, dynamic=False)
+            with _frozen_weights():
+                return self._compiled(z)
         key = (z.shape, z.dtype)
         (images,) = _run_graph(self._graphs, key, (z,), _precision(self.backend, z.dtype), lambda: _Decode(self.vae))
         return images.to(z.device, z.dtype)
+
+
+def _frozen_weights() -> contextlib.AbstractContextManager:
+    """Inductor's weight freezing, on while a torch.compile'd call runs: read when a call compiles (compile()'s
+    options= does not take it)."""
+    import torch._inductor.config as inductor_config  # here: importing inductor takes seconds
+
+    return inductor_config.patch(freezing=True)
 
 
 def _precision(backend: str, dtype: torch.dtype) -> torch.dtype:

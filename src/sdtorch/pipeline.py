@@ -74,7 +74,7 @@ class Pipeline:
         self.lora_adapters = LoraAdapters()  # the LoRAs applied to the UNet and text encoder (adapters/lora.py)
         self.lora_dir: Path | None = None  # where a prompt's <lora:name:weight> tags find their files
         self.compiled_unet: CompiledUNet | None = None  # set by compile(): generation runs the UNet through it
-        self.compiled_decoder: CompiledDecoder | None = None  # set by compile("openvino*"): decodes latents
+        self.compiled_decoder: CompiledDecoder | None = None  # set by compile(): decodes latents
         self.quantized: str | None = None  # set by quantize(): the UNet's linear layers' quantisation
         self._refiner: tuple[str, Pipeline] | None = None  # (name, model) of the refiner requests last named
         self._controlnets: dict[str, nn.Module] = {}  # ControlNets requests named, by resolved path
@@ -241,8 +241,8 @@ class Pipeline:
         return self
 
     def compile(self, backend: str | bool | None = "inductor") -> Pipeline:
-        """Run the UNet compiled when generating; returns self. backend: "inductor" (torch.compile, weights frozen;
-        also True), "openvino" (OpenVINO's CPU runtime, which also decodes the latents; needs the `openvino` package),
+        """Run the UNet and the VAE decoder compiled when generating; returns self. backend: "inductor" (torch.compile,
+        weights frozen; also True), "openvino" (OpenVINO's CPU runtime; needs the `openvino` package),
         "openvino-bf16" (the same, computing in bfloat16 on a float32 model too, as OpenVINO does by default where the
         CPU has native bfloat16: the picture changes by bfloat16's rounding), or None / False (off).
 
@@ -253,8 +253,7 @@ class Pipeline:
             backend = "inductor"
         _refuse_openvino_quantized(backend, self.quantized)
         self.compiled_unet = CompiledUNet(self.unet, backend) if backend else None
-        openvino = self.compiled_unet is not None and self.compiled_unet.openvino
-        self.compiled_decoder = CompiledDecoder(self.vae, backend) if openvino else None
+        self.compiled_decoder = CompiledDecoder(self.vae, backend) if backend else None
         return self
 
     def quantize(self, mode: str | None = "int8") -> Pipeline:
