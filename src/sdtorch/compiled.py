@@ -124,7 +124,7 @@ class CompiledDecoder:
         """z: (B, C, h, w) unscaled latents -> (B, 3, H, W) images in [-1, 1], in z's dtype and device."""
         if not _inference_only(self.vae):
             return self.vae.decode(z)
-        if self._weights.changed() and (self._compiled is not None or self._graphs):
+        if self._weights.changed():
             self._graphs.clear()
             if self._compiled is not None:
                 torch._dynamo.reset()  # drop graphs holding the old frozen weights (the UNet's recompile as needed)
